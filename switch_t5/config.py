@@ -1,0 +1,190 @@
+"""The one frozen configuration dataclass of the network.
+
+Layers read only the fields they need; there are no model-name branches anywhere. Entry points
+make this class gin-configurable (see `switch_t5.gin_utils`); the defaults below are the ONE place
+where defaults live (a Switch-Base-8-like model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+DispatchImpl = Literal["auto", "einsum", "scatter", "dropless"]
+RouterType = Literal["switch", "topk"]
+
+
+def pad_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+    """Embedding rows: the vocabulary size padded up to a multiple of 128 (T5's 32100 -> 32128)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def sparse_layers_every(num_layers: int, interval: int) -> tuple[int, ...]:
+    """Switch/Flaxformer layout: layer i is sparse when i % interval == interval - 1.
+
+    interval 2 -> (1, 3, 5, ...); interval 1 -> every layer; interval 0 -> none.
+    """
+    if interval <= 0:
+        return ()
+    return tuple(i for i in range(num_layers) if i % interval == interval - 1)
+
+
+def sparse_layers_hf(num_layers: int, sparse_step: int) -> tuple[int, ...]:
+    """Hugging Face SwitchTransformers layout: layer i is sparse when i % sparse_step == 1.
+
+    (sparse_step 1 means every layer in HF's code.)
+    """
+    if sparse_step <= 0:
+        return ()
+    if sparse_step == 1:
+        return tuple(range(num_layers))
+    return tuple(i for i in range(num_layers) if i % sparse_step == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchConfig:
+    """Architecture and routing hyperparameters of a (Switch) T5 encoder-decoder.
+
+    Attributes:
+      vocab_size: rows of the token embedding; already padded to a multiple of 128.
+      d_model: embedding width.
+      num_heads: attention heads.
+      head_dim: width of one head (query/key/value).
+      d_ff: hidden width of the feed-forward layers (dense and each expert).
+      num_encoder_layers: encoder blocks.
+      num_decoder_layers: decoder blocks.
+      mlp_activations: ("relu",) for Switch "classic"; ("gelu", "linear") for gated GELU (T5.1.1,
+        Switch-XXL).
+      dropout_rate: dropout everywhere except inside experts.
+      expert_dropout_rate: dropout on the experts' hidden activations; None = dropout_rate.
+      logits_via_embedding: tie the output projection to the embedding (decoder output scaled by
+        d_model**-0.5 first, as Mesh-TF/HF) or use a separate projection.
+      relative_attention_num_buckets: T5 relative-position buckets.
+      relative_attention_max_distance: T5 relative-position max distance.
+      layer_norm_epsilon: RMS layer norm epsilon.
+      dtype: compute dtype ("bfloat16" or "float32").
+      param_dtype: parameter dtype.
+      init_scale: scale of the (truncated-normal, fan-in) kernel inits; Switch uses 0.1 (arXiv
+        2101.03961 Table 3), T5 uses 1.0.
+      num_experts: experts per sparse layer; 0 makes the model dense.
+      moe_layer_interval: derives the sparse layers when the explicit sets below are None:
+        sparse where layer % interval == interval - 1.
+      encoder_sparse_layers: explicit sparse encoder layer indices (None = derived).
+      decoder_sparse_layers: explicit sparse decoder layer indices (None = derived).
+      router_type: "switch" (top-1) or "topk".
+      num_selected_experts: k for the top-k router (1 for switch).
+      batch_prioritized_routing: encoder layers give capacity to confident tokens first.
+      train_capacity_factor: expert capacity factor during training.
+      eval_capacity_factor: expert capacity factor in evaluation and decoding.
+      min_expert_capacity: floor of the expert capacity.
+      group_size: tokens per routing group (routing never depends on the mesh).
+      router_jitter_noise: multiplicative uniform(1-eps, 1+eps) noise on the router input.
+      router_init_stddev: router kernel init normal(0, stddev).
+      load_balancing_loss_weight: alpha of the load-balancing loss.
+      router_z_loss_weight: beta of the router z-loss (ST-MoE).
+      dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (ragged_dot) or
+        "auto" (picked per platform).
+    """
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    num_heads: int = 12
+    head_dim: int = 64
+    d_ff: int = 3072
+    num_encoder_layers: int = 12
+    num_decoder_layers: int = 12
+    mlp_activations: tuple[str, ...] = ("relu",)
+    dropout_rate: float = 0.1
+    expert_dropout_rate: float | None = None
+    logits_via_embedding: bool = True
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    init_scale: float = 0.1
+    # Mixture of experts.
+    num_experts: int = 8
+    moe_layer_interval: int = 2
+    encoder_sparse_layers: tuple[int, ...] | None = None
+    decoder_sparse_layers: tuple[int, ...] | None = None
+    router_type: RouterType = "switch"
+    num_selected_experts: int = 1
+    batch_prioritized_routing: bool = False
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_expert_capacity: int = 4
+    group_size: int = 8192
+    router_jitter_noise: float = 1e-2
+    router_init_stddev: float = 2e-2
+    load_balancing_loss_weight: float = 1e-2
+    router_z_loss_weight: float = 0.0
+    dispatch: DispatchImpl = "auto"
+
+    def __post_init__(self):
+        problems = []
+        for name in ("d_model", "num_heads", "head_dim", "d_ff", "vocab_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.num_experts < 0:
+            problems.append(f"num_experts={self.num_experts} must be >= 0 (0 = dense)")
+        if self.num_experts:
+            for name in ("train_capacity_factor", "eval_capacity_factor"):
+                if getattr(self, name) <= 0:
+                    problems.append(
+                        f"{name}={getattr(self, name)} must be > 0 (Switch uses 1.0-2.0)"
+                    )
+            if not 1 <= self.num_selected_experts <= self.num_experts:
+                problems.append(
+                    f"num_selected_experts={self.num_selected_experts} must be in "
+                    f"[1, num_experts={self.num_experts}]"
+                )
+            if self.router_type == "switch" and self.num_selected_experts != 1:
+                problems.append("router_type='switch' routes to exactly 1 expert; use 'topk'")
+            if self.group_size <= 0:
+                problems.append(f"group_size={self.group_size} must be positive")
+        if self.mlp_activations not in (
+            ("relu",),
+            ("gelu", "linear"),
+            ("gelu",),
+            ("silu", "linear"),
+        ):
+            problems.append(
+                f"mlp_activations={self.mlp_activations}: use ('relu',) or ('gelu', 'linear')"
+            )
+        if self.dispatch not in ("auto", "einsum", "scatter", "dropless"):
+            problems.append(
+                f"dispatch={self.dispatch!r}: use 'auto', 'einsum', 'scatter' or 'dropless'"
+            )
+        for stack, layers, n in (
+            ("encoder", self.encoder_sparse_layers, self.num_encoder_layers),
+            ("decoder", self.decoder_sparse_layers, self.num_decoder_layers),
+        ):
+            if layers is not None and any(not 0 <= i < n for i in layers):
+                problems.append(f"{stack}_sparse_layers={layers} has indices outside [0, {n})")
+        if problems:
+            raise ValueError("Invalid SwitchConfig: " + "; ".join(problems))
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.num_experts > 0 and bool(
+            self.sparse_layers("encoder") or self.sparse_layers("decoder")
+        )
+
+    def sparse_layers(self, stack: Literal["encoder", "decoder"]) -> tuple[int, ...]:
+        """The sparse (MoE) layer indices of one stack."""
+        if self.num_experts == 0:
+            return ()
+        explicit = self.encoder_sparse_layers if stack == "encoder" else self.decoder_sparse_layers
+        if explicit is not None:
+            return tuple(sorted(explicit))
+        n = self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
+        return sparse_layers_every(n, self.moe_layer_interval)
+
+    @property
+    def gated(self) -> bool:
+        return len(self.mlp_activations) > 1
+
+    @property
+    def expert_dropout(self) -> float:
+        return self.dropout_rate if self.expert_dropout_rate is None else self.expert_dropout_rate
