@@ -127,3 +127,9 @@ def parse_gin(
             ) from e
     if finalize:
         gin.finalize()
+
+
+def make_model_config() -> config_lib.SwitchConfig:
+    """The SwitchConfig as the parsed gin files and bindings configure it."""
+    register_configurables()
+    return gin.get_configurable("switch_t5.SwitchConfig")()
