@@ -1,0 +1,569 @@
+"""The (Switch) T5 encoder-decoder: dense and sparse (MoE) layers interleaved.
+
+A sparse layer replaces the dense feed-forward block with `switch_t5.moe.MoeLayer`
+(arXiv 2101.03961 sec. 2, Figure 2); which layers are sparse is `config.sparse_layers(stack)`.
+
+Parameter tree (T5X/Flaxformer layout; HF and T5X checkpoint import map onto these names):
+
+  token_embedder/embedding                                [vocab, embed]
+  encoder/relpos_bias/rel_embedding                       [heads, relpos_buckets]
+  encoder/layers_{i}/pre_attention_layer_norm/scale       [embed]
+  encoder/layers_{i}/attention/{query,key,value}/kernel   [embed, heads * head_dim]
+  encoder/layers_{i}/attention/out/kernel                 [heads * head_dim, embed]
+  encoder/layers_{i}/pre_mlp_layer_norm/scale             [embed]
+  encoder/layers_{i}/mlp/wi/kernel                        [embed, mlp]   (gated: wi_0, wi_1)
+  encoder/layers_{i}/mlp/wo/kernel                        [mlp, embed]
+    sparse layers instead: mlp/router/w/kernel [embed, experts],
+    mlp/expert/wi/kernel [experts, embed, mlp] (gated: wi_0, wi_1),
+    mlp/expert/wo/kernel [experts, mlp, embed]
+  encoder/encoder_norm/scale                              [embed]
+  decoder/relpos_bias/rel_embedding                       [heads, relpos_buckets]
+  decoder/layers_{i}/pre_self_attention_layer_norm/scale
+  decoder/layers_{i}/self_attention/{query,key,value,out}/kernel
+  decoder/layers_{i}/pre_cross_attention_layer_norm/scale
+  decoder/layers_{i}/encoder_decoder_attention/{query,key,value,out}/kernel
+  decoder/layers_{i}/pre_mlp_layer_norm/scale
+  decoder/layers_{i}/mlp/...                              (as in the encoder)
+  decoder/decoder_norm/scale                              [embed]
+  decoder/logits_dense/kernel                             [embed, vocab]  (untied logits only)
+
+The decoder's KV cache ("cache" collection) lives at
+`decoder/layers_{i}/self_attention/{cached_key, cached_value, cache_index}`.
+
+Inputs follow T5X's feature converter: `encoder_input_tokens`, `decoder_input_tokens` (targets
+shifted right), `decoder_target_tokens` (0 = padding), and for packed examples
+`{encoder,decoder}_segment_ids` and `{encoder,decoder}_positions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from switch_t5 import layers
+from switch_t5.config import SwitchConfig
+
+
+def _moe_layer(config: SwitchConfig, is_encoder: bool) -> nn.Module:
+    # Imported here so that dense models need nothing of the MoE code.
+    from switch_t5 import moe
+
+    return moe.MoeLayer(config=config, is_encoder=is_encoder, name="mlp")
+
+
+def _check_tokens(name: str, tokens: jax.Array) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length] token ids, got shape {tokens.shape}")
+
+
+def _check_same_shape(name: str, x: jax.Array | None, ref_name: str, ref: jax.Array) -> None:
+    if x is not None and x.shape != ref.shape:
+        raise ValueError(
+            f"{name} has shape {x.shape} but {ref_name} has shape {ref.shape}; packed features "
+            "must have one entry per token"
+        )
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention then a dense MLP or an MoE layer, each with a residual.
+
+    Attributes:
+      config: the network config.
+      sparse: use the MoE layer instead of the dense MLP.
+    """
+
+    config: SwitchConfig
+    sparse: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        bias: jax.Array,
+        padding_mask: jax.Array | None,
+        *,
+        enable_dropout: bool = False,
+    ) -> jax.Array:
+        """x: [batch, length, embed] -> same shape."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        y = layers.RMSNorm(cfg, name="pre_attention_layer_norm")(x)
+        y = layers.MultiHeadAttention(cfg, name="attention")(
+            y, y, mask, bias, enable_dropout=enable_dropout
+        )
+        x = x + dropout(y, deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        y = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
+        if self.sparse:
+            y = _moe_layer(cfg, is_encoder=True)(y, padding_mask, enable_dropout=enable_dropout)
+        else:
+            y = layers.MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+        x = x + dropout(y, deterministic=not enable_dropout)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention to the encoder, then a dense MLP or an MoE layer.
+
+    Attributes:
+      config: the network config.
+      sparse: use the MoE layer instead of the dense MLP.
+    """
+
+    config: SwitchConfig
+    sparse: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        encoded: jax.Array,
+        self_mask: jax.Array | None,
+        self_bias: jax.Array,
+        cross_mask: jax.Array | None,
+        padding_mask: jax.Array | None,
+        *,
+        enable_dropout: bool = False,
+        decode: bool = False,
+    ) -> jax.Array:
+        """x: [batch, length, embed], encoded: [batch, inputs_length, embed] -> like x."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        y = layers.RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
+        y = layers.MultiHeadAttention(cfg, name="self_attention")(
+            y, y, self_mask, self_bias, enable_dropout=enable_dropout, decode=decode
+        )
+        x = x + dropout(y, deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        y = layers.RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
+        # No relative position bias across encoder and decoder positions (T5).
+        y = layers.MultiHeadAttention(cfg, name="encoder_decoder_attention")(
+            y, encoded, cross_mask, None, enable_dropout=enable_dropout
+        )
+        x = x + dropout(y, deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        y = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
+        if self.sparse:
+            y = _moe_layer(cfg, is_encoder=False)(y, padding_mask, enable_dropout=enable_dropout)
+        else:
+            y = layers.MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
+        x = x + dropout(y, deterministic=not enable_dropout)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """Embedding, the encoder layers and the final layer norm.
+
+    Attributes:
+      config: the network config.
+      shared_embedding: the token embedder shared with the decoder.
+    """
+
+    config: SwitchConfig
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        encoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        *,
+        enable_dropout: bool = False,
+    ) -> jax.Array:
+        """Returns the encoded inputs [batch, length, embed] in the compute dtype."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        length = encoder_input_tokens.shape[1]
+        real = encoder_input_tokens > 0
+        mask = layers.make_attention_mask(real, real)
+        if encoder_segment_ids is not None:
+            mask = layers.combine_masks(
+                mask, layers.segment_mask(encoder_segment_ids, encoder_segment_ids)
+            )
+        # Computed once and shared by every layer of the stack (T5).
+        bias = layers.RelativePositionBiases(cfg, bidirectional=True, name="relpos_bias")(
+            length, length
+        )
+
+        x = self.shared_embedding(encoder_input_tokens)
+        x = dropout(x, deterministic=not enable_dropout)
+        sparse = set(cfg.sparse_layers("encoder"))
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, sparse=i in sparse, name=f"layers_{i}")(
+                x, mask, bias, real, enable_dropout=enable_dropout
+            )
+        x = layers.RMSNorm(cfg, name="encoder_norm")(x)
+        return dropout(x, deterministic=not enable_dropout)
+
+
+class Decoder(nn.Module):
+    """Embedding, the decoder layers, the final layer norm and the output logits.
+
+    Attributes:
+      config: the network config.
+      shared_embedding: the token embedder shared with the encoder (and the tied logits).
+    """
+
+    config: SwitchConfig
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        *,
+        enable_dropout: bool = False,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> jax.Array:
+        """Returns <float32>[batch, target_length, vocab] logits."""
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout_rate)
+        length = decoder_input_tokens.shape[1]
+        encoder_real = encoder_input_tokens > 0
+
+        if decode:
+            if decoder_segment_ids is not None or encoder_segment_ids is not None:
+                raise ValueError(
+                    "decode=True does not support packed (segment_ids) inputs; decode unpacked "
+                    "examples"
+                )
+            # The KV cache makes the self-attention causal; every decoded token is real.
+            self_mask = None
+            decoder_real = jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
+            cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
+            padding_mask = None
+            bias_length = max_decode_length if max_decode_length is not None else length
+        else:
+            decoder_real = (
+                decoder_target_tokens > 0
+                if decoder_target_tokens is not None
+                else jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
+            )
+            self_mask = layers.combine_masks(
+                layers.make_causal_mask(decoder_input_tokens),
+                layers.make_attention_mask(decoder_real, decoder_real),
+            )
+            cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
+            if decoder_segment_ids is not None:
+                if encoder_segment_ids is None:
+                    raise ValueError(
+                        "decoder_segment_ids given without encoder_segment_ids; packed examples "
+                        "need both"
+                    )
+                self_mask = layers.combine_masks(
+                    self_mask, layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+                )
+                cross_mask = layers.combine_masks(
+                    cross_mask, layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+                )
+            padding_mask = decoder_real if decoder_target_tokens is not None else None
+            bias_length = length
+        # Computed once and shared by every layer; in decode mode the full
+        # [max_decode_length, max_decode_length] bias, sliced per step by the attention.
+        bias = layers.RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")(
+            bias_length, bias_length
+        )
+
+        y = self.shared_embedding(decoder_input_tokens)
+        y = dropout(y, deterministic=not enable_dropout)
+        sparse = set(cfg.sparse_layers("decoder"))
+        for i in range(cfg.num_decoder_layers):
+            y = DecoderLayer(cfg, sparse=i in sparse, name=f"layers_{i}")(
+                y,
+                encoded,
+                self_mask,
+                bias,
+                cross_mask,
+                padding_mask,
+                enable_dropout=enable_dropout,
+                decode=decode,
+            )
+        y = layers.RMSNorm(cfg, name="decoder_norm")(y)
+        y = dropout(y, deterministic=not enable_dropout)
+
+        if cfg.logits_via_embedding:
+            # Tied logits: rescale by d_model**-0.5 first (Mesh-TF, HF), because the N(0, 1)
+            # embedding would otherwise give logits of std ~sqrt(d_model).
+            y = y * (cfg.d_model**-0.5)
+            logits = self.shared_embedding.attend(y)
+        else:
+            logits = layers.Dense(
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                cfg,
+                layers.kernel_init(cfg.init_scale),
+                name="logits_dense",
+            )(y).astype(jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class EncoderDecoder(nn.Module):
+    """The T5 / Switch Transformer encoder-decoder (T5X `Transformer` interface).
+
+    Example:
+      logits = model.apply({"params": params}, enc_tokens, dec_inputs, dec_targets,
+                           enable_dropout=False)
+
+    Attributes:
+      config: the one frozen network config.
+    """
+
+    config: SwitchConfig
+
+    def setup(self):
+        self.token_embedder = layers.Embed(self.config)
+        self.encoder = Encoder(self.config, shared_embedding=self.token_embedder)
+        self.decoder = Decoder(self.config, shared_embedding=self.token_embedder)
+
+    def encode(
+        self,
+        encoder_input_tokens: jax.Array,
+        encoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        *,
+        enable_dropout: bool = True,
+    ) -> jax.Array:
+        """Encodes <int32>[batch, inputs_length] tokens -> [batch, inputs_length, embed].
+
+        `encoder_positions` is accepted for T5X's packed features; relative position biases only
+        need position differences within a segment, which `arange` gives as well.
+        """
+        _check_tokens("encoder_input_tokens", encoder_input_tokens)
+        _check_same_shape(
+            "encoder_segment_ids", encoder_segment_ids, "encoder_input_tokens", encoder_input_tokens
+        )
+        _check_same_shape(
+            "encoder_positions", encoder_positions, "encoder_input_tokens", encoder_input_tokens
+        )
+        return self.encoder(
+            encoder_input_tokens, encoder_segment_ids, enable_dropout=enable_dropout
+        )
+
+    def decode(
+        self,
+        encoded: jax.Array,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> jax.Array:
+        """Decodes given the encoder output; returns <float32>[batch, target_length, vocab].
+
+        With `decode=True` the decoder self-attention reads and extends the KV cache (apply
+        with `mutable=["cache"]`); initialise the cache with `init_decode_cache` or by calling
+        with full-length [batch, max_decode_length] decoder inputs, then feed one token per call.
+        `max_decode_length` (the cache length) is needed for the relative position biases.
+        """
+        _check_tokens("decoder_input_tokens", decoder_input_tokens)
+        _check_tokens("encoder_input_tokens", encoder_input_tokens)
+        _check_same_shape(
+            "decoder_target_tokens", decoder_target_tokens, "decoder_input_tokens",
+            decoder_input_tokens,
+        )  # fmt: skip
+        _check_same_shape(
+            "decoder_segment_ids", decoder_segment_ids, "decoder_input_tokens",
+            decoder_input_tokens,
+        )  # fmt: skip
+        _check_same_shape(
+            "decoder_positions", decoder_positions, "decoder_input_tokens", decoder_input_tokens
+        )
+        if encoded.shape[:2] != encoder_input_tokens.shape:
+            raise ValueError(
+                f"encoded has shape {encoded.shape} but encoder_input_tokens has shape "
+                f"{encoder_input_tokens.shape}; pass the tokens that were encoded"
+            )
+        return self.decoder(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            enable_dropout=enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+
+    def __call__(
+        self,
+        encoder_input_tokens: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        encoder_positions: jax.Array | None = None,
+        decoder_positions: jax.Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
+    ) -> jax.Array:
+        """Encodes and decodes; returns <float32>[batch, target_length, vocab] logits.
+
+        Args:
+          encoder_input_tokens: <int32>[batch, inputs_length], 0 = padding.
+          decoder_input_tokens: <int32>[batch, target_length], targets shifted right.
+          decoder_target_tokens: <int32>[batch, target_length], 0 = padding (masks attention and
+            the MoE padding mask); None = every decoder position is real.
+          encoder_segment_ids: <int32>[batch, inputs_length] packed segment ids (1, 2, ...; 0 =
+            padding) or None.
+          decoder_segment_ids: <int32>[batch, target_length] or None.
+          encoder_positions: positions within segments (accepted; see `encode`).
+          decoder_positions: positions within segments (accepted; see `encode`).
+          enable_dropout: dropout (rng stream "dropout"; MoE layers also use "jitter").
+          decode: single-step decoding on the KV cache (see `decode`).
+          max_decode_length: the cache length in decode mode.
+        """
+        encoded = self.encode(
+            encoder_input_tokens,
+            encoder_segment_ids,
+            encoder_positions,
+            enable_dropout=enable_dropout,
+        )
+        return self.decode(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            encoder_segment_ids,
+            decoder_segment_ids,
+            decoder_positions,
+            enable_dropout=enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
+        )
+
+
+def dummy_inputs(batch: int, inputs_length: int, targets_length: int) -> dict[str, jax.Array]:
+    """All-ones int32 features of the given shapes (for init and shape evaluation)."""
+    return {
+        "encoder_input_tokens": jnp.ones((batch, inputs_length), jnp.int32),
+        "decoder_input_tokens": jnp.ones((batch, targets_length), jnp.int32),
+        "decoder_target_tokens": jnp.ones((batch, targets_length), jnp.int32),
+    }
+
+
+def init_rngs(rng: jax.Array) -> dict[str, jax.Array]:
+    """The rng streams `model.init` needs: params, dropout and the MoE router's jitter."""
+    params_rng, dropout_rng, jitter_rng = jax.random.split(rng, 3)
+    return {"params": params_rng, "dropout": dropout_rng, "jitter": jitter_rng}
+
+
+def init_variables(
+    config: SwitchConfig,
+    rng: jax.Array,
+    *,
+    batch: int = 1,
+    inputs_length: int = 8,
+    targets_length: int = 8,
+) -> dict[str, Any]:
+    """Initialises the (boxed, logically partitioned) variables concretely."""
+    model = EncoderDecoder(config)
+    return model.init(
+        init_rngs(rng),
+        **dummy_inputs(batch, inputs_length, targets_length),
+        enable_dropout=False,
+    )
+
+
+def init_abstract(
+    config: SwitchConfig, *, batch: int = 1, inputs_length: int = 8, targets_length: int = 8
+) -> dict[str, Any]:
+    """The boxed variables as `jax.ShapeDtypeStruct`s (`jax.eval_shape`: no memory, no FLOPs).
+
+    `nn.get_partition_spec` of the result gives the logical axis names of every param.
+    """
+    return jax.eval_shape(
+        lambda rng: init_variables(
+            config, rng, batch=batch, inputs_length=inputs_length, targets_length=targets_length
+        ),
+        jax.random.key(0),
+    )
+
+
+def init_decode_cache(
+    config: SwitchConfig, *, batch: int, max_decode_length: int, inputs_length: int
+) -> dict[str, Any]:
+    """A zero KV cache (the "cache" collection) for `batch` sequences of `max_decode_length`.
+
+    Only shapes are traced (`jax.eval_shape`); the result is zeros, with `cache_index` = 0.
+    """
+    model = EncoderDecoder(config)
+
+    def cache_shapes(rng):
+        variables = model.init(
+            init_rngs(rng),
+            jnp.ones((batch, inputs_length), jnp.int32),
+            jnp.ones((batch, max_decode_length), jnp.int32),
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_decode_length,
+        )
+        return variables["cache"]
+
+    shapes = jax.eval_shape(cache_shapes, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _unbox(x):
+    return x.value if isinstance(x, nn.meta.AxisMetadata) else x
+
+
+def _leaves_with_paths(params) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+    )[0]
+    out = []
+    for path, leaf in flat:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        out.append((names, _unbox(leaf)))
+    return out
+
+
+def param_count(params) -> int:
+    """Number of parameters in a (boxed or plain, concrete or abstract) params tree."""
+    return int(sum(int(np.prod(leaf.shape)) for _, leaf in _leaves_with_paths(params)))
+
+
+def expert_param_count(params, config: SwitchConfig) -> int:
+    """Parameters inside MoE experts (`.../mlp/expert/...`), all experts together."""
+    total = 0
+    for path, leaf in _leaves_with_paths(params):
+        if "expert" in path[:-1]:
+            if not leaf.shape or leaf.shape[0] != config.num_experts:
+                raise ValueError(
+                    f"expert param {'/'.join(path)} has shape {leaf.shape}; expected the "
+                    f"experts axis ({config.num_experts}) first"
+                )
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def active_params_per_token(config: SwitchConfig, params) -> int:
+    """Parameters one token touches: everything outside the experts (embeddings, attention,
+    routers, norms) plus `num_selected_experts` experts in each sparse layer."""
+    experts = expert_param_count(params, config)
+    if experts == 0:
+        return param_count(params)
+    k = config.num_selected_experts
+    return param_count(params) - experts + experts // config.num_experts * k
