@@ -1,0 +1,550 @@
+"""The sparse feed-forward layer: groups -> route -> dispatch -> experts -> combine.
+
+Switch Transformer (arXiv 2101.03961) replaces the dense MLP of a T5 block with E experts (each an
+MLP of the same size) and a router that sends each token to its top-1 expert (top-k for the
+"MoE" baseline). Each step below is a small pure function:
+
+1. `group_layout`: the [batch, length] tokens of the call are split into groups of
+   `config.group_size` tokens. The number of groups depends only on the global token count and
+   the configured size, never on the mesh, so a batch routes (and drops) identically on any mesh.
+   Rule: the group size is the largest divisor of the token count that is <= `group_size`
+   (batch * length is usually a power of two, so this is `group_size` itself). When the groups
+   cannot be laid evenly over the batch shards (mesh axes of the logical "group" axis), the call
+   fails and names the sizes to change; a single group (fewer tokens than `group_size`, e.g. one
+   decoding step of [batch, 1, d]) is allowed on any mesh.
+2. `routing.route`: float32 router, top-k, capacity slots (`routing.py`).
+3. dispatch: tokens -> <dtype>[experts, groups, capacity, embed]. Groups are sharded over
+   ("data", "expert") before and experts over "expert" (groups over "data") after, so XLA emits an
+   all-to-all (arXiv 2101.03961 Figure 9). Three implementations (`config.dispatch`):
+   "einsum"  one-hot dispatch mask [g, t, e, c] and combine array, as Mesh-TF/Flaxformer;
+   "scatter" index gathers into the expert buffers, no [tokens, experts, capacity] tensor;
+   "dropless" no capacity: tokens sorted by expert and `jax.lax.ragged_dot` grouped matmuls.
+   "einsum" and "scatter" give identical outputs and drop the same tokens.
+4. `Experts`: per-expert MLP, gated or not, expert dropout on the hidden activations.
+5. combine: output = sum over kept choices of gate * expert output; a dropped token gets 0.
+
+Losses and load metrics are sown, unweighted, into the "intermediates" collection;
+`collect_moe_intermediates` gathers them for the trainer.
+
+Einsum legend: g=groups, t=tokens per group, k=selected experts per token, e=experts,
+c=expert capacity, d=embed, f=mlp, m=sorted (token, choice) rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from switch_t5 import routing as routing_lib
+from switch_t5.config import SwitchConfig
+
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    # tanh-approximate GELU, as T5.1.1 and flax's default.
+    "gelu": functools.partial(nn.gelu, approximate=True),
+    "silu": nn.silu,
+    "linear": lambda x: x,
+}
+
+MOE_INTERMEDIATES = (
+    "load_balancing_loss",
+    "router_z_loss",
+    "fraction_dropped",
+    "router_confidence",
+    "expert_usage",
+    "tokens_per_expert",
+)
+
+
+def resolve_dispatch(dispatch: str) -> str:
+    """The dispatch implementation for `config.dispatch` on the default backend.
+
+    "auto" is the masked einsum on TPU (dense one-hot matmuls suit the MXU, as Mesh-TF) and the
+    index-based scatter elsewhere (fastest measured on CPU by scripts/bench_moe.py).
+    """
+    if dispatch == "auto":
+        return "einsum" if jax.default_backend() == "tpu" else "scatter"
+    if dispatch not in ("einsum", "scatter", "dropless"):
+        raise ValueError(f"dispatch={dispatch!r}: use 'auto', 'einsum', 'scatter' or 'dropless'")
+    return dispatch
+
+
+def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
+    """(num_groups, tokens_per_group): the largest divisor of num_tokens that is <= group_size.
+
+    Depends only on the global token count and the configured group size (never on the mesh).
+    """
+    if num_tokens <= 0 or group_size <= 0:
+        raise ValueError(f"num_tokens={num_tokens} and group_size={group_size} must be positive")
+    if num_tokens <= group_size:
+        return 1, num_tokens
+    best = 1
+    for d in range(1, math.isqrt(num_tokens) + 1):
+        if num_tokens % d == 0:
+            for cand in (d, num_tokens // d):
+                if cand <= group_size:
+                    best = max(best, cand)
+    return num_tokens // best, best
+
+
+def _group_shards() -> tuple[int, tuple[str, ...]]:
+    """How many shards the logical "group" axis has under the active mesh and axis rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return 1, ()
+    axes = nn.logical_to_mesh_axes(("group",), rules)[0]
+    if axes is None:
+        return 1, ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.shape)
+    return math.prod(mesh.shape[a] for a in axes), axes
+
+
+def _check_groups_fit_mesh(num_tokens: int, num_groups: int, group_size: int) -> None:
+    shards, axes = _group_shards()
+    if num_groups == 1 or num_groups % shards == 0:
+        return
+    hint = ""
+    if num_tokens % shards == 0:
+        _, fit = group_layout(num_tokens // shards, group_size)
+        hint = f" (e.g. group_size={fit})"
+    raise ValueError(
+        f"MoE routing: {num_tokens} tokens in groups of {num_tokens // num_groups} make "
+        f"{num_groups} groups, which cannot be split evenly over the {shards} shards of mesh "
+        f"axes {axes} that hold the logical 'group' axis. Set SwitchConfig.group_size so that "
+        f"the group count is a multiple of {shards}{hint}, or use a batch whose token count "
+        f"(batch * length) gives such a count. Routing never adapts groups to the mesh, so that "
+        f"the same batch routes identically on every mesh."
+    )
+
+
+def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class _StackedKernel(nn.Module):
+    """One [experts, in, out] kernel: the experts' copies of a dense layer, stacked."""
+
+    shape: tuple[int, int, int]
+    axis_names: tuple[str, str, str]
+    init_scale: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        # Truncated-normal fan-in init scaled by init_scale (0.1 for Switch, arXiv 2101.03961
+        # Table 3), per expert: batch_axis=0 keeps the expert count out of the fan-in.
+        init = nn.initializers.variance_scaling(
+            self.init_scale, "fan_in", "truncated_normal", in_axis=1, out_axis=2, batch_axis=(0,)
+        )
+        return self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.axis_names),
+            self.shape,
+            self.param_dtype,
+        )
+
+
+class Experts(nn.Module):
+    """E MLPs of the T5 feed-forward shape: wi (or gated wi_0, wi_1) -> activation -> wo.
+
+    Params: `wi/kernel` (or `wi_0/kernel`, `wi_1/kernel`) <param_dtype>[experts, embed, mlp],
+    logical ("expert", "embed", "mlp"); `wo/kernel` [experts, mlp, embed] ("expert", "mlp",
+    "embed"). No biases (T5).
+
+    Attributes:
+      config: the network config (d_model, d_ff, num_experts, mlp_activations, dtype,
+        param_dtype, init_scale, expert_dropout).
+    """
+
+    config: SwitchConfig
+
+    def setup(self):
+        cfg = self.config
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        pdt = jnp.dtype(cfg.param_dtype)
+        names = (
+            ["wi"]
+            if len(cfg.mlp_activations) == 1
+            else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
+        )
+        self.wi = [
+            _StackedKernel((e, d, f), ("expert", "embed", "mlp"), cfg.init_scale, pdt, name=n)
+            for n in names
+        ]
+        self.wo = _StackedKernel(
+            (e, f, d), ("expert", "mlp", "embed"), cfg.init_scale, pdt, name="wo"
+        )
+        self.dropout = nn.Dropout(rate=cfg.expert_dropout)
+
+    def _hidden(self, project, enable_dropout: bool) -> jax.Array:
+        dtype = jnp.dtype(self.config.dtype)
+        h = None
+        for act_name, wi in zip(self.config.mlp_activations, self.wi):
+            a = _ACTIVATIONS[act_name](project(wi().astype(dtype)))
+            h = a if h is None else h * a
+        # Expert dropout on the hidden activations (arXiv 2101.03961 Table 4: 0.4 when
+        # fine-tuning, 0.1 elsewhere).
+        return self.dropout(h, deterministic=not enable_dropout)
+
+    def __call__(
+        self, x: jax.Array, *, enable_dropout: bool = False, group_axis: str | None = None
+    ) -> jax.Array:
+        """Applies every expert to its own capacity buffer.
+
+        Args:
+          x: <dtype>[experts, groups, capacity, embed] dispatched tokens.
+          enable_dropout: apply expert dropout ("dropout" rng stream).
+          group_axis: logical name of the groups axis ("expert_group"; None = unconstrained).
+
+        Returns:
+          <dtype>[experts, groups, capacity, embed].
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        x = x.astype(dtype)
+        # [e, g, c, d] x [e, d, f] -> [e, g, c, f]
+        h = self._hidden(lambda w: jnp.einsum("egcd,edf->egcf", x, w), enable_dropout)
+        h = _constrain(h, ("expert", group_axis, "capacity", "mlp"))
+        # [e, g, c, f] x [e, f, d] -> [e, g, c, d]
+        return jnp.einsum("egcf,efd->egcd", h, self.wo().astype(dtype))
+
+    def ragged(
+        self, x: jax.Array, group_sizes: jax.Array, *, enable_dropout: bool = False
+    ) -> jax.Array:
+        """Grouped matmuls over rows sorted by expert (dropless).
+
+        Args:
+          x: <dtype>[rows, embed] rows sorted by expert; rows past sum(group_sizes) give 0.
+          group_sizes: <int32>[experts] rows of each expert.
+          enable_dropout: apply expert dropout.
+
+        Returns:
+          <dtype>[rows, embed].
+        """
+        dtype = jnp.dtype(self.config.dtype)
+        x = x.astype(dtype)
+        ragged = functools.partial(
+            jax.lax.ragged_dot, group_sizes=group_sizes, preferred_element_type=dtype
+        )
+        # [m, d] x [e, d, f] -> [m, f]
+        h = self._hidden(lambda w: ragged(x, w), enable_dropout)
+        # [m, f] x [e, f, d] -> [m, d]
+        return ragged(h, self.wo().astype(dtype))
+
+
+def dispatch_einsum(x: jax.Array, r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
+    """Masked one-hot dispatch (Mesh-TF/Flaxformer).
+
+    Args:
+      x: <dtype>[groups, tokens, embed].
+      r: the routing of these tokens.
+
+    Returns:
+      expert_inputs: <dtype>[experts, groups, capacity, embed].
+      combine: <float32>[groups, tokens, experts, capacity] gate of each kept (token, slot).
+    """
+    num_experts = r.router_probs.shape[-1]
+    kept = r.kept.astype(jnp.float32)
+    # [g, t, k] -> [g, t, k, e] and [g, t, k, c]; a dropped choice has an all-zero slot row.
+    expert_onehot = jax.nn.one_hot(r.expert_index, num_experts, dtype=jnp.float32)
+    slot_onehot = jax.nn.one_hot(jnp.where(r.kept, r.position, r.capacity), r.capacity)
+    # [g, t, k, e] x [g, t, k, c] -> [g, t, e, c]
+    dispatch = jnp.einsum("gtke,gtkc->gtec", expert_onehot * kept[..., None], slot_onehot)
+    combine = jnp.einsum("gtke,gtkc->gtec", expert_onehot * (r.gate * kept)[..., None], slot_onehot)
+    # [g, t, e, c] x [g, t, d] -> [e, g, c, d]
+    expert_inputs = jnp.einsum("gtec,gtd->egcd", dispatch.astype(x.dtype), x)
+    return expert_inputs, combine
+
+
+def combine_einsum(expert_outputs: jax.Array, combine: jax.Array) -> jax.Array:
+    """[e, g, c, d] x [g, t, e, c] -> [g, t, d]."""
+    return jnp.einsum("egcd,gtec->gtd", expert_outputs, combine.astype(expert_outputs.dtype))
+
+
+def _slots(r: routing_lib.Routing) -> jax.Array:
+    """<int32>[groups, tokens, k] flat buffer index expert * capacity + slot; dropped -> e * c."""
+    num_experts = r.router_probs.shape[-1]
+    flat = r.expert_index * r.capacity + r.position
+    return jnp.where(r.kept, flat, num_experts * r.capacity)
+
+
+def dispatch_scatter(x: jax.Array, r: routing_lib.Routing) -> jax.Array:
+    """Index-based dispatch: a [groups, experts * capacity] slot -> token table, then a gather.
+
+    Args:
+      x: <dtype>[groups, tokens, embed].
+      r: the routing of these tokens.
+
+    Returns:
+      <dtype>[experts, groups, capacity, embed]; empty slots are zero.
+    """
+    g, t, d = x.shape
+    k = r.expert_index.shape[-1]
+    num_experts = r.router_probs.shape[-1]
+    num_slots = num_experts * r.capacity
+    # [g, t, k] -> [g, t * k]
+    slots = _slots(r).reshape(g, t * k)
+    tokens = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
+    # Slot -> token table; an empty slot points past the group (token t) and gathers zeros.
+    table = jnp.full((g, num_slots), t, jnp.int32)
+    table = jax.vmap(lambda tb, s: tb.at[s].set(tokens, mode="drop"))(table, slots)
+    # [g, t, d] -> [g, e * c, d]
+    buf = jnp.take_along_axis(x, table[..., None], axis=1, mode="fill", fill_value=0)
+    # [g, e * c, d] -> [e, g, c, d]
+    return jnp.transpose(buf.reshape(g, num_experts, r.capacity, d), (1, 0, 2, 3))
+
+
+def combine_scatter(expert_outputs: jax.Array, r: routing_lib.Routing) -> jax.Array:
+    """Gathers each kept choice's expert output and sums gate * output over choices.
+
+    Args:
+      expert_outputs: <dtype>[experts, groups, capacity, embed].
+      r: the routing.
+
+    Returns:
+      <dtype>[groups, tokens, embed]; dropped tokens get 0.
+    """
+    e, g, c, d = expert_outputs.shape
+    t, k = r.expert_index.shape[1:]
+    # [e, g, c, d] -> [g, e * c, d]
+    buf = jnp.transpose(expert_outputs, (1, 0, 2, 3)).reshape(g, e * c, d)
+    # [g, e * c, d] -> [g, t * k, d] -> [g, t, k, d]; dropped slots are out of range -> 0.
+    picked = jnp.take_along_axis(
+        buf, _slots(r).reshape(g, t * k)[..., None], axis=1, mode="fill", fill_value=0
+    ).reshape(g, t, k, d)
+    weights = (r.gate * r.kept).astype(expert_outputs.dtype)
+    # [g, t, k, d] x [g, t, k] -> [g, t, d]
+    return jnp.einsum("gtkd,gtk->gtd", picked, weights)
+
+
+class MoeLayer(nn.Module):
+    """Sparse (Switch) feed-forward layer: a drop-in replacement for the dense T5 MLP.
+
+    Params: `router/w/kernel` <f32>[embed, experts]; `expert/wi[_i]/kernel` [experts, embed, mlp],
+    `expert/wo/kernel` [experts, mlp, embed] (see `Experts`).
+
+    Rng streams (only with enable_dropout): "jitter" (router input noise), "dropout" (experts).
+    Capacity factor: `train_capacity_factor` with enable_dropout, else `eval_capacity_factor`
+    (Flaxformer's convention).
+
+    Attributes:
+      config: the network config.
+      is_encoder: batch-prioritized routing applies to encoder layers only (decoder tokens must
+        not see the priorities of later positions).
+    """
+
+    config: SwitchConfig
+    is_encoder: bool = True
+
+    def _sow_stats(self, r: routing_lib.Routing) -> None:
+        stats = routing_lib.routing_metrics(r)
+        self.sow(
+            "intermediates",
+            "load_balancing_loss",
+            routing_lib.load_balancing_loss(r.router_probs, r.expert_index, r.valid),
+        )
+        self.sow(
+            "intermediates", "router_z_loss", routing_lib.router_z_loss(r.router_logits, r.valid)
+        )
+        for name in ("fraction_dropped", "router_confidence", "expert_usage", "tokens_per_expert"):
+            self.sow("intermediates", name, stats[name])
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, padding_mask: jax.Array | None = None, *, enable_dropout: bool = False
+    ) -> jax.Array:
+        """Routes every token to its expert(s) and combines their outputs.
+
+        Args:
+          x: <dtype>[batch, length, embed].
+          padding_mask: [batch, length], 1/True = real token; None = all real. Padding takes no
+            expert capacity, gets a zero output and is left out of the losses and metrics.
+          enable_dropout: training mode (router jitter, expert dropout, train capacity factor).
+
+        Returns:
+          <dtype>[batch, length, embed]; a token dropped by every chosen expert gets zeros.
+        """
+        cfg = self.config
+        if cfg.num_experts < 1:
+            raise ValueError("MoeLayer needs config.num_experts >= 1 (0 means a dense model)")
+        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"MoeLayer input has shape {x.shape}; expected [batch, length, d_model="
+                f"{cfg.d_model}]"
+            )
+        batch, length = x.shape[:2]
+        if padding_mask is None:
+            valid = jnp.ones((batch, length), bool)
+        else:
+            if padding_mask.shape != (batch, length):
+                raise ValueError(
+                    f"padding_mask has shape {padding_mask.shape}; expected [batch, length] = "
+                    f"{(batch, length)} matching x"
+                )
+            valid = padding_mask.astype(bool)
+        dtype = jnp.dtype(cfg.dtype)
+        x = x.astype(dtype)
+        impl = resolve_dispatch(cfg.dispatch)
+        router = routing_lib.Router(
+            cfg.num_experts,
+            jitter_noise=cfg.router_jitter_noise,
+            init_stddev=cfg.router_init_stddev,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            name="router",
+        )
+        experts = Experts(cfg, name="expert")
+        if impl == "dropless":
+            out = self._dropless(x, valid, router, experts, enable_dropout)
+        else:
+            out = self._capacity(x, valid, router, experts, enable_dropout, impl)
+        return _constrain(out.astype(dtype), ("batch", "length", "embed"))
+
+    def _capacity(self, x, valid, router, experts, enable_dropout, impl):
+        cfg = self.config
+        batch, length, d = x.shape
+        num_tokens = batch * length
+        num_groups, group_tokens = group_layout(num_tokens, cfg.group_size)
+        _check_groups_fit_mesh(num_tokens, num_groups, cfg.group_size)
+        # One group spans the batch shards (decoding): leave its layout to the partitioner.
+        group_axis, expert_group_axis = (
+            ("group", "expert_group") if num_groups > 1 else (None, None)
+        )
+        cf = cfg.train_capacity_factor if enable_dropout else cfg.eval_capacity_factor
+        capacity = routing_lib.expert_capacity(
+            group_tokens, cfg.num_experts, cf, cfg.min_expert_capacity
+        )
+        # [batch, length, d] -> [g, t, d]: consecutive tokens, so groups never straddle shards.
+        xg = _constrain(x.reshape(num_groups, group_tokens, d), (group_axis, "capacity", "embed"))
+        valid = valid.reshape(num_groups, group_tokens)
+        logits = router(xg, apply_jitter=enable_dropout)
+        r = routing_lib.route(
+            logits,
+            valid,
+            num_selected_experts=cfg.num_selected_experts,
+            capacity=capacity,
+            batch_prioritized=cfg.batch_prioritized_routing and self.is_encoder,
+            slot_impl="cumsum" if impl == "einsum" else "sort",
+        )
+        self._sow_stats(r)
+        if impl == "einsum":
+            expert_in, combine = dispatch_einsum(xg, r)
+        else:
+            expert_in = dispatch_scatter(xg, r)
+        # The all-to-all: groups over (data, expert) -> experts over expert, groups over data.
+        expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
+        expert_out = experts(expert_in, enable_dropout=enable_dropout, group_axis=expert_group_axis)
+        expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
+        if impl == "einsum":
+            out = combine_einsum(expert_out, combine)
+        else:
+            out = combine_scatter(expert_out, r)
+        out = _constrain(out, (group_axis, "capacity", "embed"))
+        # [g, t, d] -> [batch, length, d]
+        return out.reshape(batch, length, d)
+
+    def _dropless(self, x, valid, router, experts, enable_dropout):
+        cfg = self.config
+        batch, length, d = x.shape
+        n = batch * length
+        k = cfg.num_selected_experts
+        # Nothing is dropped, so groups do not matter: all tokens form one routing group.
+        # [batch, length, d] -> [1, n, d]
+        xf = x.reshape(1, n, d)
+        valid = valid.reshape(1, n)
+        logits = router(xf, apply_jitter=enable_dropout)
+        r = routing_lib.route(logits, valid, num_selected_experts=k, capacity=n, slot_impl="sort")
+        self._sow_stats(r)
+        # [1, n, k] -> [n * k]; padding sorts last (sentinel id) and lies past sum(group_sizes).
+        keys = jnp.where(valid[0][:, None], r.expert_index[0], cfg.num_experts).reshape(n * k)
+        order = jnp.argsort(keys, stable=True)
+        group_sizes = jnp.zeros((cfg.num_experts + 1,), jnp.int32).at[keys].add(1)[:-1]
+        # [n, d] -> [n * k, d] sorted by expert
+        rows = xf[0][order // k]
+        out_rows = experts.ragged(rows, group_sizes, enable_dropout=enable_dropout)
+        # [n * k, d] back to (token, choice) order -> [n, k, d]
+        out = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(n, k, d)
+        weights = (r.gate[0] * valid[0][:, None]).astype(out.dtype)
+        # [n, k, d] x [n, k] -> [n, d]
+        out = jnp.einsum("nkd,nk->nd", out, weights)
+        return out.reshape(batch, length, d)
+
+
+def _natural_key(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path)]
+
+
+def _stack_rank(path: str) -> int:
+    low = path.lower()
+    if "encoder" in low:
+        return 0
+    if "decoder" in low:
+        return 1
+    return 2
+
+
+def collect_moe_intermediates(intermediates: Mapping) -> dict[str, Any]:
+    """Gathers the sown MoE losses and metrics of every MoE layer call.
+
+    Walks any nesting of the "intermediates" collection; a mapping that holds
+    `load_balancing_loss` is one MoE layer (each sown call counts once; values with extra leading
+    axes, as from `nn.scan`, count once per leading index). Layers are ordered encoder first,
+    then decoder, then anything else, each in natural (layer number) order. Works inside jit.
+
+    Args:
+      intermediates: the "intermediates" collection (or any tree containing it).
+
+    Returns:
+      load_balancing_loss, router_z_loss, fraction_dropped, router_confidence: <float32>[] means
+        over MoE layer calls (0.0 when there are none); expert_usage: <float32>[layers, experts];
+        tokens_per_expert: <float32>[layers, experts]; layer_names: list of "a/b/c" paths.
+    """
+    found: list[tuple[str, Mapping]] = []
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            if "load_balancing_loss" in node:
+                found.append(("/".join(path), node))
+                return
+            for key, child in node.items():
+                walk(child, (*path, str(key)))
+
+    walk(intermediates, ())
+    found.sort(key=lambda item: (_stack_rank(item[0]), _natural_key(item[0])))
+
+    names: list[str] = []
+    values: dict[str, list[jax.Array]] = {n: [] for n in MOE_INTERMEDIATES}
+    for path, node in found:
+        calls = node["load_balancing_loss"]
+        calls = calls if isinstance(calls, tuple | list) else (calls,)
+        for call_index in range(len(calls)):
+            lead = jnp.shape(calls[call_index])
+            # Scalars sown under nn.scan carry the stacked layer axes in front.
+            count = math.prod(lead)
+            for i in range(count):
+                suffix = "" if len(calls) == 1 else f"[{call_index}]"
+                suffix += "" if not lead else f"[{i}]"
+                names.append(path + suffix)
+            for key in MOE_INTERMEDIATES:
+                v = node[key]
+                v = v[call_index] if isinstance(v, tuple | list) else v
+                v = jnp.asarray(v, jnp.float32)
+                values[key].append(v.reshape((count, *v.shape[len(lead) :])))
+
+    result: dict[str, Any] = {"layer_names": names}
+    for key in ("load_balancing_loss", "router_z_loss", "fraction_dropped", "router_confidence"):
+        result[key] = (
+            jnp.mean(jnp.concatenate(values[key])) if names else jnp.zeros((), jnp.float32)
+        )
+    for key in ("expert_usage", "tokens_per_expert"):
+        result[key] = (
+            jnp.concatenate(values[key], axis=0) if names else jnp.zeros((0, 0), jnp.float32)
+        )
+    return result

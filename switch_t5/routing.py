@@ -1,0 +1,356 @@
+"""Routers of the sparse feed-forward layers and their auxiliary losses.
+
+A router scores every token against every expert (arXiv 2101.03961 sec. 2.1), picks the top-k
+experts of each token ("switch" routing is k = 1), and gives each (token, choice) a slot inside
+the chosen expert's buffer. Slots beyond the expert capacity are dropped: the token gets no output
+from that expert (the caller's residual connection carries it).
+
+Everything here is pure JAX on float32 ("selective precision", arXiv 2101.03961 sec. 2.4: the
+softmax over experts is unstable in bfloat16), except the `Router` module that owns the kernel.
+
+Priority of the slots follows Flaxformer's `TokensChooseMaskedRouter`: all first choices of a group
+are served before any second choice, tokens in sequence order inside a choice; with
+batch-prioritized routing (BPR, arXiv 2202.08906 / V-MoE) the tokens of a group are first sorted by
+their top-1 probability so that confident tokens claim capacity first. Padding tokens never take
+a slot and are left out of the losses and metrics.
+
+Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
+[tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
+[tokens, experts] tensor). They are equal by construction of the priority order, so the
+masked-einsum and the scatter dispatch drop exactly the same tokens.
+
+Einsum legend: g=groups, t=tokens per group, k=selected experts per token, e=experts,
+c=expert capacity, d=embed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+@flax.struct.dataclass
+class Routing:
+    """The routing decision of every (token, choice) of a layer call.
+
+    Attributes:
+      router_logits: <float32>[groups, tokens, experts] raw router scores.
+      router_probs: <float32>[groups, tokens, experts] softmax of the logits.
+      expert_index: <int32>[groups, tokens, k] chosen experts, best first.
+      gate: <float32>[groups, tokens, k] combine weight of each choice: the router probability of
+        that expert (top-k gates are NOT renormalised, as Flaxformer's masked router).
+      position: <int32>[groups, tokens, k] slot of the choice inside its expert's buffer; padding
+        tokens get `capacity` (i.e. no slot).
+      kept: <bool>[groups, tokens, k] real token and position < capacity.
+      valid: <bool>[groups, tokens] real (non-padding) tokens.
+      capacity: static expert capacity (slots per expert and group).
+    """
+
+    router_logits: jax.Array
+    router_probs: jax.Array
+    expert_index: jax.Array
+    gate: jax.Array
+    position: jax.Array
+    kept: jax.Array
+    valid: jax.Array
+    capacity: int = flax.struct.field(pytree_node=False)
+
+
+def expert_capacity(
+    tokens_per_group: int,
+    num_experts: int,
+    capacity_factor: float,
+    min_expert_capacity: int,
+) -> int:
+    """Slots per expert and group: max(round(cf * tokens / experts), min_expert_capacity).
+
+    As Flaxformer, the capacity does not scale with k for top-k routing. It is capped at the
+    group's token count: an expert can never receive more tokens than a group holds (each token
+    picks an expert at most once), so the cap drops nothing and saves work when decoding.
+    """
+    capacity = max(round(capacity_factor * tokens_per_group / num_experts), min_expert_capacity)
+    return min(capacity, tokens_per_group)
+
+
+def _priority_order(router_probs: jax.Array, batch_prioritized: bool) -> jax.Array | None:
+    """Token order inside each group in which the slots are handed out (None = sequence order).
+
+    Args:
+      router_probs: <float32>[groups, tokens, experts].
+      batch_prioritized: sort tokens by descending top-1 probability (BPR).
+
+    Returns:
+      <int32>[groups, tokens] permutation, or None.
+    """
+    if not batch_prioritized:
+        return None
+    # Stable sort so that ties keep sequence order, identically for both slot implementations.
+    top1 = jnp.max(router_probs, axis=-1)
+    return jnp.argsort(-top1, axis=-1, stable=True).astype(jnp.int32)
+
+
+def _permute(x: jax.Array, order: jax.Array | None) -> jax.Array:
+    """Reorders the token axis (axis 1) of [groups, tokens, ...] by `order`."""
+    if order is None:
+        return x
+    idx = order.reshape(order.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def _unpermute(x: jax.Array, order: jax.Array | None) -> jax.Array:
+    if order is None:
+        return x
+    return _permute(x, jnp.argsort(order, axis=-1).astype(jnp.int32))
+
+
+def positions_by_cumsum(
+    expert_index: jax.Array, valid: jax.Array, num_experts: int, order: jax.Array | None
+) -> jax.Array:
+    """Slot of every (token, choice) via a cumulative sum over a one-hot (Mesh-TF/Flaxformer).
+
+    Args:
+      expert_index: <int32>[groups, tokens, k].
+      valid: <bool>[groups, tokens] real tokens; padding takes no slot.
+      num_experts: number of experts.
+      order: <int32>[groups, tokens] token priority order, or None for sequence order.
+
+    Returns:
+      <int32>[groups, tokens, k] slot index (padding: a huge value, never < capacity).
+    """
+    g, t, k = expert_index.shape
+    idx = _permute(expert_index, order)
+    ok = _permute(valid, order)
+    # [g, t, k] -> [g, t, k, e]: padding rows are all zero so they never advance a counter.
+    mask = jax.nn.one_hot(idx, num_experts, dtype=jnp.int32) * ok[..., None, None]
+    # [g, t, k, e] -> [g, k * t, e]: all first choices of a group come before any second choice.
+    mask = jnp.swapaxes(mask, 1, 2).reshape(g, k * t, num_experts)
+    before = jnp.cumsum(mask, axis=1) - mask
+    # [g, k * t, e] -> [g, k * t]: the count of earlier claims on this choice's own expert.
+    pos = jnp.sum(before * mask, axis=-1)
+    pos = jnp.swapaxes(pos.reshape(g, k, t), 1, 2)
+    pos = _unpermute(pos, order)
+    return jnp.where(valid[..., None], pos, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+
+
+def positions_by_sort(
+    expert_index: jax.Array, valid: jax.Array, num_experts: int, order: jax.Array | None
+) -> jax.Array:
+    """Same slots as `positions_by_cumsum`, from a stable sort of expert ids (no [t, e] tensor).
+
+    The rank of a claim among the claims on the same expert, in priority order, is its slot.
+    """
+    g, t, k = expert_index.shape
+    idx = _permute(expert_index, order)
+    ok = _permute(valid, order)
+    # Padding gets the sentinel expert id `num_experts`, sorted after every real claim.
+    keys = jnp.where(ok[..., None], idx, num_experts)
+    # [g, t, k] -> [g, k * t] in priority order (choice-major).
+    keys = jnp.swapaxes(keys, 1, 2).reshape(g, k * t)
+
+    def one_group(keys_g):
+        perm = jnp.argsort(keys_g, stable=True)
+        sorted_keys = keys_g[perm]
+        counts = jnp.zeros((num_experts + 1,), jnp.int32).at[keys_g].add(1)
+        starts = jnp.cumsum(counts) - counts
+        rank_sorted = jnp.arange(keys_g.shape[0], dtype=jnp.int32) - starts[sorted_keys]
+        return jnp.zeros_like(keys_g).at[perm].set(rank_sorted)
+
+    pos = jax.vmap(one_group)(keys)
+    pos = jnp.swapaxes(pos.reshape(g, k, t), 1, 2)
+    pos = _unpermute(pos, order)
+    return jnp.where(valid[..., None], pos, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+
+
+def route(
+    router_logits: jax.Array,
+    valid: jax.Array,
+    *,
+    num_selected_experts: int,
+    capacity: int,
+    batch_prioritized: bool = False,
+    slot_impl: str = "cumsum",
+) -> Routing:
+    """Top-k token-choice routing with expert capacity.
+
+    Args:
+      router_logits: <float32>[groups, tokens, experts].
+      valid: <bool>[groups, tokens] real tokens (padding takes no capacity).
+      num_selected_experts: k (1 = switch routing).
+      capacity: slots per expert and group.
+      batch_prioritized: hand out slots by descending top-1 probability (encoder only).
+      slot_impl: "cumsum" or "sort" (same result; see `positions_by_cumsum`).
+
+    Returns:
+      The `Routing` of every (token, choice).
+    """
+    if slot_impl not in ("cumsum", "sort"):
+        raise ValueError(f"slot_impl={slot_impl!r}: use 'cumsum' or 'sort'")
+    router_logits = router_logits.astype(jnp.float32)
+    num_experts = router_logits.shape[-1]
+    router_probs = jax.nn.softmax(router_logits, axis=-1)
+    # [g, t, e] -> [g, t, k]
+    gate, expert_index = jax.lax.top_k(router_probs, num_selected_experts)
+    expert_index = expert_index.astype(jnp.int32)
+    order = _priority_order(router_probs, batch_prioritized)
+    positions = positions_by_cumsum if slot_impl == "cumsum" else positions_by_sort
+    position = positions(expert_index, valid, num_experts, order)
+    kept = valid[..., None] & (position < capacity)
+    position = jnp.where(valid[..., None], position, capacity)
+    return Routing(
+        router_logits=router_logits,
+        router_probs=router_probs,
+        expert_index=expert_index,
+        gate=gate,
+        position=position,
+        kept=kept,
+        valid=valid,
+        capacity=capacity,
+    )
+
+
+def _num_real(valid: jax.Array) -> jax.Array:
+    # An all-padding batch has no tokens to average over: its losses and metrics are 0, not NaN.
+    return jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+
+
+def expert_fractions(expert_index: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+    """f_i: fraction of the real (token, choice) pairs sent to each expert, before capacity.
+
+    Args:
+      expert_index: <int32>[..., tokens, k].
+      valid: <bool>[..., tokens].
+
+    Returns:
+      <float32>[experts], summing to 1 (0 when every token is padding).
+    """
+    k = expert_index.shape[-1]
+    # [..., t, k] -> [..., t, k, e]
+    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
+    onehot = onehot * valid[..., None, None].astype(jnp.float32)
+    counts = jnp.sum(onehot.reshape(-1, num_experts), axis=0)
+    return counts / (_num_real(valid) * k)
+
+
+def load_balancing_loss(
+    router_probs: jax.Array, expert_index: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """Switch auxiliary loss N * sum_i f_i * P_i (arXiv 2101.03961 eq. 4-6), unweighted.
+
+    f_i is the fraction of real (token, choice) pairs routed to expert i before capacity
+    truncation (for top-k divided by k, so the loss is 1 under uniform routing for any k) and
+    P_i the mean router probability of expert i over real tokens. f and P are taken over the whole
+    batch the layer sees (all groups), as in the paper, so the loss does not depend on grouping.
+    The gradient flows only through P (f is piecewise constant).
+
+    Args:
+      router_probs: <float32>[groups, tokens, experts].
+      expert_index: <int32>[groups, tokens, k].
+      valid: <bool>[groups, tokens] real tokens.
+
+    Returns:
+      <float32>[] the loss: 1 under uniform routing, N under collapse onto one expert.
+    """
+    num_experts = router_probs.shape[-1]
+    f = jax.lax.stop_gradient(expert_fractions(expert_index, valid, num_experts))
+    probs = router_probs.astype(jnp.float32) * valid[..., None].astype(jnp.float32)
+    p = jnp.sum(probs.reshape(-1, num_experts), axis=0) / _num_real(valid)
+    return num_experts * jnp.sum(f * p)
+
+
+def router_z_loss(router_logits: jax.Array, valid: jax.Array) -> jax.Array:
+    """ST-MoE router z-loss: mean over real tokens of logsumexp(logits)^2 (arXiv 2202.08906 eq. 5).
+
+    Args:
+      router_logits: <float32>[groups, tokens, experts].
+      valid: <bool>[groups, tokens].
+
+    Returns:
+      <float32>[] the unweighted loss.
+    """
+    lse = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.where(valid, lse**2, 0.0)) / _num_real(valid)
+
+
+def routing_metrics(routing: Routing) -> dict[str, jax.Array]:
+    """Load metrics of one layer call, over real tokens only.
+
+    Returns:
+      fraction_dropped: <float32>[] dropped (token, choice) pairs / real pairs.
+      router_confidence: <float32>[] mean top-1 router probability.
+      expert_usage: <float32>[experts] f_i of the load-balancing loss (sums to 1).
+      tokens_per_expert: <float32>[experts] tokens each expert actually processes (all groups).
+    """
+    num_experts = routing.router_probs.shape[-1]
+    k = routing.expert_index.shape[-1]
+    n = _num_real(routing.valid)
+    real_pairs = routing.valid[..., None] & jnp.ones((k,), bool)
+    dropped = jnp.sum((real_pairs & ~routing.kept).astype(jnp.float32)) / (n * k)
+    top1 = jnp.sum(jnp.where(routing.valid, routing.gate[..., 0], 0.0)) / n
+    onehot = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)
+    processed = jnp.sum((onehot * routing.kept[..., None]).reshape(-1, num_experts), axis=0)
+    return {
+        "fraction_dropped": dropped,
+        "router_confidence": top1,
+        "expert_usage": expert_fractions(routing.expert_index, routing.valid, num_experts),
+        "tokens_per_expert": processed,
+    }
+
+
+class Router(nn.Module):
+    """The router kernel: logits = (jittered) tokens @ w, computed in float32.
+
+    Params: `w/kernel` <param_dtype>[embed, experts], logical ("embed", "unmodeled") so every
+    device holds the whole (small) router; init normal(0, init_stddev) (arXiv 2101.03961 sec. 2.4
+    uses a 10x smaller init than T5 for stability).
+
+    Attributes:
+      num_experts: experts to score.
+      jitter_noise: eps of the multiplicative uniform(1-eps, 1+eps) input noise.
+      init_stddev: stddev of the kernel init.
+      param_dtype: dtype of the kernel.
+    """
+
+    num_experts: int
+    jitter_noise: float = 0.0
+    init_stddev: float = 2e-2
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, token_inputs: jax.Array, *, apply_jitter: bool = False) -> jax.Array:
+        """Router logits.
+
+        Args:
+          token_inputs: <any float>[..., embed].
+          apply_jitter: multiply the router input (only the router's copy: the experts see the
+            clean tokens) by uniform(1-eps, 1+eps) noise from the "jitter" rng stream (training).
+
+        Returns:
+          <float32>[..., experts] logits.
+        """
+        # Router in float32: selective precision, arXiv 2101.03961 sec. 2.4.
+        x = token_inputs.astype(jnp.float32)
+        if apply_jitter and self.jitter_noise > 0:
+            noise = jax.random.uniform(
+                self.make_rng("jitter"),
+                x.shape,
+                jnp.float32,
+                minval=1.0 - self.jitter_noise,
+                maxval=1.0 + self.jitter_noise,
+            )
+            x = x * noise
+        # HIGHEST: a float32 matmul on TPU otherwise runs in one bfloat16 pass; the router is tiny.
+        return nn.Dense(
+            self.num_experts,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            precision=jax.lax.Precision.HIGHEST,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_stddev), ("embed", "unmodeled")
+            ),
+            name="w",
+        )(x)
