@@ -1,0 +1,239 @@
+"""Span-corruption seqio tasks: C4 (TFDS), user text files, and the embedded default corpus.
+
+Plain Python factories (no gin; `switch_t5.data_gin` binds them to gin macros). Each registers
+(or re-registers) one seqio Task whose features `inputs`/`targets` use the task's vocabulary:
+
+- `c4_span_corruption`: TFDS `c4/en:3.1.0`; `c4_v220_span_corruption`: `c4/en:2.2.0` (the name
+  T5/T5X use). Splits `train`, `validation`. `register_c4_tasks` registers both.
+- `text_files_span_corruption`: `.txt` / `.jsonl` / `.json.gz` files (formats and bad-input
+  rules in `switch_t5.data.readers`); validation is a held-out fraction of documents (by a hash
+  of each document) unless validation files are given. The files are converted once into a
+  cached TFRecord store (keyed by file names, sizes and modification times), which makes the
+  tf.data pipeline checkpointable for exact resume.
+- `embedded_span_corruption`: the embedded default corpus (`switch_t5.data.corpus`, Python's own
+  documentation) with a SentencePiece vocabulary trained on it on first use (default 4,096 ids
+  incl. 100 extra ids; both cached). This is what the quickstart pretrains on, offline.
+
+Preprocessing (T5's order): text -> tokenize `targets` -> (cache point) -> span corruption
+(`switch_t5.data.span_corruption`) -> append EOS. Stochastic steps come after the cache point, so
+each epoch of a repeated dataset sees new noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+import seqio
+import tensorflow as tf
+
+from switch_t5.data import corpus as corpus_lib
+from switch_t5.data import hide_gpus_from_tf, readers
+from switch_t5.data import span_corruption as sc
+from switch_t5.data import vocab as vocab_lib
+
+hide_gpus_from_tf()  # tf.data runs on the host CPU only.
+
+C4_TASK = "c4_span_corruption"
+C4_V220_TASK = "c4_v220_span_corruption"
+TEXT_FILES_TASK = "text_files_span_corruption"
+EMBEDDED_TASK = "embedded_span_corruption"
+DEFAULT_EMBEDDED_VOCAB_SIZE = 4096
+DEFAULT_TEXT_VALIDATION_FRACTION = 0.01
+# seqio's default; the buffer holds span-corrupted pieces (shuffles across documents).
+DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    """T5's features: `inputs` and `targets`, both with EOS, one vocabulary."""
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=False),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+    }
+
+
+def _replace_task(name: str) -> None:
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+
+
+def register_span_corruption_task(
+    name: str,
+    source: seqio.DataSource,
+    vocabulary: seqio.Vocabulary,
+    noise_density: float = sc.DEFAULT_NOISE_DENSITY,
+    mean_noise_span_length: float = sc.DEFAULT_MEAN_NOISE_SPAN_LENGTH,
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
+) -> seqio.Task:
+    """Registers (replacing any task of that name) a span-corruption task over `source`'s `text`."""
+    _replace_task(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            functools.partial(
+                sc.span_corruption,
+                noise_density=noise_density,
+                mean_noise_span_length=mean_noise_span_length,
+            ),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=output_features(vocabulary),
+        metric_fns=[],
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+
+
+def register_c4_tasks(
+    vocabulary: seqio.Vocabulary | None = None, tfds_data_dir: str | None = None
+) -> None:
+    """Registers `c4_span_corruption` (c4/en:3.1.0) and `c4_v220_span_corruption` (c4/en:2.2.0).
+
+    Args:
+      vocabulary: defaults to T5's cc_all.32000 model (`vocab.DEFAULT_SPM_PATH`, read lazily).
+      tfds_data_dir: where the prepared TFDS `c4` lives (None: ~/tensorflow_datasets).
+    """
+    vocabulary = vocabulary or vocab_lib.get_vocabulary(vocab_lib.DEFAULT_SPM_PATH)
+    for name, version in ((C4_TASK, "3.1.0"), (C4_V220_TASK, "2.2.0")):
+        register_span_corruption_task(
+            name,
+            seqio.TfdsDataSource(tfds_name=f"c4/en:{version}", tfds_data_dir=tfds_data_dir),
+            vocabulary,
+        )
+
+
+def tfrecord_text_source(paths: dict[str, str]) -> seqio.DataSource:
+    """A seqio source of `{"text": <string>}` from one raw-UTF-8 TFRecord file per split."""
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # One file per split: the Task's shuffle buffer shuffles.
+        return tf.data.TFRecordDataset(paths[split]).map(
+            lambda s: {"text": s}, num_parallel_calls=tf.data.AUTOTUNE
+        )
+
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(paths), caching_permitted=True)
+
+
+def _files_key(files: Sequence[str], *extra) -> str:
+    h = hashlib.sha256(repr(extra).encode())
+    for path in files:
+        st = os.stat(path)
+        h.update(f"|{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_text_files(
+    files: str | Sequence[str],
+    validation_files: str | Sequence[str] | None = None,
+    validation_fraction: float = DEFAULT_TEXT_VALIDATION_FRACTION,
+    txt_documents: str = "line",
+    cache_dir: str | None = None,
+) -> dict:
+    """Converts text files into the cached TFRecord store (once); returns its `meta.json` dict.
+
+    Raises:
+      FileNotFoundError, readers.DataFileError: bad input, naming the file and line.
+    """
+    train_files = readers.resolve_files(files, what="TEXT_FILES")
+    val_files = (
+        readers.resolve_files(validation_files, what="VALIDATION_FILES") if validation_files else []
+    )
+    if not val_files and not 0.0 < validation_fraction < 1.0:
+        raise ValueError(
+            f"validation_fraction={validation_fraction} must be in (0, 1) when no "
+            "VALIDATION_FILES are given"
+        )
+    key = _files_key(
+        train_files + val_files, len(train_files), validation_fraction, txt_documents, 1
+    )
+    directory = os.path.join(
+        os.path.expanduser(cache_dir or corpus_lib.default_cache_dir()), "text_files", key
+    )
+    meta_path = os.path.join(directory, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    stats = readers.ReadStats()
+    train_docs: list[str] = []
+    val_docs: list[str] = []
+    for doc in readers.iter_documents(train_files, txt_documents, stats):
+        held_out = not val_files and corpus_lib.is_validation(doc, validation_fraction)
+        (val_docs if held_out else train_docs).append(doc)
+    if val_files:
+        val_docs = list(readers.iter_documents(val_files, txt_documents, stats))
+    elif not val_docs:
+        # Too few documents for the fraction to pick any: hold out the last one.
+        val_docs.append(train_docs.pop())
+    if not train_docs:
+        raise readers.DataFileError(
+            f"TEXT_FILES {train_files}: only {len(val_docs)} document(s), none left for training"
+        )
+    paths = {
+        "train": os.path.join(directory, "train.tfrecord"),
+        "validation": os.path.join(directory, "validation.tfrecord"),
+    }
+    readers.write_tfrecord(paths["train"], train_docs)
+    readers.write_tfrecord(paths["validation"], val_docs)
+    meta = {
+        "paths": paths,
+        "train_files": train_files,
+        "validation_files": val_files,
+        "train_documents": len(train_docs),
+        "validation_documents": len(val_docs),
+        "skipped_blank": stats.skipped_blank,
+    }
+    tmp = f"{meta_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path)
+    return meta
+
+
+def register_text_files_task(
+    files: str | Sequence[str],
+    vocabulary_path: str,
+    validation_files: str | Sequence[str] | None = None,
+    validation_fraction: float = DEFAULT_TEXT_VALIDATION_FRACTION,
+    txt_documents: str = "line",
+    cache_dir: str | None = None,
+    name: str = TEXT_FILES_TASK,
+) -> seqio.Task:
+    """Registers `text_files_span_corruption` over user files (module docstring)."""
+    vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
+    meta = prepare_text_files(
+        files, validation_files, validation_fraction, txt_documents, cache_dir
+    )
+    return register_span_corruption_task(name, tfrecord_text_source(meta["paths"]), vocabulary)
+
+
+def register_embedded_task(
+    vocab_size: int = DEFAULT_EMBEDDED_VOCAB_SIZE,
+    cache_dir: str | None = None,
+    validation_fraction: float = corpus_lib.DEFAULT_VALIDATION_FRACTION,
+    name: str = EMBEDDED_TASK,
+) -> seqio.Task:
+    """Registers `embedded_span_corruption` (harvests the corpus and trains its vocabulary once).
+
+    Args:
+      vocab_size: ids of the trained vocabulary including 100 extra ids (a multiple of 128
+        avoids padding rows).
+      cache_dir: cache root (default `corpus.default_cache_dir()`).
+      validation_fraction: documents held out for validation.
+      name: the task name.
+    """
+    info = corpus_lib.prepare_embedded_corpus(cache_dir, validation_fraction)
+    vocabulary = vocab_lib.get_vocabulary(corpus_lib.embedded_vocabulary_path(info, vocab_size))
+    source = tfrecord_text_source({"train": info.train_path, "validation": info.validation_path})
+    return register_span_corruption_task(name, source, vocabulary)
+
+
+def get_vocabulary(task_or_mixture_name: str) -> seqio.Vocabulary:
+    """The vocabulary of a registered task or mixture (its `targets` feature)."""
+    provider = seqio.get_mixture_or_task(task_or_mixture_name)
+    return provider.output_features["targets"].vocabulary

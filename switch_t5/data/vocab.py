@@ -1,0 +1,201 @@
+"""SentencePiece vocabularies with T5's ids, their fingerprints, and an offline trainer.
+
+T5 ids: pad 0, EOS 1, UNK 2, no BOS; 100 extra ids (`<extra_id_0>` = vocab_size - 1, the first
+span-corruption sentinel) appended after the SentencePiece pieces. The C4 tasks default to T5's
+`cc_all.32000` model (32,000 pieces + 100 extra ids = 32,100; embeddings padded to 32,128).
+
+Train a vocabulary on local text (offline, same formats as the text-files task):
+
+    python -m switch_t5.data.vocab --input='/data/*.txt' --output=/tmp/my_spm.model \\
+        --vocab_size=8000
+
+`--vocab_size` counts everything the model embeds, extra ids included (7,900 pieces + 100 here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+from switch_t5.config import pad_vocab_size
+from switch_t5.data import readers
+
+DEFAULT_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+DEFAULT_EXTRA_IDS = 100
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+# SentencePiece skips training sentences longer than this (bytes); docs are split into lines.
+_MAX_SENTENCE_BYTES = 1 << 16
+
+
+class VocabularyMismatchError(ValueError):
+    """A task's vocabulary disagrees with a model or checkpoint."""
+
+
+def get_vocabulary(path: str = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_IDS):
+    """A `seqio.SentencePieceVocabulary` (loaded lazily, so registering a task reads nothing).
+
+    Raises:
+      FileNotFoundError: for a local path that does not exist.
+    """
+    import seqio
+
+    if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"SentencePiece model {path!r} does not exist; set VOCABULARY_PATH to a .model file "
+            "or train one with `python -m switch_t5.data.vocab --input=GLOB --output=PATH`"
+        )
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def vocab_fingerprint(vocabulary) -> str:
+    """`"<path>|extra_ids=<n>|sha256=<hex>"` of a SentencePiece vocabulary (reads the model).
+
+    Checkpoints record it; `check_fingerprint` compares the parts that matter (the model bytes
+    and the extra ids), so a moved model file still matches.
+    """
+    model_bytes = vocabulary.sp_model
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    return f"{vocabulary.sentencepiece_model_file}|extra_ids={vocabulary.extra_ids}|sha256={digest}"
+
+
+def _fingerprint_key(fingerprint: str) -> tuple[str, str]:
+    parts = dict(p.split("=", 1) for p in fingerprint.split("|")[1:] if "=" in p)
+    if "sha256" not in parts or "extra_ids" not in parts:
+        raise ValueError(f"{fingerprint!r} is not a vocabulary fingerprint (see vocab_fingerprint)")
+    return parts["sha256"], parts["extra_ids"]
+
+
+def check_fingerprint(expected: str, actual: str, what: str = "checkpoint") -> None:
+    """Raises VocabularyMismatchError unless both fingerprints name the same vocabulary."""
+    if _fingerprint_key(expected) != _fingerprint_key(actual):
+        raise VocabularyMismatchError(
+            f"vocabulary mismatch: the {what} was made with {expected.split('|')[0]!r} "
+            f"({expected}), but the task uses {actual.split('|')[0]!r} ({actual}). "
+            "Use the task whose vocabulary the checkpoint was trained with, or start from scratch."
+        )
+
+
+def check_model_vocab_size(vocabulary, model_vocab_size: int, task_name: str = "") -> None:
+    """Raises VocabularyMismatchError unless the embedding rows equal the padded vocabulary size.
+
+    The model's `vocab_size` must be `pad_vocab_size(vocabulary.vocab_size)` (a multiple of 128).
+    """
+    expected = pad_vocab_size(vocabulary.vocab_size)
+    if model_vocab_size != expected:
+        raise VocabularyMismatchError(
+            f"model vocab_size={model_vocab_size} but task {task_name!r} uses a vocabulary of "
+            f"{vocabulary.vocab_size} ids (padded: {expected}); set SwitchConfig.vocab_size = "
+            f"{expected}"
+        )
+
+
+def train_sentencepiece(
+    documents: Iterable[str],
+    output_path: str,
+    vocab_size: int = 8000,
+    extra_ids: int = DEFAULT_EXTRA_IDS,
+    *,
+    character_coverage: float = 0.9995,
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+    num_threads: int = 2,
+) -> str:
+    """Trains a unigram SentencePiece model with T5's ids and writes it to `output_path`.
+
+    Args:
+      documents: text; each is split into lines (SentencePiece trains on sentences).
+      output_path: the `.model` file written (atomically: written to a temporary name first).
+      vocab_size: ids including `extra_ids`; the model gets `vocab_size - extra_ids` pieces.
+      extra_ids: sentinel ids appended by seqio (not part of the model).
+      character_coverage: SentencePiece's character coverage.
+      max_sentences: training lines sampled at most (SentencePiece's input_sentence_size).
+      seed: SentencePiece's sampling seed (the same text and seed give the same model).
+      num_threads: trainer threads.
+
+    Returns:
+      output_path.
+
+    Raises:
+      ValueError: if vocab_size leaves no room for pieces, or there is no text.
+    """
+    import sentencepiece as spm
+
+    pieces = vocab_size - extra_ids
+    if pieces < 8:
+        raise ValueError(
+            f"vocab_size={vocab_size} with extra_ids={extra_ids} leaves {pieces} pieces; "
+            "use a vocab_size of at least extra_ids + 8"
+        )
+    lines = []
+    for doc in documents:
+        for line in doc.split("\n"):
+            line = line.strip()
+            if line:
+                lines.append(line.encode("utf-8")[:_MAX_SENTENCE_BYTES].decode("utf-8", "ignore"))
+    if not lines:
+        raise ValueError("no text to train a SentencePiece model on")
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=pieces,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        character_coverage=character_coverage,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=_MAX_SENTENCE_BYTES,
+        num_threads=num_threads,
+        # Small corpora may not support `pieces` pieces; fail loudly instead of shrinking.
+        hard_vocab_limit=True,
+        minloglevel=2,
+    )
+    output_path = os.path.abspath(os.path.expanduser(output_path))
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    tmp = f"{output_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, output_path)
+    return output_path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Train a T5-compatible SentencePiece model (pad 0, eos 1, unk 2) on local text."
+    )
+    parser.add_argument("--input", action="append", required=True, help="glob (repeatable)")
+    parser.add_argument("--output", required=True, help="the .model file to write")
+    parser.add_argument("--vocab_size", type=int, default=8000, help="ids incl. extra ids")
+    parser.add_argument("--extra_ids", type=int, default=DEFAULT_EXTRA_IDS)
+    parser.add_argument("--txt_documents", choices=readers.TXT_MODES, default="line")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    files = readers.resolve_files(args.input, what="--input")
+    stats = readers.ReadStats()
+    path = train_sentencepiece(
+        readers.iter_documents(files, args.txt_documents, stats),
+        args.output,
+        vocab_size=args.vocab_size,
+        extra_ids=args.extra_ids,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {path}: {args.vocab_size - args.extra_ids} pieces + {args.extra_ids} extra ids "
+        f"from {stats.documents} documents in {stats.files} files "
+        f"({stats.skipped_blank} blank skipped)",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
