@@ -199,3 +199,29 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def decode_with_sentinels(vocabulary, ids) -> str:
+    """Decodes ids to text, writing extra ids as `<extra_id_k>` and stopping at EOS.
+
+    seqio's `decode` maps extra ids to UNK; span-corruption examples are only readable with the
+    sentinels spelled out.
+    """
+    base = vocabulary.vocab_size - vocabulary.extra_ids
+    parts: list[str] = []
+    run: list[int] = []
+    for i in (int(t) for t in ids):
+        if i == EOS_ID:
+            break
+        if i == PAD_ID:
+            continue
+        if i >= base:
+            if run:
+                parts.append(vocabulary.decode(run))
+                run = []
+            parts.append(f"<extra_id_{vocabulary.vocab_size - 1 - i}>")
+        else:
+            run.append(i)
+    if run:
+        parts.append(vocabulary.decode(run))
+    return " ".join(p for p in parts if p)
