@@ -1,0 +1,300 @@
+"""`files_text_to_text` on generated TSV/JSONL/CSV files, and every kind of bad input."""
+
+import gzip
+import json
+import string
+
+import numpy as np
+import pytest
+
+seqio = pytest.importorskip("seqio")
+
+from switch_t5.data import user_tasks, vocab  # noqa: E402
+from switch_t5.data.readers import DataFileError  # noqa: E402
+
+RTE_TEMPLATE = "rte sentence1: {sentence1} sentence2: {sentence2}"
+RTE_LABELS = ["entailment", "not_entailment"]
+
+# GLUE's RTE dev.tsv layout: index, sentence1, sentence2, label (label names, no quoting).
+RTE_TRAIN = [
+    ("0", "Ann is tall.", "Ann is not short.", "entailment"),
+    ("1", 'He said "hi.', "He spoke.", "entailment"),  # unbalanced quote: text, not quoting
+    ("2", "It rains.", "It is dry.", "not_entailment"),
+]
+RTE_DEV = [
+    ("0", "Bob runs fast.", "Bob moves.", "entailment"),
+    ("1", "The cup is full.", "The cup is empty.", "not_entailment"),
+    ("2", "Cats purr.", "Dogs purr.", "not_entailment"),
+]
+
+
+def _write_tsv(path, header, rows):
+    lines = ["\t".join(header)] if header else []
+    lines += ["\t".join(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def vocabulary(tmp_path_factory):
+    chars = list(string.ascii_letters + string.digits + string.punctuation)
+    words = ["rte", "sentence", "entailment", "not", "the", "cup", "is", "cats", "review", "good"]
+    rng = np.random.default_rng(1)
+    docs = [" ".join([*rng.choice(words, 8), *rng.choice(chars, 6)]) for _ in range(300)]
+    path = vocab.train_sentencepiece(
+        docs, str(tmp_path_factory.mktemp("spm") / "user.model"), vocab_size=100 + 150
+    )
+    return vocab.get_vocabulary(path)
+
+
+@pytest.fixture(scope="module")
+def rte_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rte")
+    header = ("index", "sentence1", "sentence2", "label")
+    return (
+        _write_tsv(d / "train.tsv", header, RTE_TRAIN),
+        _write_tsv(d / "dev.tsv", header, RTE_DEV),
+    )
+
+
+def _pairs(task, split):
+    ds = task.get_dataset(
+        sequence_length=None, split=split, shuffle=False, use_cached=False, try_in_mem_cache=False
+    )
+    return [
+        (ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode(), ex)
+        for ex in ds.as_numpy_iterator()
+    ]
+
+
+def test_rte_tsv_train_and_validation(vocabulary, rte_files):
+    train, dev = rte_files
+    task = user_tasks.register_files_text_to_text(
+        train_files=train,
+        validation_files=dev,
+        vocabulary=vocabulary,
+        input_template=RTE_TEMPLATE,
+        target_column="label",
+        label_names=RTE_LABELS,
+    )
+    assert task.name == "files_text_to_text"
+    assert seqio.get_mixture_or_task("files_text_to_text") is task
+    assert set(task.splits) == {"train", "validation"}
+    got = [(i, t) for i, t, _ in _pairs(task, "train")]
+    assert got == [
+        ("rte sentence1: Ann is tall. sentence2: Ann is not short.", "entailment"),
+        ('rte sentence1: He said "hi. sentence2: He spoke.', "entailment"),
+        ("rte sentence1: It rains. sentence2: It is dry.", "not_entailment"),
+    ]
+    rows = _pairs(task, "validation")
+    assert [t for _, t, _ in rows] == ["entailment", "not_entailment", "not_entailment"]
+    inputs, _, ex = rows[0]
+    assert ex["inputs"][-1] == 1 and ex["targets"][-1] == 1  # EOS
+    assert vocabulary.decode(ex["inputs"][:-1].tolist()) == inputs
+
+    # Evaluation: label text -> class id; text that is no label -> -1 (wrong).
+    targets = [task.postprocess_fn(t, example=ex, is_target=True) for _, t, ex in rows]
+    predictions = [task.postprocess_fn(p) for p in ("entailment", "entailment", "garbage")]
+    assert targets == [0, 1, 1] and predictions == [0, 0, -1]
+    (accuracy,) = task.predict_metric_fns
+    assert accuracy(targets, predictions) == {"accuracy": pytest.approx(100 / 3, rel=1e-12)}
+
+
+def test_jsonl_with_integer_and_bool_labels(vocabulary, tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    rows = [
+        {"text": "good film", "stars": 5, "label": 1},
+        {"text": "bad film", "stars": 1, "label": False},
+        {"text": "ok", "stars": 3, "label": "positive"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    task = user_tasks.register_files_text_to_text(
+        "reviews",
+        validation_files=str(path),
+        vocabulary=vocabulary,
+        input_template="review ({stars} stars): {text}",
+        target_column="label",
+        label_names=["negative", "positive"],
+        metrics=["accuracy", "f1", "matthews_corrcoef"],
+    )
+    assert task.splits == ("validation",)
+    assert [(i, t) for i, t, _ in _pairs(task, "validation")] == [
+        ("review (5 stars): good film", "positive"),
+        ("review (1 stars): bad film", "negative"),
+        ("review (3 stars): ok", "positive"),
+    ]
+    names = [f.__name__ for f in task.predict_metric_fns]
+    assert names == ["accuracy", "f1_score_with_invalid", "matthews_corrcoef"]
+
+
+def test_headerless_csv_with_quoted_fields_and_numeric_targets(vocabulary, tmp_path):
+    path = tmp_path / "sts.csv.gz"
+    content = 'A man sings.,"A man, singing",4.2\n"Two\nlines",One line,1.0\nx,y,0.5\n'
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(content)
+    task = user_tasks.register_files_text_to_text(
+        "sts_csv",
+        train_files=str(tmp_path / "*.csv.gz"),
+        vocabulary=vocabulary,
+        input_template="stsb sentence1: {a} sentence2: {b}",
+        target_column="score",
+        metrics=["pearson", "spearman"],
+        has_header=False,
+        column_names=["a", "b", "score"],
+    )
+    assert [(i, t) for i, t, _ in _pairs(task, "train")] == [
+        ("stsb sentence1: A man sings. sentence2: A man, singing", "4.2"),
+        ("stsb sentence1: Two\nlines sentence2: One line", "1.0"),
+        ("stsb sentence1: x sentence2: y", "0.5"),
+    ]
+    assert task.postprocess_fn("3.5") == 3.5
+    assert task.postprocess_fn("n/a") == -1.0
+
+
+def test_vocabulary_path_is_loaded(vocabulary, rte_files):
+    task = user_tasks.register_files_text_to_text(
+        "rte_from_path",
+        validation_files=rte_files[1],
+        vocabulary_path=vocabulary.sentencepiece_model_file,
+        input_template=RTE_TEMPLATE,
+        target_column="label",
+        label_names=RTE_LABELS,
+    )
+    assert task.output_features["targets"].vocabulary.vocab_size == vocabulary.vocab_size
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _fmt(**overrides):
+    kwargs = dict(
+        input_template=RTE_TEMPLATE,
+        template_columns=("sentence1", "sentence2"),
+        target_column="label",
+        label_names=tuple(RTE_LABELS),
+        numeric_targets=False,
+        has_header=True,
+        column_names=None,
+        skip_invalid_rows=False,
+    )
+    kwargs.update(overrides)
+    return user_tasks.RowFormat(**kwargs)
+
+
+def test_glob_matching_nothing_names_the_setting(vocabulary, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"VALIDATION_FILES: .*nothing\*\.tsv.*matches no"):
+        user_tasks.register_files_text_to_text(
+            validation_files=str(tmp_path / "nothing*.tsv"),
+            vocabulary=vocabulary,
+            input_template=RTE_TEMPLATE,
+            target_column="label",
+        )
+
+
+def test_empty_file_and_header_only_file(tmp_path):
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(DataFileError, match=r"empty\.tsv: the file is empty"):
+        user_tasks.read_examples([str(empty)], _fmt())
+    header_only = _write_tsv(tmp_path / "h.tsv", ("sentence1", "sentence2", "label"), [])
+    with pytest.raises(DataFileError, match=r"h\.tsv: no data rows"):
+        user_tasks.read_examples([header_only], _fmt())
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(b"sentence1\tsentence2\tlabel\nok\tfine\t0\nbad \xff byte\tx\t1\n")
+    with pytest.raises(DataFileError, match=r"bad\.tsv:3: invalid UTF-8"):
+        user_tasks.read_examples([str(path)], _fmt())
+
+
+def test_truncated_gzip(tmp_path):
+    data = gzip.compress(("sentence1\tsentence2\tlabel\n" + "a\tb\t0\n" * 200).encode())
+    path = tmp_path / "cut.tsv.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFileError, match=r"cut\.tsv\.gz: truncated or corrupt gzip"):
+        user_tasks.read_examples([str(path)], _fmt())
+
+
+def test_tsv_missing_a_named_column_fails_at_the_header(vocabulary, tmp_path):
+    path = _write_tsv(tmp_path / "dev.tsv", ("index", "premise", "hypothesis", "label"), RTE_DEV)
+    task = user_tasks.register_files_text_to_text(
+        "rte_bad_header",
+        validation_files=path,
+        vocabulary=vocabulary,
+        input_template=RTE_TEMPLATE,
+        target_column="label",
+        label_names=RTE_LABELS,
+    )
+    # The error surfaces as a Python exception when the split is first read.
+    with pytest.raises(DataFileError, match=r"dev\.tsv:1: the header has no column 'sentence1', "):
+        _pairs(task, "validation")
+
+
+def test_label_not_in_label_names_error_or_skip_and_count(tmp_path):
+    rows = [*RTE_DEV, ("3", "A.", "B.", "neutral"), ("4", "C.", "D.", "7"), ("5", "E.", "F.")]
+    path = _write_tsv(tmp_path / "dev.tsv", ("index", "sentence1", "sentence2", "label"), rows)
+    with pytest.raises(DataFileError, match=r"dev\.tsv:5: label 'neutral' is not one of"):
+        user_tasks.read_examples([path], _fmt())
+    stats = user_tasks.RowStats()
+    examples = user_tasks.read_examples([path], _fmt(skip_invalid_rows=True), stats)
+    assert len(examples) == stats.examples == 3
+    assert stats.skipped == {"label not in LABEL_NAMES": 2, "wrong number of fields": 1}
+
+
+def test_wrong_field_count_and_malformed_json(tmp_path):
+    path = _write_tsv(tmp_path / "t.tsv", ("sentence1", "sentence2", "label"), [("a", "b")])
+    with pytest.raises(DataFileError, match=r"t\.tsv:2: 2 fields, expected 3"):
+        user_tasks.read_examples([path], _fmt())
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"sentence1": "a", "sentence2": "b", "label": 0}\n{"sentence1": oops}\n')
+    with pytest.raises(DataFileError, match=r"x\.jsonl:2: not valid JSON"):
+        user_tasks.read_examples([str(bad)], _fmt())
+    missing = tmp_path / "m.jsonl"
+    missing.write_text('{"sentence1": "a", "label": 0}\n')
+    with pytest.raises(DataFileError, match=r"m\.jsonl:1: no value for column 'sentence2'"):
+        user_tasks.read_examples([str(missing)], _fmt())
+
+
+def test_unknown_extension_fails_at_registration(vocabulary, tmp_path):
+    path = tmp_path / "data.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataFileError, match=r"data\.xlsx: unknown format"):
+        user_tasks.register_files_text_to_text(
+            train_files=str(path),
+            vocabulary=vocabulary,
+            input_template="{x}",
+            target_column="y",
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(input_template="rte {}"), "positional field"),
+        (dict(input_template="no columns"), "uses no column"),
+        (dict(input_template="bad {sentence1"), "not a valid format string"),
+        (dict(label_names="entailment"), "non-empty list"),
+        (dict(label_names=["a", "a"]), "duplicates"),
+        (dict(metrics=["pearson"]), "with LABEL_NAMES use"),
+        (dict(label_names=None, metrics=["f1"]), "need class labels"),
+        (dict(label_names=None, metrics=["pearson", "accuracy"]), "mix correlations"),
+        (dict(metrics=["acc"]), "Unknown metric 'acc'"),
+        (dict(column_names=["a"]), "set HAS_HEADER=False"),
+        (dict(has_header=False), "needs COLUMN_NAMES"),
+        (dict(has_header=False, column_names=["sentence1", "label"]), r"lacks \['sentence2'\]"),
+        (dict(vocabulary=None), "VOCABULARY_PATH"),
+        (dict(validation_files=None), "TRAIN_FILES and/or VALIDATION_FILES"),
+    ],
+)
+def test_bad_arguments(vocabulary, rte_files, kwargs, message):
+    args = dict(
+        validation_files=rte_files[1],
+        vocabulary=vocabulary,
+        input_template=RTE_TEMPLATE,
+        target_column="label",
+        label_names=RTE_LABELS,
+    )
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        user_tasks.register_files_text_to_text("bad_args", **args)
