@@ -105,7 +105,7 @@ def setup_train_state(
             rng=train_key,
         )
 
-    with mesh, partitioning.axis_rules():
+    with jax.set_mesh(mesh), partitioning.axis_rules():
         abstract = jax.eval_shape(init)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -113,7 +113,7 @@ def setup_train_state(
     jitted = jax.jit(init, out_shardings=shardings)
 
     def init_fn() -> TrainState:
-        with mesh, partitioning.axis_rules():
+        with jax.set_mesh(mesh), partitioning.axis_rules():
             return jitted()
 
     return StateSetup(abstract_state, shardings, logical_specs, optimizer, init_fn)

@@ -81,7 +81,7 @@ def test_restore_onto_another_mesh(saved, sizes):
     assert restored.state.params["expert_wi"].sharding.mesh.devices.shape == sizes
     # The restored optimizer state works on the new mesh.
     grads = jax.tree.map(jnp.ones_like, restored.state.params)
-    with mesh:
+    with jax.set_mesh(mesh):
         nxt = jax.jit(lambda s, g: s.apply_gradients(g, setup.optimizer.tx))(restored.state, grads)
     assert int(nxt.step) == 2
 

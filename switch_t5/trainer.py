@@ -1,0 +1,383 @@
+"""The pure train step and eval step, and the loss; the loop lives in `switch_t5.train`.
+
+Loss (T5X + Switch Transformer):
+
+  loss = sum_t w_t * CE_t / sum_t w_t            cross-entropy over the real target tokens
+       + z_loss * sum_t w_t * lse_t^2 / sum_t w_t  output-logit z-loss (T5X, 1e-4)
+       + alpha * load_balancing_loss             arXiv 2101.03961 eq. 4, averaged over MoE layers
+       + beta * router_z_loss                    ST-MoE (arXiv 2202.08906) eq. 5
+
+where lse_t = logsumexp of the logits at target position t and w_t the loss weight (1 for real
+target tokens, 0 for padding). With gradient accumulation every microbatch's token sums are
+divided by the token count of the WHOLE batch, so the accumulated gradient of these terms equals
+the full-batch gradient (up to summation order). The MoE losses are computed per microbatch and
+averaged (as T5X does): they are not linear in the tokens (products of per-expert fractions over
+the valid tokens), so with accumulation they differ slightly from the full-batch values.
+
+Shape legend: b = batch, l = target length, v = vocabulary, n = microbatches, L = MoE layers,
+e = experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from switch_t5 import moe as moe_lib
+from switch_t5 import optim, partitioning
+from switch_t5.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+
+# Model inputs among the T5X EncDec features (the rest, e.g. decoder_loss_weights, feed the loss).
+MODEL_FEATURES = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "encoder_segment_ids",
+    "decoder_segment_ids",
+    "encoder_positions",
+    "decoder_positions",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms.
+
+    Attributes:
+      z_loss: output-logit z-loss coefficient (T5X default 1e-4).
+      load_balancing_loss_weight: alpha (SwitchConfig.load_balancing_loss_weight).
+      router_z_loss_weight: beta (SwitchConfig.router_z_loss_weight).
+    """
+
+    z_loss: float = 1e-4
+    load_balancing_loss_weight: float = 1e-2
+    router_z_loss_weight: float = 0.0
+
+
+def loss_weights(batch: Batch) -> jax.Array:
+    """<float32>[b, l]: `decoder_loss_weights` if present, else 1 on non-padding targets."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"].astype(jnp.float32)
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def token_losses(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float
+) -> dict[str, jax.Array]:
+    """Sums over tokens of the cross-entropy, z-loss and correct predictions.
+
+    Args:
+      logits: <float>[b, l, v].
+      targets: <int32>[b, l].
+      weights: <float32>[b, l].
+      z_loss: output-logit z-loss coefficient.
+
+    Returns:
+      cross_entropy_sum, z_loss_sum, correct_sum, weight_sum: <float32>[] each.
+    """
+    # Softmax statistics in float32 even for bfloat16 activations (selective precision,
+    # arXiv 2101.03961 sec. 2.4).
+    logits = logits.astype(jnp.float32)
+    # [b, l, v] -> [b, l]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    # [b, l, v] -> [b, l]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "cross_entropy_sum": jnp.sum((lse - target_logit) * weights),
+        "z_loss_sum": jnp.sum(z_loss * jnp.square(lse) * weights),
+        "correct_sum": jnp.sum(correct * weights),
+        "weight_sum": jnp.sum(weights),
+    }
+
+
+def apply_model(
+    module: nn.Module,
+    params: Any,
+    batch: Batch,
+    *,
+    enable_dropout: bool,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """Runs the model; returns (<float32>[b, l, v] logits, MoE losses/metrics).
+
+    Args:
+      module: the EncoderDecoder.
+      params: its params (unboxed).
+      batch: T5X EncDec features.
+      enable_dropout: training mode (dropout, router jitter, train capacity factor).
+      rng: key for the "dropout" and "jitter" streams (training only).
+    """
+    features = {k: batch[k] for k in MODEL_FEATURES if k in batch}
+    rngs = None
+    if enable_dropout:
+        dropout_rng, jitter_rng = jax.random.split(rng)
+        rngs = {"dropout": dropout_rng, "jitter": jitter_rng}
+    logits, variables = module.apply(
+        {"params": params},
+        **features,
+        enable_dropout=enable_dropout,
+        rngs=rngs,
+        mutable=["intermediates"],
+    )
+    moe = moe_lib.collect_moe_intermediates(variables.get("intermediates", {}))
+    moe.pop("layer_names")
+    return logits, moe
+
+
+def moe_layer_names(module: nn.Module, abstract_params: Any, batch: Batch) -> list[str]:
+    """Names of the MoE layers in the order of `expert_usage` rows (traced, never run)."""
+    names: list[str] = []
+
+    def run(params, batch):
+        features = {k: batch[k] for k in MODEL_FEATURES if k in batch}
+        _, variables = module.apply(
+            {"params": params}, **features, enable_dropout=False, mutable=["intermediates"]
+        )
+        names.extend(
+            moe_lib.collect_moe_intermediates(variables.get("intermediates", {}))["layer_names"]
+        )
+        return 0
+
+    jax.eval_shape(run, abstract_params, batch)
+    return names
+
+
+def _objective(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    total_weight: jax.Array,
+    num_microbatches: int,
+    module: nn.Module,
+    loss_config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One microbatch's share of the full-batch loss, and its metric sums."""
+    logits, moe = apply_model(module, params, batch, enable_dropout=True, rng=rng)
+    sums = token_losses(
+        logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
+    )
+    aux = (
+        loss_config.load_balancing_loss_weight * moe["load_balancing_loss"]
+        + loss_config.router_z_loss_weight * moe["router_z_loss"]
+    )
+    loss = (sums["cross_entropy_sum"] + sums["z_loss_sum"]) / total_weight + aux / num_microbatches
+    return loss, {**sums, **{k: v for k, v in moe.items()}}
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[b, ...] -> [n, b / n, ...]; microbatch i takes examples i, i + n, ... so that every
+    microbatch spreads over all the batch shards."""
+
+    def split(x):
+        b = x.shape[0]
+        # [b, ...] -> [b / n, n, ...] -> [n, b / n, ...]
+        return jnp.swapaxes(x.reshape((b // n, n, *x.shape[1:])), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    module: nn.Module,
+    optimizer: optim.Optimizer,
+    loss_config: LossConfig,
+    num_microbatches: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch` (pure; jit it with `make_train_step`).
+
+    Returns:
+      The new state and metrics (<float32>[] scalars; expert_usage <float32>[L, e]).
+    """
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    total_weight = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
+    grad_fn = jax.value_and_grad(_objective, has_aux=True)
+    objective_args = (total_weight, num_microbatches, module, loss_config)
+
+    if num_microbatches == 1:
+        (loss, aux), grads = grad_fn(state.params, batch, step_rng, *objective_args)
+    else:
+        micro = _split_microbatches(batch, num_microbatches)
+
+        def body(carry, xs):
+            grads_acc, loss_acc, aux_acc = carry
+            i, mb = xs
+            (loss_i, aux_i), grads_i = grad_fn(
+                state.params, mb, jax.random.fold_in(step_rng, i), *objective_args
+            )
+            return (
+                jax.tree.map(jnp.add, grads_acc, grads_i),
+                loss_acc + loss_i,
+                jax.tree.map(jnp.add, aux_acc, aux_i),
+            ), None
+
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        first_mb = jax.tree.map(lambda x: x[0], micro)
+        aux_shape = jax.eval_shape(
+            lambda: grad_fn(state.params, first_mb, step_rng, *objective_args)[0][1]
+        )
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        (grads, loss, aux), _ = jax.lax.scan(
+            body,
+            (zero_grads, jnp.zeros((), jnp.float32), zero_aux),
+            (jnp.arange(num_microbatches), micro),
+        )
+        for key in (
+            "load_balancing_loss",
+            "router_z_loss",
+            "fraction_dropped",
+            "router_confidence",
+            "expert_usage",
+            "tokens_per_expert",
+        ):
+            aux[key] = aux[key] / num_microbatches
+
+    new_state = state.apply_gradients(grads, optimizer.tx)
+    params_finite = jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)])
+    )
+    metrics = {
+        "loss": loss,
+        "cross_entropy": aux["cross_entropy_sum"] / total_weight,
+        "z_loss": aux["z_loss_sum"] / total_weight,
+        "accuracy": aux["correct_sum"] / total_weight,
+        "load_balancing_loss": aux["load_balancing_loss"],
+        "router_z_loss": aux["router_z_loss"],
+        "fraction_dropped": aux["fraction_dropped"],
+        "router_confidence": aux["router_confidence"],
+        "expert_usage": aux["expert_usage"],
+        "learning_rate": optimizer.schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "target_tokens": aux["weight_sum"],
+        "params_finite": params_finite,
+    }
+    return new_state, metrics
+
+
+def eval_step(
+    params: Any, batch: Batch, *, module: nn.Module, loss_config: LossConfig
+) -> dict[str, jax.Array]:
+    """Metric sums of one eval batch (no dropout, eval capacity factor); see `EvalAccumulator`."""
+    logits, moe = apply_model(module, params, batch, enable_dropout=False)
+    sums = token_losses(
+        logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
+    )
+    return {
+        **sums,
+        "load_balancing_loss": moe["load_balancing_loss"],
+        "router_z_loss": moe["router_z_loss"],
+        "fraction_dropped": moe["fraction_dropped"],
+        "router_confidence": moe["router_confidence"],
+        "expert_usage": moe["expert_usage"],
+    }
+
+
+class EvalAccumulator:
+    """Adds eval-batch sums on the host; `result()` gives the eval metrics over all batches."""
+
+    def __init__(self, loss_config: LossConfig):
+        self.loss_config = loss_config
+        self.sums: dict[str, Any] = {}
+        self.batches = 0
+
+    def add(self, out: Mapping[str, Any]) -> None:
+        out = jax.device_get(out)
+        for k, v in out.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.batches += 1
+
+    def result(self) -> dict[str, Any]:
+        if not self.batches:
+            raise ValueError("evaluation saw no batches: the validation split is empty")
+        s, n = self.sums, self.batches
+        w = max(float(s["weight_sum"]), 1.0)
+        aux = (
+            self.loss_config.load_balancing_loss_weight * s["load_balancing_loss"] / n
+            + self.loss_config.router_z_loss_weight * s["router_z_loss"] / n
+        )
+        return {
+            "loss": float((s["cross_entropy_sum"] + s["z_loss_sum"]) / w + aux),
+            "cross_entropy": float(s["cross_entropy_sum"] / w),
+            "z_loss": float(s["z_loss_sum"] / w),
+            "accuracy": float(s["correct_sum"] / w),
+            "load_balancing_loss": float(s["load_balancing_loss"] / n),
+            "router_z_loss": float(s["router_z_loss"] / n),
+            "fraction_dropped": float(s["fraction_dropped"] / n),
+            "router_confidence": float(s["router_confidence"] / n),
+            "expert_usage": s["expert_usage"] / n,
+            "target_tokens": float(s["weight_sum"]),
+            "batches": n,
+        }
+
+
+def batch_shardings(batch_spec: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Every [batch, length] feature sharded over ("data", "expert") on its batch axis."""
+    sharding = partitioning.batch_sharding(mesh)
+    return {k: sharding for k in batch_spec}
+
+
+def make_train_step(
+    module: nn.Module,
+    optimizer: optim.Optimizer,
+    loss_config: LossConfig,
+    state_shardings: TrainState,
+    batch_shardings: Mapping[str, Any],
+    mesh: jax.sharding.Mesh,
+    num_microbatches: int = 1,
+):
+    """The jitted train step with explicit in/out shardings (the state is donated)."""
+    fn = functools.partial(
+        train_step,
+        module=module,
+        optimizer=optimizer,
+        loss_config=loss_config,
+        num_microbatches=num_microbatches,
+    )
+    replicated = partitioning.replicated(mesh)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_shardings, dict(batch_shardings)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    def step(state, batch):
+        with jax.set_mesh(mesh), partitioning.axis_rules():
+            return jitted(state, batch)
+
+    step.jitted = jitted
+    return step
+
+
+def make_eval_step(
+    module: nn.Module,
+    loss_config: LossConfig,
+    param_shardings: Any,
+    batch_shardings: Mapping[str, Any],
+    mesh: jax.sharding.Mesh,
+):
+    """The jitted eval step with explicit in/out shardings."""
+    fn = functools.partial(eval_step, module=module, loss_config=loss_config)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(param_shardings, dict(batch_shardings)),
+        out_shardings=partitioning.replicated(mesh),
+    )
+
+    def step(params, batch):
+        with jax.set_mesh(mesh), partitioning.axis_rules():
+            return jitted(params, batch)
+
+    step.jitted = jitted
+    return step
