@@ -298,3 +298,32 @@ def test_bad_arguments(vocabulary, rte_files, kwargs, message):
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         user_tasks.register_files_text_to_text("bad_args", **args)
+
+
+def test_gin_macros_register_the_task(vocabulary, rte_files):
+    """The fine-tuning config a user writes: macros only, no Python."""
+    gin = pytest.importorskip("gin")
+    from switch_t5 import data_gin
+
+    train, dev = rte_files
+    gin.clear_config()
+    try:
+        gin.parse_config(
+            [
+                'MIXTURE_OR_TASK_NAME = "files_text_to_text"',
+                f'TRAIN_FILES = "{train}"',
+                f'VALIDATION_FILES = ["{dev}"]',
+                f'VOCABULARY_PATH = "{vocabulary.sentencepiece_model_file}"',
+                f'INPUT_TEMPLATE = "{RTE_TEMPLATE}"',
+                'TARGET_COLUMN = "label"',
+                'LABEL_NAMES = ["entailment", "not_entailment"]',
+                'METRICS = ["accuracy", "matthews_corrcoef"]',
+            ]
+        )
+        data_gin.register_tasks()
+    finally:
+        gin.clear_config()
+    task = seqio.get_mixture_or_task("files_text_to_text")
+    (inputs, target, _), *_ = _pairs(task, "validation")
+    assert (inputs, target) == ("rte sentence1: Bob runs fast. sentence2: Bob moves.", "entailment")
+    assert [f.__name__ for f in task.predict_metric_fns] == ["accuracy", "matthews_corrcoef"]

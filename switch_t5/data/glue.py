@@ -60,7 +60,9 @@ from typing import Any
 import seqio
 import tensorflow_datasets as tfds
 
-from switch_t5.data import metrics, preprocessors
+from switch_t5.data import hide_gpus_from_tf, metrics, preprocessors
+
+hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
 # The version the installed TFDS builds; 1.0.0, which T5 pinned, differs only in QQP's download
 # URL (TFDS release notes), so results stay comparable.

@@ -22,6 +22,10 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from switch_t5.data import hide_gpus_from_tf
+
+hide_gpus_from_tf()  # tf.data runs on the host CPU only.
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 

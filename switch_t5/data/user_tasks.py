@@ -47,9 +47,11 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
-from switch_t5.data import glue, readers, vocab
+from switch_t5.data import glue, hide_gpus_from_tf, readers, vocab
 from switch_t5.data import metrics as metrics_lib
 from switch_t5.data.readers import DataFileError
+
+hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
 DEFAULT_TASK_NAME = "files_text_to_text"
 _FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
