@@ -477,13 +477,10 @@ def init_variables(
     inputs_length: int = 8,
     targets_length: int = 8,
 ) -> dict[str, Any]:
-    """Initialises the (boxed, logically partitioned) variables concretely."""
+    """Initialises the (boxed, logically partitioned) variables concretely, under `jax.jit`."""
     model = EncoderDecoder(config)
-    return model.init(
-        init_rngs(rng),
-        **dummy_inputs(batch, inputs_length, targets_length),
-        enable_dropout=False,
-    )
+    inputs = dummy_inputs(batch, inputs_length, targets_length)
+    return jax.jit(lambda r: model.init(init_rngs(r), **inputs, enable_dropout=False))(rng)
 
 
 def init_abstract(
@@ -493,11 +490,10 @@ def init_abstract(
 
     `nn.get_partition_spec` of the result gives the logical axis names of every param.
     """
+    model = EncoderDecoder(config)
+    inputs = dummy_inputs(batch, inputs_length, targets_length)
     return jax.eval_shape(
-        lambda rng: init_variables(
-            config, rng, batch=batch, inputs_length=inputs_length, targets_length=targets_length
-        ),
-        jax.random.key(0),
+        lambda r: model.init(init_rngs(r), **inputs, enable_dropout=False), jax.random.key(0)
     )
 
 
