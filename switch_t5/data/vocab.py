@@ -35,7 +35,7 @@ class VocabularyMismatchError(ValueError):
     """A task's vocabulary disagrees with a model or checkpoint."""
 
 
-def get_vocabulary(path: str = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_IDS):
+def get_vocabulary(path: str | os.PathLike = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_IDS):
     """A `seqio.SentencePieceVocabulary` (loaded lazily, so registering a task reads nothing).
 
     Raises:
@@ -43,6 +43,7 @@ def get_vocabulary(path: str = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_
     """
     import seqio
 
+    path = os.fspath(path)
     if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
         raise FileNotFoundError(
             f"SentencePiece model {path!r} does not exist; set VOCABULARY_PATH to a .model file "
@@ -54,14 +55,26 @@ def get_vocabulary(path: str = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_
 
 
 def vocab_fingerprint(vocabulary) -> str:
-    """`"<path>|extra_ids=<n>|sha256=<hex>"` of a SentencePiece vocabulary (reads the model).
+    """`"<path>|extra_ids=<n>|sha256=<hex of the model file>"` of a SentencePiece vocabulary.
 
     Checkpoints record it; `check_fingerprint` compares the parts that matter (the model bytes
     and the extra ids), so a moved model file still matches.
     """
-    model_bytes = vocabulary.sp_model
+    path = vocabulary.sentencepiece_model_file
+    if "://" in path:
+        import tensorflow as tf
+
+        from switch_t5.data import hide_gpus_from_tf
+
+        hide_gpus_from_tf()
+        with tf.io.gfile.GFile(path, "rb") as f:
+            model_bytes = f.read()
+    else:
+        with open(path, "rb") as f:
+            model_bytes = f.read()
+    # The file's bytes (seqio's `sp_model` is the model with the extra ids added).
     digest = hashlib.sha256(model_bytes).hexdigest()
-    return f"{vocabulary.sentencepiece_model_file}|extra_ids={vocabulary.extra_ids}|sha256={digest}"
+    return f"{path}|extra_ids={vocabulary.extra_ids}|sha256={digest}"
 
 
 def _fingerprint_key(fingerprint: str) -> tuple[str, str]:
@@ -142,6 +155,25 @@ def train_sentencepiece(
         raise ValueError("no text to train a SentencePiece model on")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    try:
+        _train(spm, lines, model, pieces, character_coverage, max_sentences, num_threads)
+    except RuntimeError as e:
+        if "Vocabulary size too high" not in str(e):
+            raise
+        raise ValueError(
+            f"the text is too small for {pieces} SentencePiece pieces ({e}); lower vocab_size "
+            "or give more text"
+        ) from e
+    output_path = os.path.abspath(os.path.expanduser(output_path))
+    os.makedirs(os.path.dirname(output_path), exist_ok=True)
+    tmp = f"{output_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, output_path)
+    return output_path
+
+
+def _train(spm, lines, model, pieces, character_coverage, max_sentences, num_threads) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
@@ -160,13 +192,6 @@ def train_sentencepiece(
         hard_vocab_limit=True,
         minloglevel=2,
     )
-    output_path = os.path.abspath(os.path.expanduser(output_path))
-    os.makedirs(os.path.dirname(output_path), exist_ok=True)
-    tmp = f"{output_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, output_path)
-    return output_path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
