@@ -13,12 +13,13 @@ Shape letters: b = batch, k = beams, l = max decode length, v = vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jax import lax
 
 PyTree = Any
@@ -470,3 +471,170 @@ def beam_search(
     )
     final = lax.while_loop(cond, body, init)
     return final.finished_seqs, final.finished_scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Model binding.
+# ----------------------------------------------------------------------------------------------
+
+DecodeMethod = Literal["greedy", "sample", "beam"]
+
+
+class DecodeOutput(NamedTuple):
+    """What `decode_batch` returns.
+
+    Attributes:
+      tokens: <int32>[batch, max_decode_length] the decoded (best beam's) tokens, EOS then PAD.
+      scores: <float32>[batch] greedy and sample: the model's log-probability of `tokens`; beam:
+        the length-penalised score of the best beam.
+      beams: <int32>[batch, num_beams, max_decode_length] every finished beam, best first (beam
+        search only; None otherwise).
+      beam_scores: <float32>[batch, num_beams] their scores (beam search only; None otherwise).
+    """
+
+    tokens: jax.Array
+    scores: jax.Array
+    beams: jax.Array | None = None
+    beam_scores: jax.Array | None = None
+
+
+def _model_cache(
+    model: nn.Module, params: PyTree, encoded: jax.Array, encoder_tokens: jax.Array, length: int
+) -> PyTree:
+    """A zero KV cache for encoded.shape[0] sequences, shaped by tracing the model (no FLOPs)."""
+    rows = encoded.shape[0]
+
+    def cache_of(params, encoded, encoder_tokens):
+        # The first decode=True call on full-length inputs creates the "cache" collection.
+        _, variables = model.apply(
+            {"params": params},
+            encoded,
+            encoder_tokens,
+            jnp.zeros((rows, length), jnp.int32),
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=length,
+            mutable=["cache"],
+            method="decode",
+        )
+        return variables["cache"]
+
+    shapes = jax.eval_shape(cache_of, params, encoded, encoder_tokens)
+    # T5X / flax attention caches start as zeros with cache_index 0.
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def decode_batch(
+    model: nn.Module,
+    params: PyTree,
+    batch: Mapping[str, jax.Array],
+    *,
+    method: DecodeMethod = "greedy",
+    max_decode_length: int,
+    num_beams: int = 4,
+    alpha: float = 0.6,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    rng: jax.Array | None = None,
+    eos_id: int = EOS_ID,
+) -> DecodeOutput:
+    """Decodes a batch with an encoder-decoder on its KV cache (T5X `predict_batch`).
+
+    Runs the encoder once, builds a zero decoder cache for batch (x beams) sequences, repeats
+    the encoder outputs over the beams and decodes one token per step; dropout is off and MoE
+    layers use the eval capacity factor. Jittable with every argument but `params`, `batch` and
+    `rng` static, e.g.
+    `jax.jit(functools.partial(decode_batch, model, method="beam", max_decode_length=32))`.
+    Under a mesh, call it inside `nn.logical_axis_rules(...)` like the model itself.
+
+    Args:
+      model: a `switch_t5.network.EncoderDecoder` (or a module with the same `encode` and
+        `decode(..., decode=True, max_decode_length=...)` methods and "cache" collection).
+      params: the model's params (boxed or not).
+      batch: features; reads `encoder_input_tokens` <int32>[batch, inputs_length] (0 = PAD).
+        Packed inputs are not supported.
+      method: "greedy", "sample" (temperature / top-k / top-p) or "beam".
+      max_decode_length: output length l.
+      num_beams: beams per example (beam only).
+      alpha: length-penalty exponent (beam only; 0 = plain log-probability).
+      temperature: sampling temperature (sample only; 0 = greedy).
+      top_k: sample among the k most likely tokens, 0 = all (sample only).
+      top_p: nucleus sampling mass, 0 = off (sample only).
+      rng: PRNG key (sample only, required there).
+      eos_id: the end-of-sequence token.
+
+    Returns:
+      A `DecodeOutput`.
+    """
+    if method not in ("greedy", "sample", "beam"):
+        raise ValueError(f"method={method!r}: use 'greedy', 'sample' or 'beam'")
+    if method == "sample" and rng is None:
+        raise ValueError("method='sample' needs rng=jax.random.key(seed) (samples must be seeded)")
+    if "encoder_input_tokens" not in batch:
+        raise ValueError(
+            f"batch has features {sorted(batch)}; decoding needs 'encoder_input_tokens'"
+        )
+    params = nn.meta.unbox(params)
+    encoder_tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
+    if encoder_tokens.ndim != 2:
+        raise ValueError(
+            f"encoder_input_tokens must be [batch, inputs_length], got shape {encoder_tokens.shape}"
+        )
+    batch_size = encoder_tokens.shape[0]
+    # [b, inputs_length] -> [b, inputs_length, embed]
+    encoded = model.apply({"params": params}, encoder_tokens, enable_dropout=False, method="encode")
+    beams = num_beams if method == "beam" else 1
+    if beams > 1:
+        # [b, ...] -> [b * k, ...], beam-minor like the beam search's rows.
+        encoded = expand_beams(encoded, beams)
+        encoder_tokens = expand_beams(encoder_tokens, beams)
+    cache = _model_cache(model, params, encoded, encoder_tokens, max_decode_length)
+
+    def tokens_to_logits(state: DecodingState) -> tuple[jax.Array, PyTree]:
+        # [rows] -> [rows, 1] decoder input -> [rows, 1, vocab] logits -> [rows, vocab]
+        logits, variables = model.apply(
+            {"params": params, "cache": state.cache},
+            encoded,
+            encoder_tokens,
+            state.cur_token[:, None],
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_decode_length,
+            mutable=["cache"],
+            method="decode",
+        )
+        return logits[:, 0, :], variables["cache"]
+
+    if method == "greedy":
+        tokens, scores = greedy_decode(
+            tokens_to_logits,
+            cache,
+            batch_size=batch_size,
+            max_decode_length=max_decode_length,
+            eos_id=eos_id,
+        )
+        return DecodeOutput(tokens, scores)
+    if method == "sample":
+        tokens, scores = temperature_sample(
+            tokens_to_logits,
+            cache,
+            rng,
+            batch_size=batch_size,
+            max_decode_length=max_decode_length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+        )
+        return DecodeOutput(tokens, scores)
+    all_beams, beam_scores = beam_search(
+        tokens_to_logits,
+        cache,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_decode_length=max_decode_length,
+        alpha=alpha,
+        eos_id=eos_id,
+    )
+    return DecodeOutput(all_beams[:, 0], beam_scores[:, 0], all_beams, beam_scores)

@@ -2,13 +2,16 @@
 
 import functools
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from switch_t5 import decoding
+from switch_t5 import decoding, network, partitioning
+from switch_t5.config import SwitchConfig
 
 # ----------------------------------------------------------------------------------------------
 # Toy models: logits from a table indexed by the last two tokens (the older one kept in the
@@ -373,3 +376,226 @@ def test_sampling_bad_arguments_are_clear_errors(kwargs, message):
             max_decode_length=2,
             **kwargs,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny real Switch model (float32, capacity that drops nothing).
+# ----------------------------------------------------------------------------------------------
+
+# Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts); one sparse layer in each stack. Capacity
+# factor 4.0 = num_experts gives every expert room for all tokens of a group, so no token is
+# ever dropped and a single decoding step (4 tokens) routes exactly like the full sequence. Untied
+# logits: a random tied model mostly repeats its input token, which would hide cache bugs.
+TINY = SwitchConfig(
+    vocab_size=40,
+    d_model=8,
+    num_heads=2,
+    head_dim=3,
+    d_ff=16,
+    num_encoder_layers=1,
+    num_decoder_layers=2,
+    num_experts=4,
+    encoder_sparse_layers=(0,),
+    decoder_sparse_layers=(1,),
+    logits_via_embedding=False,
+    dropout_rate=0.0,
+    router_jitter_noise=0.0,
+    eval_capacity_factor=4.0,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dtype="float32",
+)
+DECODE_LENGTH = 6
+# Different real lengths, padding included.
+ENCODER_TOKENS = np.array(
+    [
+        [5, 6, 7, 8, 9, 10, 11],
+        [12, 13, 14, 0, 0, 0, 0],
+        [3, 3, 3, 3, 3, 0, 0],
+        [2, 39, 0, 0, 0, 0, 0],
+    ],
+    np.int32,
+)
+
+
+def _random_params(config):
+    """Unit-variance random params (a fresh init is too close to uniform to decode anything).
+
+    Kernels N(0, 1 / fan_in), embeddings N(0, 1), norm scales 1; EOS's output column is a copy of
+    token 10's, scaled by 1.02, so that some sequences end (row 2 of ENCODER_TOKENS).
+    """
+    abstract = network.init_abstract(config, inputs_length=7, targets_length=DECODE_LENGTH)
+
+    def leaf(path, x):
+        name = jax.tree_util.keystr(path)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        if "scale" in name:
+            return np.ones(x.shape, np.float32)
+        std = 1.0 if "embedding" in name else 1.0 / np.sqrt(x.shape[-2])
+        return (rng.normal(size=x.shape) * std).astype(np.float32)
+
+    params = jax.tree_util.tree_map_with_path(leaf, nn.meta.unbox(abstract["params"]))
+    kernel = params["decoder"]["logits_dense"]["kernel"]
+    kernel[:, decoding.EOS_ID] = 1.02 * kernel[:, 10]
+    return params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = network.EncoderDecoder(TINY)
+    params = _random_params(TINY)
+
+    @jax.jit
+    def forward(params, targets):
+        """Logits <float32>[16, l, v] and the MoE token drop fractions of a forward pass; row
+        r of targets <int32>[16, l] belongs to example r // 4 (beam-minor, as beam search)."""
+        encoder_tokens = np.repeat(ENCODER_TOKENS, 4, axis=0)
+        decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+        logits, state = model.apply(
+            {"params": params},
+            encoder_tokens,
+            decoder_inputs,
+            enable_dropout=False,
+            mutable=["intermediates"],
+        )
+        dropped = [
+            v for p, v in jax.tree_util.tree_leaves_with_path(state)
+            if "fraction_dropped" in jax.tree_util.keystr(p)
+        ]  # fmt: skip
+        return logits, dropped
+
+    def teacher_forced(targets):
+        """<float32>[n, l, v] log-probabilities for n = 4 (one row per example) or 16 targets,
+        and whether the MoE layers dropped any token (one compiled shape for both)."""
+        targets = np.asarray(targets)
+        one_per_example = targets.shape[0] == len(ENCODER_TOKENS)
+        if one_per_example:
+            targets = np.repeat(targets, 4, axis=0)
+        logits, dropped = forward(params, targets)
+        log_probs = np.asarray(jax.nn.log_softmax(logits))
+        any_dropped = any(float(np.max(d)) > 0.0 for d in dropped)
+        assert dropped, "the forward pass should report the MoE layers' dropped fraction"
+        return (log_probs[::4] if one_per_example else log_probs), any_dropped
+
+    def decode(method, **kwargs):
+        fn = jax.jit(functools.partial(decoding.decode_batch, model, method=method, **kwargs))
+        return fn(params, {"encoder_input_tokens": ENCODER_TOKENS})
+
+    return model, params, teacher_forced, decode
+
+
+@functools.cache
+def _greedy_output(decode):
+    return decode("greedy", max_decode_length=DECODE_LENGTH)
+
+
+BEAMS, ALPHA = 4, 0.6
+
+
+@functools.cache
+def _beam_output(decode):
+    return decode("beam", max_decode_length=DECODE_LENGTH, num_beams=BEAMS, alpha=ALPHA)
+
+
+def _ends(tokens):
+    """Lengths through the first EOS (the full length when there is none)."""
+    tokens = np.asarray(tokens)
+    has_eos = (tokens == decoding.EOS_ID).any(-1)
+    return np.where(has_eos, np.argmax(tokens == decoding.EOS_ID, -1) + 1, tokens.shape[-1])
+
+
+def test_model_greedy_equals_teacher_forced_argmax(tiny):
+    teacher_forced, decode = tiny[2:]
+    out = _greedy_output(decode)
+    tokens = np.asarray(out.tokens)
+    log_probs, dropped = teacher_forced(tokens)
+    assert not dropped
+    ends = _ends(tokens)
+    assert ends.tolist() == [6, 6, 5, 6], "row 2 should end with EOS (see _random_params)"
+    assert len(np.unique(tokens)) > 4, f"degenerate decode {tokens}"
+    top2 = np.sort(log_probs, -1)[..., -2:]
+    for b, n in enumerate(ends):
+        # The argmax is well separated, so float32 rounding cannot flip it.
+        assert np.min(top2[b, :n, 1] - top2[b, :n, 0]) > 1e-3
+        np.testing.assert_array_equal(tokens[b, :n], np.argmax(log_probs[b, :n], -1))
+        assert np.all(tokens[b, n:] == decoding.PAD_ID)
+        expected = log_probs[b, np.arange(n), tokens[b, :n]].sum()
+        np.testing.assert_allclose(out.scores[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_beams_are_scored_by_the_teacher_forced_model(tiny):
+    """Every beam's score is its teacher-forced log-probability / length penalty: the KV cache
+    followed the beams through every reordering."""
+    teacher_forced, decode = tiny[2:]
+    out = _beam_output(decode)
+    beams = np.asarray(out.beams)
+    assert beams.shape == (len(ENCODER_TOKENS), BEAMS, DECODE_LENGTH)
+    np.testing.assert_array_equal(out.tokens, beams[:, 0])
+    np.testing.assert_array_equal(out.scores, np.asarray(out.beam_scores)[:, 0])
+    flat = beams.reshape(-1, DECODE_LENGTH)
+    log_probs, dropped = teacher_forced(flat)
+    assert not dropped
+    ends = _ends(flat)
+    assert len(set(ends.tolist())) > 1, "beams should end at different lengths"
+    expected = np.array(
+        [
+            log_probs[r, np.arange(n), flat[r, :n]].sum() / _brevity(ALPHA, n)
+            for r, n in enumerate(ends)
+        ]
+    ).reshape(-1, BEAMS)
+    np.testing.assert_allclose(out.beam_scores, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(np.asarray(out.beam_scores), axis=1) <= 0)
+    # The best beam is at least as good as greedy under the same score.
+    greedy = _greedy_output(decode)
+    greedy_scores = np.asarray(greedy.scores) / _brevity(ALPHA, _ends(greedy.tokens))
+    assert np.all(np.asarray(out.scores) >= greedy_scores - 1e-6)
+
+
+def test_model_top_k_samples_are_seeded_and_among_the_k_best(tiny):
+    teacher_forced, decode = tiny[2:]
+    kwargs = dict(max_decode_length=DECODE_LENGTH, temperature=1.0, top_k=3)
+    a = decode("sample", rng=jax.random.PRNGKey(0), **kwargs)
+    b = decode("sample", rng=jax.random.PRNGKey(0), **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    tokens = np.asarray(a.tokens)
+    assert not np.array_equal(tokens, np.asarray(_greedy_output(decode).tokens))
+    log_probs, _ = teacher_forced(tokens)
+    top3 = np.argsort(log_probs, -1)[..., -3:]
+    for row, n in enumerate(_ends(tokens)):
+        assert all(tokens[row, t] in top3[row, t] for t in range(n))
+        expected = log_probs[row, np.arange(n), tokens[row, :n]].sum()
+        np.testing.assert_allclose(a.scores[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_batch_bad_arguments_are_clear_errors(tiny):
+    model, params = tiny[:2]
+    batch = {"encoder_input_tokens": ENCODER_TOKENS}
+    with pytest.raises(ValueError, match="method='topk': use 'greedy', 'sample' or 'beam'"):
+        decoding.decode_batch(model, params, batch, method="topk", max_decode_length=3)
+    with pytest.raises(ValueError, match="method='sample' needs rng"):
+        decoding.decode_batch(model, params, batch, method="sample", max_decode_length=3)
+    with pytest.raises(ValueError, match="needs 'encoder_input_tokens'"):
+        decoding.decode_batch(model, params, {"inputs": ENCODER_TOKENS}, max_decode_length=3)
+
+
+def test_model_decoding_on_the_mesh_matches_one_device(tiny, mesh_222):
+    """Sharded params and activations on the (2, 2, 2) mesh decode the same tokens."""
+    model, params, _, decode = tiny
+    abstract = network.init_abstract(TINY, inputs_length=7, targets_length=DECODE_LENGTH)
+    sharded = jax.device_put(params, partitioning.params_shardings(abstract, mesh_222)["params"])
+    tokens = jax.device_put(ENCODER_TOKENS, partitioning.batch_sharding(mesh_222))
+    with jax.set_mesh(mesh_222), partitioning.axis_rules():
+        for method, ref in (("greedy", _greedy_output(decode)), ("beam", _beam_output(decode))):
+            out = jax.jit(
+                functools.partial(
+                    decoding.decode_batch,
+                    model,
+                    method=method,
+                    max_decode_length=DECODE_LENGTH,
+                    num_beams=BEAMS,
+                    alpha=ALPHA,
+                )
+            )(sharded, {"encoder_input_tokens": tokens})
+            np.testing.assert_array_equal(out.tokens, ref.tokens)
+            np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-5, atol=1e-6)
