@@ -1,0 +1,107 @@
+"""Every shipped model config parses and initialises abstractly; parameter counts."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from switch_t5 import gin_utils, network, plan
+
+MODELS_DIR = os.path.join(gin_utils.CONFIGS_DIR, "models")
+MODEL_CONFIGS = sorted(
+    os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(MODELS_DIR, "*.gin"))
+)
+
+# Exact counts (vocab 32128): T5-Base, and Switch-Base-8 = T5-Base + 12 sparse layers of
+# 7 extra experts (2 * 768 * 3072 each) and a 768 x 8 router.
+EXACT = {
+    "t5_base": (222_903_552, 222_903_552),
+    "switch_base_8": (619_339_008, 222_977_280),
+}
+# Published sizes (arXiv 2101.03961 Tables 1 and 9; HF model cards), within 0.5%.
+PUBLISHED = {
+    "switch_base_128": 7.415e9,
+    "switch_large_128": 26.31e9,
+    "switch_xxl_128": 394.7e9,
+    "switch_c_2048": 1571.3e9,
+}
+
+
+def _config(name: str, bindings: tuple[str, ...] = ()):
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin([f"configs/models/{name}.gin"], bindings)
+        return gin_utils.make_model_config()
+    finally:
+        gin.clear_config()
+
+
+def test_all_expected_configs_ship():
+    expected = {f"switch_base_{e}" for e in (8, 16, 32, 64, 128, 256)}
+    expected |= {"switch_large_128", "switch_xxl_128", "switch_c_2048", "t5_base", "tiny"}
+    assert set(MODEL_CONFIGS) == expected
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_config_parses_and_initialises_abstractly(name):
+    config = _config(name)
+    model_plan = plan.plan_model(config)
+    assert model_plan.total_params >= model_plan.active_params_per_token > 0
+    assert config.vocab_size == 32128
+    if name in EXACT:
+        assert (model_plan.total_params, model_plan.active_params_per_token) == EXACT[name]
+    if name in PUBLISHED:
+        assert abs(model_plan.total_params / PUBLISHED[name] - 1) < 0.005, model_plan
+    if name.startswith("switch_base_"):
+        experts = int(name.rsplit("_", 1)[1])
+        assert config.num_experts == experts
+        # T5-Base plus, in 12 sparse layers, E - 1 extra experts and a [768, E] router.
+        extra = 12 * ((experts - 1) * 2 * 768 * 3072 + 768 * experts)
+        assert model_plan.total_params == EXACT["t5_base"][0] + extra
+        assert model_plan.active_params_per_token == EXACT["t5_base"][0] + 12 * 768 * experts
+
+
+def test_num_experts_macro_sweeps():
+    config = _config("switch_base_8", ("NUM_EXPERTS = 64",))
+    assert config.num_experts == 64
+    params = network.init_abstract(config)["params"]
+    kernel = params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"].value
+    assert kernel.shape == (64, 768, 3072)
+
+
+def test_plan_main_prints_counts(capsys):
+    gin.clear_config()
+    try:
+        plan.main(["--gin_file=configs/models/t5_base.gin"])
+    finally:
+        gin.clear_config()
+    out = capsys.readouterr().out.splitlines()
+    assert "total_params: 222903552" in out
+    assert "active_params_per_token: 222903552" in out
+
+
+def test_plan_main_requires_a_gin_file():
+    with pytest.raises(SystemExit, match="--gin_file"):
+        plan.main([])
+
+
+def test_plan_runs_as_a_module_without_tensorflow():
+    code = (
+        "import sys; from switch_t5 import plan; "
+        "plan.main(['--gin_file=configs/models/switch_base_8.gin', '--gin.NUM_EXPERTS=16']); "
+        "assert 'tensorflow' not in sys.modules, 'plan imported TensorFlow'"
+    )
+    env = {**os.environ, "PYTHONPATH": gin_utils.REPO_ROOT, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=gin_utils.REPO_ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "total_params: 1072397568" in result.stdout.splitlines()
