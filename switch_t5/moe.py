@@ -436,12 +436,18 @@ class MoeLayer(nn.Module):
         self._sow_stats(r)
         if impl == "einsum":
             expert_in, combine = dispatch_einsum(xg, r)
+            combine = _constrain(combine, (group_axis, "capacity", None, None))
         else:
             expert_in = dispatch_scatter(xg, r)
-        # The all-to-all: groups over (data, expert) -> experts over expert, groups over data.
+        # Dispatch stays local to each group shard; then the all-to-all: groups over
+        # (data, expert) -> experts over expert, groups over data (arXiv 2101.03961 Figure 9).
+        # Without the first constraint XLA may instead gather tokens into the expert layout.
+        expert_in = _constrain(expert_in, (None, group_axis, "capacity", "embed"))
         expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
         expert_out = experts(expert_in, enable_dropout=enable_dropout, group_axis=expert_group_axis)
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
+        # And back: the second all-to-all returns each expert output to its group's shard.
+        expert_out = _constrain(expert_out, (None, group_axis, "capacity", "embed"))
         if impl == "einsum":
             out = combine_einsum(expert_out, combine)
         else:

@@ -165,6 +165,33 @@ def positions_by_sort(
     return jnp.where(valid[..., None], pos, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
 
 
+def top_k(router_probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest probabilities of each token and their experts, best first.
+
+    k rounds of argmax instead of `jax.lax.top_k`: the SPMD partitioner gathers the whole
+    [groups, tokens, experts] array for a TopK op, while argmax stays local to each group shard.
+    Ties go to the lower expert index, as `lax.top_k`.
+
+    Args:
+      router_probs: <float32>[groups, tokens, experts].
+      k: experts per token.
+
+    Returns:
+      gate: <float32>[groups, tokens, k]; expert_index: <int32>[groups, tokens, k].
+    """
+    num_experts = router_probs.shape[-1]
+    gates, indices = [], []
+    remaining = router_probs
+    for _ in range(k):
+        # [g, t, e] -> [g, t]
+        idx = jnp.argmax(remaining, axis=-1).astype(jnp.int32)
+        chosen = jax.nn.one_hot(idx, num_experts, dtype=jnp.bool_)
+        gates.append(jnp.sum(jnp.where(chosen, router_probs, 0.0), axis=-1))
+        indices.append(idx)
+        remaining = jnp.where(chosen, -jnp.inf, remaining)
+    return jnp.stack(gates, axis=-1), jnp.stack(indices, axis=-1)
+
+
 def route(
     router_logits: jax.Array,
     valid: jax.Array,
@@ -192,9 +219,7 @@ def route(
     router_logits = router_logits.astype(jnp.float32)
     num_experts = router_logits.shape[-1]
     router_probs = jax.nn.softmax(router_logits, axis=-1)
-    # [g, t, e] -> [g, t, k]
-    gate, expert_index = jax.lax.top_k(router_probs, num_selected_experts)
-    expert_index = expert_index.astype(jnp.int32)
+    gate, expert_index = top_k(router_probs, num_selected_experts)
     order = _priority_order(router_probs, batch_prioritized)
     positions = positions_by_cumsum if slot_impl == "cumsum" else positions_by_sort
     position = positions(expert_index, valid, num_experts, order)

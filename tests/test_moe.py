@@ -1,0 +1,420 @@
+"""The MoE layer: dispatch implementations, dense equivalence, jitter, sharding, intermediates.
+
+Tiny odd sizes (embed 8, mlp 16, 4 experts, groups of 6 tokens), float32 unless stated.
+"""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from switch_t5 import layers, moe, partitioning
+from switch_t5.config import SwitchConfig
+
+IMPLS = ("einsum", "scatter", "dropless")
+
+BASE = SwitchConfig(
+    vocab_size=128,
+    d_model=8,
+    num_heads=2,
+    head_dim=3,
+    d_ff=16,
+    num_experts=4,
+    dtype="float32",
+    group_size=6,
+    train_capacity_factor=1.0,
+    eval_capacity_factor=1.0,
+    min_expert_capacity=1,
+    router_jitter_noise=0.0,
+    dropout_rate=0.0,
+)
+
+
+def cfg(**kw) -> SwitchConfig:
+    return dataclasses.replace(BASE, **kw)
+
+
+def _x(shape=(2, 6, 8), seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def _skewed(variables, scale=40.0):
+    """Scales the router kernel up so that routing is confident, skewed and drops tokens."""
+    v = jax.tree.map(lambda a: a, nn.unbox(variables))
+    v["params"]["router"]["w"]["kernel"] = v["params"]["router"]["w"]["kernel"] * scale
+    return v
+
+
+@jax.jit
+def _collect(tree):
+    stats = moe.collect_moe_intermediates(tree)
+    stats.pop("layer_names")  # strings stay outside jit
+    return stats
+
+
+def _apply(config, variables, x, mask=None, *, train=False, rngs=None, intercept=None):
+    layer = moe.MoeLayer(config)
+
+    @jax.jit
+    def f(v, x, mask, rngs):
+        out, state = layer.apply(
+            v, x, mask, enable_dropout=train, rngs=rngs, mutable=["intermediates"]
+        )
+        stats = moe.collect_moe_intermediates(state["intermediates"])
+        stats.pop("layer_names")
+        return out, stats
+
+    return f(variables, x, mask, rngs or {})
+
+
+def _init(module, x, seed=0):
+    return jax.jit(module.init)(jax.random.key(seed), x)
+
+
+@pytest.fixture(scope="module")
+def variables():
+    return nn.unbox(_init(moe.MoeLayer(BASE), _x(), seed=1))
+
+
+def test_param_names_shapes_and_init():
+    boxed = _init(moe.MoeLayer(cfg(num_experts=4)), _x())["params"]
+    specs = nn.get_partition_spec(boxed)
+    assert boxed["router"]["w"]["kernel"].value.shape == (8, 4)
+    assert specs["router"]["w"]["kernel"] == P("embed", "unmodeled")
+    assert boxed["expert"]["wi"]["kernel"].value.shape == (4, 8, 16)
+    assert specs["expert"]["wi"]["kernel"] == P("expert", "embed", "mlp")
+    assert boxed["expert"]["wo"]["kernel"].value.shape == (4, 16, 8)
+    assert specs["expert"]["wo"]["kernel"] == P("expert", "mlp", "embed")
+    for leaf in jax.tree.leaves(nn.unbox(boxed)):
+        assert leaf.dtype == jnp.float32
+    gated = _init(moe.MoeLayer(cfg(mlp_activations=("gelu", "linear"))), _x())
+    assert set(gated["params"]["expert"]) == {"wi_0", "wi_1", "wo"}
+    # Router init normal(0, 2e-2); expert init fan-in (embed = 8) truncated normal * 0.1.
+    big = cfg(d_model=64, d_ff=96, num_experts=8)
+    p = nn.unbox(_init(moe.MoeLayer(big), jnp.zeros((1, 6, 64))))["params"]
+    np.testing.assert_allclose(np.std(p["router"]["w"]["kernel"]), 2e-2, rtol=0.1)
+    np.testing.assert_allclose(np.std(p["expert"]["wi"]["kernel"]), (0.1 / 64) ** 0.5, rtol=0.1)
+    np.testing.assert_allclose(np.std(p["expert"]["wo"]["kernel"]), (0.1 / 96) ** 0.5, rtol=0.1)
+
+
+@pytest.mark.parametrize("acts", [("relu",), ("gelu", "linear")])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_expert_equals_dense_mlp(acts, impl):
+    c = cfg(num_experts=1, mlp_activations=acts, dispatch=impl)
+    x = _x()
+    v = nn.unbox(_init(moe.MoeLayer(c), x, seed=2))
+    out, stats = _apply(c, v, x)
+    dense_params = {
+        name: {"kernel": v["params"]["expert"][name]["kernel"][0]} for name in v["params"]["expert"]
+    }
+    dense = jax.jit(layers.MlpBlock(c).apply)({"params": dense_params}, x)
+    # One expert: the router probability is exactly 1 and capacity (6 = group) drops nothing.
+    np.testing.assert_allclose(out, dense, rtol=1e-5, atol=1e-6)
+    assert float(stats["fraction_dropped"]) == 0.0
+
+
+def test_einsum_and_scatter_identical_under_heavy_dropping(variables):
+    x = _x((4, 6, 8), seed=3)
+    mask = jnp.ones((4, 6), bool).at[1, 4:].set(False).at[3, :2].set(False)
+    v = _skewed(variables)
+    for extra in (
+        {},
+        {"router_type": "topk", "num_selected_experts": 2},
+        {"batch_prioritized_routing": True},
+        {"router_type": "topk", "num_selected_experts": 2, "batch_prioritized_routing": True},
+    ):
+        outs = {
+            impl: _apply(cfg(dispatch=impl, eval_capacity_factor=0.7, **extra), v, x, mask)
+            for impl in ("einsum", "scatter")
+        }
+        (oe, se), (os_, ss) = outs["einsum"], outs["scatter"]
+        assert float(se["fraction_dropped"]) > 0.2, "the case must drop many tokens"
+        np.testing.assert_allclose(oe, os_, rtol=1e-6, atol=1e-6)
+        # Same drop set: the same tokens get an all-zero output, same per-expert counts.
+        np.testing.assert_array_equal(
+            np.all(np.asarray(oe) == 0, -1), np.all(np.asarray(os_) == 0, -1)
+        )
+        for key in se:
+            np.testing.assert_array_equal(se[key], ss[key])
+        # Padding gets zeros.
+        assert np.all(np.asarray(oe)[~np.asarray(mask)] == 0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_all_dispatch_impls_agree_without_drops(variables, k):
+    x = _x((2, 6, 8), seed=4)
+    mask = jnp.ones((2, 6), bool).at[0, 5].set(False)
+    kw = {"router_type": "topk", "num_selected_experts": k} if k > 1 else {}
+    # Capacity factor 4 = number of experts: every expert can take the whole group.
+    results = [
+        _apply(cfg(dispatch=impl, eval_capacity_factor=4.0, **kw), variables, x, mask)
+        for impl in IMPLS
+    ]
+    for out, stats in results[1:]:
+        np.testing.assert_allclose(out, results[0][0], rtol=1e-5, atol=1e-6)
+        for key in stats:
+            np.testing.assert_allclose(stats[key], results[0][1][key], rtol=1e-6, atol=1e-7)
+    assert float(results[0][1]["fraction_dropped"]) == 0.0
+
+
+def test_padding_takes_no_capacity(variables):
+    v = _skewed(variables)
+    x = _x((2, 6, 8), seed=5)
+    mask = jnp.ones((2, 6), bool).at[0, :3].set(False)
+    noisy = x.at[0, :3].set(100.0 * _x((3, 8), seed=6))
+    for impl in ("einsum", "scatter"):
+        c = cfg(dispatch=impl, eval_capacity_factor=0.7)
+        (o1, s1), (o2, s2) = _apply(c, v, x, mask), _apply(c, v, noisy, mask)
+        np.testing.assert_array_equal(o1, o2)
+        for key in s1:
+            np.testing.assert_array_equal(s1[key], s2[key])
+        # 9 real tokens; the processed counts can only come from them.
+        assert float(jnp.sum(s1["tokens_per_expert"])) <= 9
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_decode_sized_input(variables, impl):
+    # One autoregressive step: [batch, 1, d]; 3 tokens -> one group of 3, capacity floor applies.
+    x = _x((3, 1, 8), seed=7)
+    c = cfg(dispatch=impl, min_expert_capacity=4)
+    out, stats = _apply(c, variables, x)
+    ref, _ = _apply(cfg(dispatch="dropless"), variables, x)
+    assert out.shape == (3, 1, 8)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert float(stats["fraction_dropped"]) == 0.0
+
+
+def test_jitter_only_touches_the_router(variables):
+    c = cfg(router_jitter_noise=1e-2, eval_capacity_factor=1.0, train_capacity_factor=1.0)
+    v = _skewed(variables, scale=100.0)
+    x = _x((2, 6, 8), seed=8)
+    layer = moe.MoeLayer(c)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, moe.Experts) and context.method_name == "__call__":
+            seen.append(args[0])
+        if isinstance(context.module, moe.routing_lib.Router):
+            seen.append(next_fun(*args, **kwargs))
+            return seen[-1]
+        return next_fun(*args, **kwargs)
+
+    def run(train, seed):
+        seen.clear()
+        with nn.intercept_methods(record):
+            out = layer.apply(
+                v,
+                x,
+                enable_dropout=train,
+                rngs={"jitter": jax.random.key(seed), "dropout": jax.random.key(seed)},
+            )
+        logits, expert_in = seen
+        return out, logits, expert_in
+
+    out_a, logits_a, in_a = run(True, 0)
+    out_b, logits_b, in_b = run(True, 1)
+    out_e, logits_e, in_e = run(False, 0)
+    # Training: the router logits depend on the jitter rng ...
+    assert not np.array_equal(logits_a, logits_b)
+    assert not np.array_equal(logits_a, logits_e)
+    # ... routing is the same here (confident router), and the experts saw the clean tokens,
+    # bitwise: the jitter multiplies only the router's copy of the input.
+    np.testing.assert_array_equal(jnp.argmax(logits_a, -1), jnp.argmax(logits_e, -1))
+    np.testing.assert_array_equal(in_a, in_e)
+    np.testing.assert_array_equal(in_b, in_e)
+    assert not np.array_equal(out_a, out_b)  # gates = jittered probabilities
+    # Eval: identical across rngs.
+    out_e2, _, _ = run(False, 1)
+    np.testing.assert_array_equal(out_e, out_e2)
+
+
+def test_expert_dropout_uses_dropout_rng(variables):
+    x = _x((2, 6, 8), seed=9)
+    c = cfg(expert_dropout_rate=0.5, eval_capacity_factor=4.0, train_capacity_factor=4.0)
+    o1, _ = _apply(c, variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    o2, _ = _apply(c, variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    oe, _ = _apply(c, variables, x)
+    assert not np.allclose(o1, o2) and not np.allclose(o1, oe)
+    c0 = cfg(expert_dropout_rate=0.0, eval_capacity_factor=4.0, train_capacity_factor=4.0)
+    o0, _ = _apply(c0, variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(o0, oe, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_router_gradient_matches_finite_differences(variables, aux):
+    c = cfg(
+        dispatch="scatter", eval_capacity_factor=1.0, router_type="topk", num_selected_experts=2
+    )
+    v = _skewed(variables, scale=10.0)
+    x = _x((2, 6, 8), seed=10)
+    cot = _x((2, 6, 8), seed=11)
+    layer = moe.MoeLayer(c)
+
+    @jax.jit
+    def loss(w):
+        params = {**v["params"], "router": {"w": {"kernel": w}}}
+        out, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+        total = jnp.sum(out * cot)
+        if aux:
+            s = moe.collect_moe_intermediates(state["intermediates"])
+            total = total + 10.0 * s["load_balancing_loss"] + 0.1 * s["router_z_loss"]
+        return total
+
+    @jax.jit
+    def route_of(w):
+        logits = jnp.einsum("btd,de->bte", x, w)
+        return jnp.argsort(-logits, axis=-1)[..., :2]
+
+    w = v["params"]["router"]["w"]["kernel"]
+    grad = jax.grad(loss)(w)
+    # Central differences in float32 along random directions: with eps = 1e-3 the rounding
+    # error (~1e-7 * |loss| / eps, |loss| ~ 10) is up to ~1e-3 of the derivative, so the
+    # comparison uses rtol 2e-3 instead of the float32 default.
+    eps = 1e-3
+    for seed in range(3):
+        d = jax.random.normal(jax.random.key(100 + seed), w.shape)
+        # The routing (choices and drops) must be the same at both points, or the loss jumps.
+        for sign in (-1.0, 1.0):
+            assert np.array_equal(route_of(w + sign * eps * d), route_of(w)), "routing flipped"
+        fd = (loss(w + eps * d) - loss(w - eps * d)) / (2 * eps)
+        np.testing.assert_allclose(fd, jnp.sum(grad * d), rtol=2e-3, atol=1e-5)
+
+
+def _shardings(mesh, layer, x):
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        abstract = jax.eval_shape(layer.init, jax.random.key(0), x)
+    p_shard = partitioning.params_shardings(abstract, mesh)
+    return p_shard, NamedSharding(mesh, P(("data", "expert"), None, None))
+
+
+def _sharded_apply(mesh, config, variables, x):
+    layer = moe.MoeLayer(config)
+    p_shard, x_shard = _shardings(mesh, layer, x)
+
+    def f(v, x):
+        out, state = layer.apply(v, x, mutable=["intermediates"])
+        stats = moe.collect_moe_intermediates(state["intermediates"])
+        stats.pop("layer_names")
+        return out, stats
+
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        jf = jax.jit(f, in_shardings=(p_shard, x_shard), out_shardings=(x_shard, None))
+        v = jax.device_put(variables, p_shard)
+        return jf(v, jax.device_put(x, x_shard)), jf.lower(v, x).compile().as_text()
+
+
+_SHARDED: dict = {}
+
+
+def _sharded_case(mesh, variables, impl):
+    """8 x 6 tokens in groups of 6: 8 groups, 2 per batch shard of the (2, 2, 2) mesh; drops."""
+    if impl not in _SHARDED:
+        x = _x((8, 6, 8), seed=12)
+        c = cfg(dispatch=impl, eval_capacity_factor=0.7)
+        v = _skewed(variables)
+        _SHARDED[impl] = (c, v, x, *_sharded_apply(mesh, c, v, x))
+    return _SHARDED[impl]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_routing_is_mesh_independent(mesh_222, variables, impl):
+    c, v, x, (out, stats), _ = _sharded_case(mesh_222, variables, impl)
+    ref_out, ref_stats = _apply(c, v, x)
+    if impl != "dropless":
+        assert float(ref_stats["fraction_dropped"]) > 0.1
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    for key in stats:
+        np.testing.assert_allclose(stats[key], ref_stats[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "scatter"])
+def test_hlo_all_to_all_and_no_expert_kernel_gather(mesh_222, variables, impl):
+    hlo = _sharded_case(mesh_222, variables, impl)[-1]
+    assert "all-to-all" in hlo
+    # No all-gather may rebuild an expert kernel: every device keeps its [E/2, 8, 16/2] slice.
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^\n]*? all-gather\(", hlo)
+    for shape in gathered:
+        dims = tuple(int(s) for s in shape.split(",") if s)
+        assert not (len(dims) == 3 and dims[0] in (2, 4) and {8, 16} & set(dims[1:])), (
+            f"expert kernel all-gathered: {dims}"
+        )
+    # The expert kernels enter the program as their local slice.
+    assert "f32[2,8,8]" in hlo
+
+
+def test_groups_that_do_not_fit_the_mesh_fail_clearly(mesh_222, variables):
+    # 2 x 6 tokens in groups of 6 = 2 groups over 4 batch shards.
+    x = _x((2, 6, 8))
+    layer = moe.MoeLayer(cfg())
+    with (
+        jax.set_mesh(mesh_222),
+        partitioning.axis_rules(),
+        pytest.raises(ValueError, match=r"2 groups.*4 shards.*group_size=3"),
+    ):
+        jax.eval_shape(lambda v, x: layer.apply(v, x), variables, x)
+
+
+def test_bad_inputs(variables):
+    layer = moe.MoeLayer(cfg())
+    with pytest.raises(ValueError, match="padding_mask has shape"):
+        layer.apply(variables, _x(), jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="d_model=8"):
+        layer.apply(variables, jnp.ones((2, 6, 7)))
+    assert moe.group_layout(48, 6) == (8, 6)
+    assert moe.group_layout(3, 8192) == (1, 3)
+    assert moe.group_layout(2 * 509, 512) == (2, 509)  # largest divisor <= group_size
+
+
+class _Stack(nn.Module):
+    config: SwitchConfig
+    layer_ids: tuple[int, ...]
+    is_encoder: bool
+
+    @nn.compact
+    def __call__(self, y):
+        for i in self.layer_ids:
+            y = y + moe.MoeLayer(self.config, self.is_encoder, name=f"layers_{i}")(y)
+        return y
+
+
+class _TwoStacks(nn.Module):
+    """Encoder with MoE layers 2 and 10 (natural order matters), decoder with MoE layer 0."""
+
+    config: SwitchConfig
+
+    @nn.compact
+    def __call__(self, x):
+        y = _Stack(self.config, (2, 10), True, name="encoder")(x)
+        return _Stack(self.config, (0,), False, name="decoder")(y)
+
+
+def test_collect_moe_intermediates():
+    c = cfg(eval_capacity_factor=0.7)
+    model = _TwoStacks(c)
+    x = _x((2, 6, 8), seed=14)
+    v = _init(model, x, seed=3)
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(v, x)
+    inter = state["intermediates"]
+    names = moe.collect_moe_intermediates(inter)["layer_names"]
+    assert names == ["encoder/layers_2", "encoder/layers_10", "decoder/layers_0"]
+    got = _collect(inter)
+    layers_in_order = [
+        inter["encoder"]["layers_2"],
+        inter["encoder"]["layers_10"],
+        inter["decoder"]["layers_0"],
+    ]
+    for key in ("load_balancing_loss", "router_z_loss", "fraction_dropped", "router_confidence"):
+        expect = np.mean([float(lay[key][0]) for lay in layers_in_order])
+        np.testing.assert_allclose(got[key], expect, rtol=1e-6)
+    usage = np.stack([lay["expert_usage"][0] for lay in layers_in_order])
+    np.testing.assert_array_equal(got["expert_usage"], usage)
+    assert got["expert_usage"].shape == (3, 4)
+    np.testing.assert_allclose(got["expert_usage"].sum(-1), 1.0, rtol=1e-6)
+    empty = moe.collect_moe_intermediates({})
+    assert empty["layer_names"] == [] and float(empty["load_balancing_loss"]) == 0.0
