@@ -1,0 +1,491 @@
+"""Hugging Face SwitchTransformers <-> this project: config, parameter names, import and export.
+
+HF's conventions and how they map (transformers' `modeling_switch_transformers.py`):
+
+- Sparse layers: block i of a stack is sparse when `i % sparse_step == 1` (every block when the
+  step is 1), with `sparse_step = num_layers // num_sparse_layers` per stack; the import reads
+  which blocks hold a router from the weights and checks that against the config.
+- torch `nn.Linear` weights are [out, in]; our kernels are [in, out] (transposed on the way).
+- Experts are separate tensors `mlp.experts.expert_{e}.{wi,wo}.weight`; ours are stacked
+  `mlp/expert/{wi,wo}/kernel` [experts, ...]; the router `mlp.router.classifier.weight`
+  [experts, embed] is our `mlp/router/w/kernel` [embed, experts].
+- The relative attention bias lives only in block 0 (`relative_attention_bias.weight`
+  [buckets, heads]); ours is `relpos_bias/rel_embedding` [heads, buckets] once per stack.
+- Tied embeddings (`tie_word_embeddings`): `shared.weight` [vocab, embed] is our
+  `token_embedder/embedding`, padded with zero rows to a multiple of 128; both models scale the
+  decoder output by d_model**-0.5 before the tied projection. Untied: `lm_head.weight` is our
+  `decoder/logits_dense/kernel` (no rescale in either).
+
+Routing differs on purpose: HF gives every sequence a fixed `expert_capacity`; we follow the
+original model (capacity factor over routing groups, `SwitchConfig.eval_capacity_factor`).
+With enough capacity that nothing is dropped, both compute the same function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from switch_t5.config import SwitchConfig, pad_vocab_size, sparse_layers_hf
+from switch_t5.interop import streaming
+
+_ACT_TO_OURS = {
+    "relu": ("relu",),
+    # Our GELU is the tanh approximation (T5.1.1 / Mesh-TF); HF names it gelu_new.
+    "gelu_new": ("gelu",),
+    "gelu_pytorch_tanh": ("gelu",),
+}
+
+
+class UnsupportedFeatureError(ValueError):
+    """A model feature the target format cannot represent (the message names it)."""
+
+
+def hf_sparse_step(num_layers: int, num_sparse_layers: int) -> int:
+    """HF's `sparse_step` of a stack (`SwitchTransformersConfig.__post_init__`)."""
+    return num_layers // num_sparse_layers if num_sparse_layers > 0 else num_layers
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no config.json in {path}; pass a Hugging Face model directory")
+    with open(file) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") != "switch_transformers":
+        raise ValueError(
+            f"{file} has model_type={cfg.get('model_type')!r}; expected 'switch_transformers' "
+            "(for a dense T5 checkpoint, convert it and use `upcycle`)"
+        )
+    return cfg
+
+
+def _sparse_blocks(names: list[str], stack: str) -> tuple[int, ...]:
+    out = set()
+    for n in names:
+        parts = n.split(".")
+        if parts[0] == stack and "router" in parts and parts[-2] == "classifier":
+            out.add(int(parts[2]))
+    return tuple(sorted(out))
+
+
+def config_from_hf(
+    hf: dict[str, Any], weight_names: list[str], dtype: str = "bfloat16", **overrides: Any
+) -> SwitchConfig:
+    """Our SwitchConfig for an HF SwitchTransformers config.json (and its weight names).
+
+    Raises:
+      UnsupportedFeatureError: router bias, an activation we do not implement, or weights whose
+        sparse blocks disagree with HF's own `i % sparse_step == 1` rule.
+    """
+    if hf.get("router_bias"):
+        raise UnsupportedFeatureError(
+            "router_bias=True: the Switch router has no bias (arXiv 2101.03961); this model "
+            "cannot be imported"
+        )
+    act = hf.get("dense_act_fn", "relu")
+    if act not in _ACT_TO_OURS:
+        raise UnsupportedFeatureError(
+            f"dense_act_fn={act!r} is not supported; use one of {sorted(_ACT_TO_OURS)}"
+        )
+    n_enc = int(hf["num_layers"])
+    n_dec = int(hf.get("num_decoder_layers") or n_enc)
+    sparse = {}
+    for stack, n, key in (
+        ("encoder", n_enc, "num_sparse_encoder_layers"),
+        ("decoder", n_dec, "num_sparse_decoder_layers"),
+    ):
+        step = hf_sparse_step(n, int(hf.get(key, 0)))
+        rule = sparse_layers_hf(n, step)
+        found = _sparse_blocks(weight_names, stack)
+        if found != rule:
+            raise ValueError(
+                f"{stack}: the weights have routers in blocks {found} but config.json "
+                f"({key}={hf.get(key)}, sparse_step={step}) puts sparse layers at {rule}; the "
+                "config and the weights do not belong together"
+            )
+        sparse[stack] = found
+    fields: dict[str, Any] = dict(
+        vocab_size=pad_vocab_size(int(hf["vocab_size"])),
+        d_model=int(hf["d_model"]),
+        num_heads=int(hf["num_heads"]),
+        head_dim=int(hf["d_kv"]),
+        d_ff=int(hf["d_ff"]),
+        num_encoder_layers=n_enc,
+        num_decoder_layers=n_dec,
+        mlp_activations=_ACT_TO_OURS[act],
+        dropout_rate=float(hf.get("dropout_rate", 0.1)),
+        logits_via_embedding=bool(hf.get("tie_word_embeddings", True)),
+        relative_attention_num_buckets=int(hf.get("relative_attention_num_buckets", 32)),
+        relative_attention_max_distance=int(hf.get("relative_attention_max_distance", 128)),
+        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        dtype=dtype,
+        param_dtype="float32",
+        num_experts=int(hf["num_experts"]),
+        encoder_sparse_layers=sparse["encoder"],
+        decoder_sparse_layers=sparse["decoder"],
+        router_type="switch",
+        num_selected_experts=1,
+        router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+        load_balancing_loss_weight=float(hf.get("router_aux_loss_coef", 0.01)),
+        router_z_loss_weight=float(hf.get("router_z_loss_coef", 0.0)),
+    )
+    fields.update(overrides)
+    return SwitchConfig(**fields)
+
+
+def _stack_names(config: SwitchConfig):
+    """(stack, layers, our norm/attention names, HF sublayer index of the MLP)."""
+    yield "encoder", config.num_encoder_layers, "encoder_norm", 1
+    yield "decoder", config.num_decoder_layers, "decoder_norm", 2
+
+
+def param_pairs(config: SwitchConfig) -> list[tuple[str, str, tuple[int, ...], bool]]:
+    """(our name, HF name, our lead index, transpose) for every HF tensor of `config`.
+
+    Vocabulary-sized tensors (embedding, untied logits) are not included (see `vocab_pairs`).
+    """
+    out = []
+    qkvo = (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o"))
+    for stack, n, final_norm, m in _stack_names(config):
+        sparse = set(config.sparse_layers(stack))
+        out.append(
+            (
+                f"{stack}/relpos_bias/rel_embedding",
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                (),
+                True,
+            )
+        )
+        out.append((f"{stack}/{final_norm}/scale", f"{stack}.final_layer_norm.weight", (), False))
+        for i in range(n):
+            ours, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
+            attn, norm = (
+                ("attention", "pre_attention_layer_norm")
+                if stack == "encoder"
+                else ("self_attention", "pre_self_attention_layer_norm")
+            )
+            out.append((f"{ours}/{norm}/scale", f"{hf}.0.layer_norm.weight", (), False))
+            for a, b in qkvo:
+                out.append(
+                    (f"{ours}/{attn}/{a}/kernel", f"{hf}.0.SelfAttention.{b}.weight", (), True)
+                )
+            if stack == "decoder":
+                out.append(
+                    (
+                        f"{ours}/pre_cross_attention_layer_norm/scale",
+                        f"{hf}.1.layer_norm.weight",
+                        (),
+                        False,
+                    )
+                )
+                for a, b in qkvo:
+                    out.append(
+                        (
+                            f"{ours}/encoder_decoder_attention/{a}/kernel",
+                            f"{hf}.1.EncDecAttention.{b}.weight",
+                            (),
+                            True,
+                        )
+                    )
+            out.append(
+                (f"{ours}/pre_mlp_layer_norm/scale", f"{hf}.{m}.layer_norm.weight", (), False)
+            )
+            if i in sparse:
+                out.append(
+                    (
+                        f"{ours}/mlp/router/w/kernel",
+                        f"{hf}.{m}.mlp.router.classifier.weight",
+                        (),
+                        True,
+                    )
+                )
+                for e in range(config.num_experts):
+                    for w in ("wi", "wo"):
+                        out.append(
+                            (
+                                f"{ours}/mlp/expert/{w}/kernel",
+                                f"{hf}.{m}.mlp.experts.expert_{e}.{w}.weight",
+                                (e,),
+                                True,
+                            )
+                        )
+            else:
+                for w in ("wi", "wo"):
+                    out.append((f"{ours}/mlp/{w}/kernel", f"{hf}.{m}.mlp.{w}.weight", (), True))
+    return out
+
+
+def _our_targets(config: SwitchConfig) -> dict[str, streaming.TargetSpec]:
+    from switch_t5.interop import checkpoint_io
+
+    flat, _ = checkpoint_io.abstract_params(config)
+    return {k: streaming.TargetSpec(tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
+
+
+def import_plan(config: SwitchConfig, source: streaming.Source, hf_vocab: int) -> streaming.Plan:
+    """The plan HF tensors -> our params (float32 by default)."""
+    targets = _our_targets(config)
+    pieces: list[streaming.Piece] = []
+    for ours, hf, lead, transpose in param_pairs(config):
+        pieces.append(streaming.Copy(hf, ours, dst_lead=lead, transpose=transpose))
+    names = set(source.names())
+    emb = "shared.weight" if "shared.weight" in names else "encoder.embed_tokens.weight"
+    vp, d = config.vocab_size, config.d_model
+    pieces.append(streaming.Copy(emb, "token_embedder/embedding", extent=(hf_vocab, d)))
+    if vp > hf_vocab:
+        # Padding rows: zero embeddings (never looked up; logits of 0 for the tied projection).
+        pieces.append(
+            streaming.Zeros("token_embedder/embedding", (slice(hf_vocab, vp), slice(0, d)))
+        )
+    if not config.logits_via_embedding:
+        pieces.append(
+            streaming.Copy(
+                "lm_head.weight",
+                "decoder/logits_dense/kernel",
+                transpose=True,
+                extent=(hf_vocab, d),
+            )
+        )
+        if vp > hf_vocab:
+            pieces.append(
+                streaming.Zeros("decoder/logits_dense/kernel", (slice(0, d), slice(hf_vocab, vp)))
+            )
+    return streaming.Plan(targets, pieces)
+
+
+def hf_config_from_ours(
+    config: SwitchConfig, *, vocab_size: int | None = None, expert_capacity: int = 64
+) -> dict[str, Any]:
+    """The HF config.json of `config`.
+
+    Raises:
+      UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
+        experts (switch_xxl's gated GELU), top-k routing, or sparse layouts other than HF's
+        `i % sparse_step == 1`.
+    """
+    if config.gated:
+        raise UnsupportedFeatureError(
+            f"gated feed-forward layers (mlp_activations={config.mlp_activations}, as in "
+            "Switch-XXL's gated GELU) cannot be exported: HF SwitchTransformers experts have a "
+            "single wi"
+        )
+    if config.router_type != "switch" or config.num_selected_experts != 1:
+        raise UnsupportedFeatureError(
+            f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
+            "cannot be exported: HF SwitchTransformers routes every token to its top-1 expert"
+        )
+    act = {("relu",): "relu", ("gelu",): "gelu_new"}.get(tuple(config.mlp_activations))
+    if act is None:
+        raise UnsupportedFeatureError(
+            f"mlp_activations={config.mlp_activations} has no HF SwitchTransformers equivalent"
+        )
+    counts = {}
+    for stack, n in (
+        ("encoder", config.num_encoder_layers),
+        ("decoder", config.num_decoder_layers),
+    ):
+        ours = config.sparse_layers(stack)
+        match = [k for k in range(1, n + 1) if sparse_layers_hf(n, n // k) == ours]
+        if not ours or not match or config.num_experts == 0:
+            raise UnsupportedFeatureError(
+                f"the {stack} sparse layer layout {ours} cannot be expressed in HF "
+                f"SwitchTransformers, which makes block i sparse when i % sparse_step == 1 "
+                f"(sparse_step = {n} // num_sparse_{stack}_layers)"
+            )
+        counts[stack] = match[0]
+    vocab = int(vocab_size or config.vocab_size)
+    return {
+        "architectures": ["SwitchTransformersForConditionalGeneration"],
+        "model_type": "switch_transformers",
+        "vocab_size": vocab,
+        "d_model": config.d_model,
+        "d_kv": config.head_dim,
+        "d_ff": config.d_ff,
+        "num_layers": config.num_encoder_layers,
+        "num_decoder_layers": config.num_decoder_layers,
+        "num_heads": config.num_heads,
+        "num_experts": config.num_experts,
+        "num_sparse_encoder_layers": counts["encoder"],
+        "num_sparse_decoder_layers": counts["decoder"],
+        "encoder_sparse_step": hf_sparse_step(config.num_encoder_layers, counts["encoder"]),
+        "decoder_sparse_step": hf_sparse_step(config.num_decoder_layers, counts["decoder"]),
+        "expert_capacity": int(expert_capacity),
+        "router_bias": False,
+        "router_jitter_noise": config.router_jitter_noise,
+        "router_dtype": "float32",
+        "router_ignore_padding_tokens": False,
+        "router_z_loss_coef": config.router_z_loss_weight,
+        "router_aux_loss_coef": config.load_balancing_loss_weight,
+        "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "dropout_rate": config.dropout_rate,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "dense_act_fn": act,
+        "tie_word_embeddings": config.logits_via_embedding,
+        "is_encoder_decoder": True,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        "dtype": "float32",
+    }
+
+
+def export_plan(config: SwitchConfig, hf_vocab: int, dtype: str = "float32") -> streaming.Plan:
+    """The plan our params -> HF tensors."""
+    ours_targets = _our_targets(config)
+    np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(streaming.ml_dtypes.bfloat16)
+    targets: dict[str, streaming.TargetSpec] = {}
+    pieces: list[streaming.Piece] = []
+    for ours, hf, lead, transpose in param_pairs(config):
+        shape = ours_targets[ours].shape[len(lead) :]
+        shape = tuple(shape[::-1]) if transpose else tuple(shape)
+        targets[hf] = streaming.TargetSpec(shape, np_dtype)
+        pieces.append(streaming.Copy(ours, hf, src_lead=lead, transpose=transpose))
+    d = config.d_model
+    if hf_vocab > config.vocab_size:
+        raise ValueError(
+            f"HF vocab_size={hf_vocab} exceeds the embedding's {config.vocab_size} rows"
+        )
+    targets["shared.weight"] = streaming.TargetSpec((hf_vocab, d), np_dtype)
+    pieces.append(streaming.Copy("token_embedder/embedding", "shared.weight", extent=(hf_vocab, d)))
+    if not config.logits_via_embedding:
+        targets["lm_head.weight"] = streaming.TargetSpec((hf_vocab, d), np_dtype)
+        pieces.append(
+            streaming.Copy(
+                "decoder/logits_dense/kernel",
+                "lm_head.weight",
+                transpose=True,
+                extent=(d, hf_vocab),
+            )
+        )
+    return streaming.Plan(targets, pieces)
+
+
+def open_hf(path: str) -> tuple[dict[str, Any], streaming.Source]:
+    """(config.json, weights source) of an HF model directory (safetensors or a torch .bin)."""
+    cfg = read_hf_config(path)
+    has_st = os.path.exists(os.path.join(path, "model.safetensors")) or os.path.exists(
+        os.path.join(path, "model.safetensors.index.json")
+    )
+    if has_st:
+        return cfg, streaming.SafetensorsSource(path)
+    bin_file = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(bin_file):
+        import torch
+
+        # Memory-mapped: tensors are read when sliced (not streamed under the budget).
+        state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+        return cfg, streaming.MemorySource(
+            {
+                k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                for k, v in state.items()
+            }
+        )
+    raise FileNotFoundError(
+        f"no model.safetensors, model.safetensors.index.json or pytorch_model.bin in {path}"
+    )
+
+
+def load_hf(path: str, dtype: str = "bfloat16", **overrides: Any):
+    """Loads an HF SwitchTransformers model directory into this project's model.
+
+    Args:
+      path: a directory with config.json and safetensors (single or sharded) weights.
+      dtype: compute dtype of the returned model ("float32" for parity checks); params are
+        float32 either way.
+      **overrides: SwitchConfig fields to change (e.g. eval_capacity_factor).
+
+    Returns:
+      (model, params): `switch_t5.network.EncoderDecoder` and its params (nested dict of
+      float32 jax arrays); `model.apply({"params": params}, encoder_input_tokens,
+      decoder_input_tokens, decoder_target_tokens, enable_dropout=False)` gives logits
+      [batch, target_length, vocab padded to 128] whose first `vocab_size` columns are HF's.
+    """
+    import jax.numpy as jnp
+
+    from switch_t5 import network
+    from switch_t5.interop import checkpoint_io
+
+    hf, source = open_hf(path)
+    config = config_from_hf(hf, source.names(), dtype=dtype, **overrides)
+    sink = streaming.MemorySink()
+    streaming.run_plan(import_plan(config, source, int(hf["vocab_size"])), source, sink)
+    params = checkpoint_io._unflatten({k: jnp.asarray(v) for k, v in sink.arrays.items()})
+    return network.EncoderDecoder(config), params
+
+
+def hf_to_orbax(
+    src: str,
+    dst: str,
+    *,
+    budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
+    dtype: str = "bfloat16",
+    **overrides: Any,
+) -> streaming.RunStats:
+    """Converts an HF SwitchTransformers directory into a project checkpoint + model gin."""
+    from switch_t5.interop import checkpoint_io
+
+    hf, source = open_hf(src)
+    config = config_from_hf(hf, source.names(), dtype=dtype, **overrides)
+    plan = import_plan(config, source, int(hf["vocab_size"]))
+    return checkpoint_io.write_checkpoint(
+        dst,
+        config,
+        plan,
+        source,
+        budget_bytes=budget_bytes,
+        converted_from={
+            "format": "huggingface",
+            "path": os.path.abspath(src),
+            "hf_vocab_size": int(hf["vocab_size"]),
+            "hf_expert_capacity": hf.get("expert_capacity"),
+        },
+    )
+
+
+def orbax_to_hf(
+    src: str,
+    dst: str,
+    *,
+    step: int | None = None,
+    budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
+    vocab_size: int | None = None,
+    expert_capacity: int = 64,
+    dtype: str = "float32",
+    max_shard_bytes: int | None = None,
+) -> streaming.RunStats:
+    """Writes config.json + safetensors that `SwitchTransformersForConditionalGeneration`
+    loads, from a project checkpoint.
+
+    Args:
+      src: MODEL_DIR, its checkpoints/ directory or one step directory.
+      dst: the HF model directory to write.
+      step: the checkpoint step (None = latest).
+      budget_bytes: memory budget of the streamed copy.
+      vocab_size: HF vocab_size; default the original HF size recorded at import, else all
+        embedding rows.
+      expert_capacity: HF's fixed per-sequence expert capacity (HF drops tokens beyond it).
+      dtype: dtype of the written weights.
+      max_shard_bytes: split the safetensors into shards with an index file above this size.
+    """
+    from switch_t5.interop import checkpoint_io
+
+    ckpt = checkpoint_io.open_checkpoint(src, step)
+    config = ckpt.config
+    hf_vocab = int(
+        vocab_size or ckpt.meta.get("converted_from", {}).get("hf_vocab_size") or config.vocab_size
+    )
+    hf_cfg = hf_config_from_ours(config, vocab_size=hf_vocab, expert_capacity=expert_capacity)
+    hf_cfg["dtype"] = dtype
+    plan = export_plan(config, hf_vocab, dtype)
+    os.makedirs(dst, exist_ok=True)
+    stats = streaming.run_plan(
+        plan, ckpt.params, streaming.SafetensorsSink(dst, max_shard_bytes), budget_bytes
+    )
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    return stats
