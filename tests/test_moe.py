@@ -4,6 +4,7 @@ Tiny odd sizes (embed 8, mlp 16, 4 experts, groups of 6 tokens), float32 unless 
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -58,7 +59,8 @@ def _collect(tree):
     return stats
 
 
-def _apply(config, variables, x, mask=None, *, train=False, rngs=None, intercept=None):
+@functools.cache
+def _compiled_apply(config, train):
     layer = moe.MoeLayer(config)
 
     @jax.jit
@@ -70,7 +72,12 @@ def _apply(config, variables, x, mask=None, *, train=False, rngs=None, intercept
         stats.pop("layer_names")
         return out, stats
 
-    return f(variables, x, mask, rngs or {})
+    return f
+
+
+def _apply(config, variables, x, mask=None, *, train=False, rngs=None):
+    """(output, averaged intermediates) of one jitted layer call; compiled once per config."""
+    return _compiled_apply(config, train)(variables, x, mask, rngs or {})
 
 
 def _init(module, x, seed=0):
@@ -83,7 +90,8 @@ def variables():
 
 
 def test_param_names_shapes_and_init():
-    boxed = _init(moe.MoeLayer(cfg(num_experts=4)), _x())["params"]
+    boxed = jax.eval_shape(moe.MoeLayer(cfg(num_experts=4)).init, jax.random.key(0), _x())
+    boxed = boxed["params"]
     specs = nn.get_partition_spec(boxed)
     assert boxed["router"]["w"]["kernel"].value.shape == (8, 4)
     assert specs["router"]["w"]["kernel"] == P("embed", "unmodeled")
@@ -93,7 +101,8 @@ def test_param_names_shapes_and_init():
     assert specs["expert"]["wo"]["kernel"] == P("expert", "mlp", "embed")
     for leaf in jax.tree.leaves(nn.unbox(boxed)):
         assert leaf.dtype == jnp.float32
-    gated = _init(moe.MoeLayer(cfg(mlp_activations=("gelu", "linear"))), _x())
+    gated_layer = moe.MoeLayer(cfg(mlp_activations=("gelu", "linear")))
+    gated = jax.eval_shape(gated_layer.init, jax.random.key(0), _x())
     assert set(gated["params"]["expert"]) == {"wi_0", "wi_1", "wo"}
     # Router init normal(0, 2e-2); expert init fan-in (embed = 8) truncated normal * 0.1.
     big = cfg(d_model=64, d_ff=96, num_experts=8)
@@ -205,6 +214,7 @@ def test_jitter_only_touches_the_router(variables):
             return seen[-1]
         return next_fun(*args, **kwargs)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def run(train, seed):
         seen.clear()
         with nn.intercept_methods(record):
