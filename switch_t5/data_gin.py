@@ -82,6 +82,7 @@ def register_tasks(
     embedded_vocab_size: int = 4096,
     text_validation_fraction: float = 0.01,
     txt_documents: str = "line",
+    shuffle_buffer_size: int = 1000,
 ) -> None:
     """Registers the task or mixture the run names (and the tasks it needs) in seqio.
 
@@ -93,6 +94,8 @@ def register_tasks(
       text_validation_fraction: documents of TEXT_FILES held out for validation when
         VALIDATION_FILES is not set.
       txt_documents: `.txt` files hold one document per "line" or per blank-line "paragraph".
+      shuffle_buffer_size: span-corrupted pieces in the shuffle buffer of the embedded and
+        text-files tasks (seqio's default 1000).
 
     Raises:
       MissingMacroError: a macro the task needs is not set.
@@ -115,7 +118,11 @@ def register_tasks(
         return path
 
     if name == tasks.EMBEDDED_TASK:
-        tasks.register_embedded_task(vocab_size=embedded_vocab_size, cache_dir=cache_dir)
+        tasks.register_embedded_task(
+            vocab_size=embedded_vocab_size,
+            cache_dir=cache_dir,
+            shuffle_buffer_size=shuffle_buffer_size,
+        )
     elif name == tasks.TEXT_FILES_TASK:
         files = macro("TEXT_FILES", needed_by=name)
         tasks.register_text_files_task(
@@ -125,6 +132,7 @@ def register_tasks(
             validation_fraction=text_validation_fraction,
             txt_documents=txt_documents,
             cache_dir=cache_dir,
+            shuffle_buffer_size=shuffle_buffer_size,
         )
     elif name in (tasks.C4_TASK, tasks.C4_V220_TASK):
         tasks.register_c4_tasks(

@@ -122,9 +122,15 @@ class InputPipeline:
         self.num_hosts = num_hosts
         self.use_cached = use_cached
         self.local_batch_size = global_batch_size // num_hosts
-        self._dataset = self._build_dataset()
-        self._iterator = iter(self._dataset)
+        # Built on first use, so a refused `set_state` or a config check costs nothing.
+        self._dataset: tf.data.Dataset | None = None
+        self._iterator = None
         self._step = 0
+
+    def _ensure_dataset(self) -> tf.data.Dataset:
+        if self._dataset is None:
+            self._dataset = self._build_dataset()
+        return self._dataset
 
     def _build_dataset(self) -> tf.data.Dataset:
         ds = seqio.get_dataset(
@@ -153,6 +159,8 @@ class InputPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = iter(self._ensure_dataset())
         batch = {k: np.asarray(v) for k, v in next(self._iterator).items()}
         self._step += 1
         batch = self._complete(batch)
@@ -180,7 +188,7 @@ class InputPipeline:
 
     def reset(self) -> None:
         """Starts the stream again from step 0 (e.g. before each evaluation pass)."""
-        self._iterator = iter(self._dataset)
+        self._iterator = None
         self._step = 0
 
     def _config(self) -> dict:
@@ -197,6 +205,8 @@ class InputPipeline:
 
     def get_state(self) -> dict:
         """JSON-serialisable state: the step, the pipeline settings and the iterator checkpoint."""
+        if self._iterator is None:
+            self._iterator = iter(self._ensure_dataset())
         checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         with tempfile.TemporaryDirectory() as tmp:
             prefix = checkpoint.write(os.path.join(tmp, "iterator"))
@@ -237,7 +247,7 @@ class InputPipeline:
                 "saved (" + "; ".join(diffs) + "). Restore the original data settings, or "
                 "start the data stream afresh."
             )
-        iterator = iter(self._dataset)
+        iterator = iter(self._ensure_dataset())
         checkpoint = tf.train.Checkpoint(iterator=iterator)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in state["files"].items():

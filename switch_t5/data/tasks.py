@@ -111,13 +111,12 @@ def register_c4_tasks(
 def tfrecord_text_source(paths: dict[str, str]) -> seqio.DataSource:
     """A seqio source of `{"text": <string>}` from one raw-UTF-8 TFRecord file per split."""
 
-    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        del shuffle_files, seed  # One file per split: the Task's shuffle buffer shuffles.
-        return tf.data.TFRecordDataset(paths[split]).map(
+    def read_file(path: tf.Tensor) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(path).map(
             lambda s: {"text": s}, num_parallel_calls=tf.data.AUTOTUNE
         )
 
-    return seqio.FunctionDataSource(dataset_fn, splits=tuple(paths), caching_permitted=True)
+    return seqio.FileDataSource(read_file_fn=read_file, split_to_filepattern=dict(paths))
 
 
 def _files_key(files: Sequence[str], *extra) -> str:
@@ -203,13 +202,19 @@ def register_text_files_task(
     txt_documents: str = "line",
     cache_dir: str | None = None,
     name: str = TEXT_FILES_TASK,
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
 ) -> seqio.Task:
     """Registers `text_files_span_corruption` over user files (module docstring)."""
     vocabulary = vocab_lib.get_vocabulary(vocabulary_path)
     meta = prepare_text_files(
         files, validation_files, validation_fraction, txt_documents, cache_dir
     )
-    return register_span_corruption_task(name, tfrecord_text_source(meta["paths"]), vocabulary)
+    return register_span_corruption_task(
+        name,
+        tfrecord_text_source(meta["paths"]),
+        vocabulary,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
 
 
 def register_embedded_task(
@@ -217,6 +222,7 @@ def register_embedded_task(
     cache_dir: str | None = None,
     validation_fraction: float = corpus_lib.DEFAULT_VALIDATION_FRACTION,
     name: str = EMBEDDED_TASK,
+    shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
 ) -> seqio.Task:
     """Registers `embedded_span_corruption` (harvests the corpus and trains its vocabulary once).
 
@@ -226,11 +232,14 @@ def register_embedded_task(
       cache_dir: cache root (default `corpus.default_cache_dir()`).
       validation_fraction: documents held out for validation.
       name: the task name.
+      shuffle_buffer_size: span-corrupted pieces in the shuffle buffer.
     """
     info = corpus_lib.prepare_embedded_corpus(cache_dir, validation_fraction)
     vocabulary = vocab_lib.get_vocabulary(corpus_lib.embedded_vocabulary_path(info, vocab_size))
     source = tfrecord_text_source({"train": info.train_path, "validation": info.validation_path})
-    return register_span_corruption_task(name, source, vocabulary)
+    return register_span_corruption_task(
+        name, source, vocabulary, shuffle_buffer_size=shuffle_buffer_size
+    )
 
 
 def get_vocabulary(task_or_mixture_name: str) -> seqio.Vocabulary:
