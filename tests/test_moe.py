@@ -358,6 +358,17 @@ def test_hlo_all_to_all_and_no_expert_kernel_gather(mesh_222, variables, impl):
     assert "f32[2,8,8]" in hlo
 
 
+def test_decode_step_on_the_mesh(mesh_222, variables):
+    # One decoding step of 4 sequences: a single group of 4 tokens spans the 4 batch shards.
+    x = _x((4, 1, 8), seed=15)
+    c = cfg(dispatch="scatter", min_expert_capacity=2)
+    v = _skewed(variables)
+    ref_out, ref_stats = _apply(c, v, x)
+    (out, stats), _ = _sharded_apply(mesh_222, c, v, x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["fraction_dropped"], ref_stats["fraction_dropped"])
+
+
 def test_groups_that_do_not_fit_the_mesh_fail_clearly(mesh_222, variables):
     # 2 x 6 tokens in groups of 6 = 2 groups over 4 batch shards.
     x = _x((2, 6, 8))
