@@ -1,0 +1,267 @@
+"""Training metrics: MODEL_DIR/metrics.jsonl, TensorBoard event files, progress output, plots.
+
+metrics.jsonl holds one JSON object per line with at least `step`, `split` ("train"/"eval") and
+`loss`; expert usage is a nested list [moe_layers][experts] of token fractions. TensorBoard
+events go to MODEL_DIR/tensorboard/{train,eval} (the same tags, so TensorBoard overlays them).
+On an interactive terminal a tqdm bar shows step, loss and tokens/s; otherwise plain log lines.
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from switch_t5 import checkpoints
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+
+# Dense bf16 peak FLOP/s per chip, for the MFU estimate (vendor figures).
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "TPU v2": 45e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    """Known peak FLOP/s of a device kind (None for CPUs and unknown kinds)."""
+    for kind, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
+        if device_kind.startswith(kind):
+            return flops
+    return None
+
+
+def train_flops_per_token(active_params: int) -> float:
+    """6 N FLOPs per token (forward 2N + backward 4N) for N parameters a token touches.
+
+    Attention over the sequence is left out: this is the usual rough estimate (Kaplan et al.
+    2020), fine for the short sequences of span-corruption pretraining.
+    """
+    return 6.0 * active_params
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_metrics(model_dir: str) -> list[dict[str, Any]]:
+    """All records of MODEL_DIR/metrics.jsonl (an empty list when there is none)."""
+    p = checkpoints.path(model_dir, METRICS_FILE)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(model_dir: str, last_step: int) -> None:
+    """Drops records after `last_step` (a run resumed from that checkpoint redoes those steps)."""
+    records = read_metrics(model_dir)
+    kept = [r for r in records if r["step"] <= last_step]
+    if len(kept) != len(records):
+        checkpoints.write_text(
+            checkpoints.path(model_dir, METRICS_FILE),
+            "".join(json.dumps(r) + "\n" for r in kept),
+        )
+
+
+class MetricsLogger:
+    """Writes metrics to metrics.jsonl and TensorBoard; prints progress.
+
+    Args:
+      model_dir: MODEL_DIR (local path or gs:// URL).
+      total_steps: the run's last step (for the progress bar).
+      start_step: the step the run starts (or resumes) at.
+      enabled: False on processes other than 0 (they write nothing).
+      progress: "auto" (tqdm on a terminal, plain lines otherwise), "tqdm", "lines" or "none".
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        total_steps: int,
+        start_step: int = 0,
+        *,
+        enabled: bool = True,
+        progress: str = "auto",
+    ):
+        if progress not in ("auto", "tqdm", "lines", "none"):
+            raise ValueError(f"progress={progress!r}: use 'auto', 'tqdm', 'lines' or 'none'")
+        self.model_dir = str(model_dir)
+        self.enabled = enabled
+        self._writers: dict[str, Any] = {}
+        self._bar = None
+        self._lines = False
+        if not enabled:
+            return
+        checkpoints.makedirs(self.model_dir)
+        if progress == "auto":
+            progress = "tqdm" if sys.stderr.isatty() else "lines"
+        if progress == "tqdm":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._lines = progress == "lines"
+
+    def _writer(self, split: str):
+        if split not in self._writers:
+            from tensorboardX import SummaryWriter
+
+            self._writers[split] = SummaryWriter(
+                str(checkpoints.path(self.model_dir, TENSORBOARD_DIR, split))
+            )
+        return self._writers[split]
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+        """Writes one record (scalars and the expert-usage matrix) for `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split}
+        record.update({k: _to_json(v) for k, v in metrics.items()})
+        checkpoints.append_text(
+            checkpoints.path(self.model_dir, METRICS_FILE), json.dumps(record) + "\n"
+        )
+        writer = self._writer(split)
+        for key, value in metrics.items():
+            arr = np.asarray(value)
+            if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+                writer.add_scalar(key, float(arr), step)
+        usage = metrics.get("expert_usage")
+        if usage is not None and np.asarray(usage).size:
+            usage = np.asarray(usage)
+            # max load / mean load per layer: 1.0 = perfectly balanced experts.
+            writer.add_scalar(
+                "expert_load_imbalance", float(np.mean(usage.max(-1) * usage.shape[-1])), step
+            )
+            for i, row in enumerate(usage):
+                writer.add_histogram(f"expert_usage/layer_{i}", row, step)
+        writer.flush()
+
+    def progress(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
+        """Advances the bar (or prints one line) after a log step."""
+        if not self.enabled:
+            return
+        loss = float(metrics.get("loss", math.nan))
+        tps = metrics.get("tokens_per_sec")
+        if self._bar is not None:
+            self._bar.n = step
+            post = {"loss": f"{loss:.4f}"}
+            if tps is not None:
+                post["tok/s"] = f"{float(tps):,.0f}"
+            self._bar.set_postfix(post, refresh=False)
+            self._bar.refresh()
+            if split == "eval":
+                self._bar.write(f"step {step}: eval loss {loss:.4f}")
+        elif self._lines:
+            extra = f" {float(tps):,.0f} tokens/s" if tps is not None else ""
+            lr = metrics.get("learning_rate")
+            extra += f" lr {float(lr):.2e}" if lr is not None else ""
+            print(
+                f"[{time.strftime('%H:%M:%S')}] step {step} {split} loss {loss:.4f}{extra}",
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
+def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict[str, str]:
+    """Writes MODEL_DIR/plots/loss.png and expert_load.png from metrics.jsonl.
+
+    loss.png: train and eval loss vs step. expert_load.png: a heatmap, MoE layers x experts, of
+    the fraction of tokens routed, from the latest train record (skipped for a dense model).
+
+    Returns:
+      {"loss": path, "expert_load": path} for the plots written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(model_dir)
+    if not records:
+        raise FileNotFoundError(f"no metrics in {model_dir}/{METRICS_FILE} to plot")
+    plots_dir = checkpoints.path(model_dir, PLOTS_DIR)
+    checkpoints.makedirs(plots_dir)
+    written = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        pts = [(r["step"], r["loss"]) for r in records if r["split"] == split]
+        if pts:
+            ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("loss")
+    written["loss"] = _save(fig, plots_dir / "loss.png")
+    plt.close(fig)
+
+    usage_records = [r for r in records if r["split"] == "train" and r.get("expert_usage")]
+    if usage_records:
+        last = usage_records[-1]
+        usage = np.asarray(last["expert_usage"], np.float32)
+        fig, ax = plt.subplots(
+            figsize=(max(5, 0.35 * usage.shape[1] + 3), max(2.5, 0.4 * usage.shape[0] + 1.5))
+        )
+        im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        names = layer_names if layer_names and len(layer_names) == usage.shape[0] else None
+        ax.set_yticks(range(usage.shape[0]))
+        ax.set_yticklabels(names or [str(i) for i in range(usage.shape[0])], fontsize=7)
+        ax.set_title(
+            f"fraction of tokens routed (step {last['step']}; balanced = {1 / usage.shape[1]:.3f})"
+        )
+        fig.colorbar(im, ax=ax)
+        written["expert_load"] = _save(fig, plots_dir / "expert_load.png")
+        plt.close(fig)
+    return written
+
+
+def _save(fig, p) -> str:
+    if checkpoints.is_remote(str(p)):
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        checkpoints.path(p).write_bytes(buf.getvalue())
+    else:
+        fig.savefig(os.fspath(p), dpi=110, bbox_inches="tight")
+    return str(p)
