@@ -2,6 +2,7 @@
 edge and the `show` command, on a small corpus of Python's own documentation paragraphs."""
 
 import json
+import os
 import sysconfig
 
 import gin
@@ -252,3 +253,31 @@ def test_show_prints_examples_with_sentinels(text_setup, clean_gin, capsys):
         assert r["targets_text"] == vocab_lib.decode_with_sentinels(vocab, r["targets"])
     with pytest.raises(ValueError, match="NAME:LENGTH"):
         show.parse_feature_lengths("inputs=64")
+
+
+@pytest.mark.slow  # Harvests the standard library and trains a vocabulary: ~15-60 s.
+def test_embedded_task_from_gin_on_real_python_docs(tmp_path_factory, clean_gin, monkeypatch):
+    """The quickstart task: harvest + vocabulary on first use, cached, served from cache after."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    _bind(MIXTURE_OR_TASK_NAME=tasks.EMBEDDED_TASK)
+    gin.bind_parameter("switch_t5.data_gin.register_tasks.cache_dir", cache)
+    gin.bind_parameter("switch_t5.data_gin.register_tasks.embedded_vocab_size", 1024)
+    data_gin.register_tasks()
+    info = corpus.prepare_embedded_corpus(cache)
+    assert info.train_documents > 1000 and info.validation_documents > 10
+    assert info.characters > 1_000_000 and os.path.dirname(info.train_path).startswith(cache)
+    val = list(readers.read_tfrecord(info.validation_path))
+    assert all(corpus.is_validation(d, corpus.DEFAULT_VALIDATION_FRACTION) for d in val)
+    train = readers.read_tfrecord(info.train_path)
+    assert not any(corpus.is_validation(d, corpus.DEFAULT_VALIDATION_FRACTION) for d in train)
+    vocab = data_gin.get_vocabulary(tasks.EMBEDDED_TASK)
+    assert vocab.vocab_size == 1024
+    ids = vocab.encode("The return statement leaves the current function call.")
+    assert len(ids) < 15  # Real English words are whole pieces of this vocabulary.
+    rows = show.show(tasks.EMBEDDED_TASK, "validation", 2, LENGTHS)
+    assert len(rows) == 2 and "<extra_id_0>" in rows[0]["inputs_text"]
+    # Second run: no harvesting, no vocabulary training.
+    monkeypatch.setattr(corpus, "harvest_documents", lambda *a: pytest.fail("re-harvested"))
+    monkeypatch.setattr(vocab_lib, "train_sentencepiece", lambda *a, **k: pytest.fail("trained"))
+    data_gin.register_tasks()
+    assert data_gin.get_vocabulary(tasks.EMBEDDED_TASK).vocab_size == 1024

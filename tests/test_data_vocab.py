@@ -3,7 +3,6 @@
 import gzip
 import hashlib
 import json
-import os
 import shutil
 
 import pytest
@@ -196,21 +195,6 @@ def test_prepare_caches_and_splits(fake_stdlib, tmp_path, monkeypatch):
     # Second call: served from the cache, no harvesting.
     monkeypatch.setattr(corpus, "harvest_documents", lambda *a: pytest.fail("re-harvested"))
     assert corpus.prepare_embedded_corpus(str(tmp_path / "c"), 0.5, fake_stdlib) == info
-
-
-def test_real_embedded_corpus(tmp_path_factory):
-    """This Python's documentation: real English, cached, reproducible, split by document."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    info = corpus.prepare_embedded_corpus(cache)
-    assert info.train_documents > 1000 and info.validation_documents > 10
-    assert info.characters > 1_000_000
-    assert os.path.dirname(info.train_path).startswith(cache)
-    again = corpus.prepare_embedded_corpus(cache)
-    assert again == info
-    val = list(readers.read_tfrecord(info.validation_path))
-    assert all(corpus.is_validation(d, corpus.DEFAULT_VALIDATION_FRACTION) for d in val)
-    train = readers.read_tfrecord(info.train_path)
-    assert not any(corpus.is_validation(d, corpus.DEFAULT_VALIDATION_FRACTION) for d in train)
 
 
 def test_too_small_text_for_vocab_size_is_a_clear_error(tmp_path):
