@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ def config_to_gin(config: SwitchConfig, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(config: SwitchConfig) -> tuple[dict[str, Any], Any]:
     """(flat {"encoder/...": ShapeDtypeStruct}, logical specs tree) of the model's params."""
     boxed = network.init_abstract(config)["params"]

@@ -1,0 +1,179 @@
+"""Checkpoint conversion entry point.
+
+    python -m switch_t5.convert hf-to-orbax --src=HF_DIR --dst=MODEL_DIR
+    python -m switch_t5.convert t5x-to-orbax --src=T5X_DIR --dst=MODEL_DIR
+    python -m switch_t5.convert orbax-to-hf --src=MODEL_DIR --dst=HF_DIR
+    python -m switch_t5.convert upcycle --src=DENSE_MODEL_DIR --dst=MODEL_DIR \\
+        --gin_file=configs/models/switch_base_8.gin
+
+Imports write a checkpoint of this project (`MODEL_DIR/checkpoints/0`) plus `MODEL_DIR/model.gin`
+(pass it as `--gin_file` to train, fine-tune or infer). Every conversion streams tensors in chunks
+under `--memory_budget` (default 1GiB). `--set FIELD=VALUE` overrides SwitchConfig fields of an
+import (e.g. `--set eval_capacity_factor=4.0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+import sys
+from collections.abc import Sequence
+
+from switch_t5.interop import streaming
+
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '64MiB', '4096' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; use e.g. 1GiB, 512MiB or a number of bytes"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _overrides(items: Sequence[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: use FIELD=VALUE (e.g. eval_capacity_factor=4.0)")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def peak_rss_bytes() -> int | None:
+    """VmHWM of this process (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m switch_t5.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("hf-to-orbax", "t5x-to-orbax", "orbax-to-hf", "upcycle"):
+        p = sub.add_parser(name)
+        p.add_argument("--src", required=True)
+        p.add_argument("--dst", required=True)
+        p.add_argument(
+            "--memory_budget",
+            type=parse_bytes,
+            default=streaming.DEFAULT_BUDGET_BYTES,
+            help="peak memory of the streamed copy, e.g. 1GiB (default)",
+        )
+        if name != "orbax-to-hf":
+            p.add_argument("--dtype", default="bfloat16", help="compute dtype of the model config")
+        if name in ("hf-to-orbax", "t5x-to-orbax"):
+            p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+        if name in ("t5x-to-orbax", "orbax-to-hf", "upcycle"):
+            p.add_argument("--step", type=int, default=None, help="source step (default latest)")
+        if name == "orbax-to-hf":
+            p.add_argument("--vocab_size", type=int, default=None)
+            p.add_argument(
+                "--expert_capacity",
+                type=int,
+                default=64,
+                help="HF's fixed per-sequence expert capacity",
+            )
+            p.add_argument("--weights_dtype", default="float32")
+            p.add_argument("--max_shard_size", type=parse_bytes, default=None)
+        if name == "upcycle":
+            p.add_argument("--gin_file", action="append", default=[], required=True)
+            p.add_argument(
+                "--gin",
+                action="append",
+                default=[],
+                dest="gin_bindings",
+                metavar="BINDING",
+                help="e.g. --gin=SwitchConfig.num_experts=8",
+            )
+            p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
+    args = build_parser().parse_args(argv)
+    from switch_t5 import interop
+    from switch_t5.interop import t5x, upcycle
+
+    if args.command == "hf-to-orbax":
+        stats = interop.hf_to_orbax(
+            args.src,
+            args.dst,
+            budget_bytes=args.memory_budget,
+            dtype=args.dtype,
+            **_overrides(args.set),
+        )
+    elif args.command == "t5x-to-orbax":
+        stats = t5x.t5x_to_orbax(
+            args.src,
+            args.dst,
+            step=args.step,
+            budget_bytes=args.memory_budget,
+            dtype=args.dtype,
+            **_overrides(args.set),
+        )
+    elif args.command == "orbax-to-hf":
+        stats = interop.orbax_to_hf(
+            args.src,
+            args.dst,
+            step=args.step,
+            budget_bytes=args.memory_budget,
+            vocab_size=args.vocab_size,
+            expert_capacity=args.expert_capacity,
+            dtype=args.weights_dtype,
+            max_shard_bytes=args.max_shard_size,
+        )
+    else:
+        from switch_t5 import gin_utils
+
+        gin_utils.parse_gin(args.gin_file, [b.removeprefix("--gin.") for b in args.gin_bindings])
+        config = gin_utils.make_model_config()
+        if config.dtype != args.dtype:
+            import dataclasses
+
+            config = dataclasses.replace(config, dtype=args.dtype)
+        stats = upcycle.upcycle(
+            args.src,
+            args.dst,
+            config,
+            step=args.step,
+            seed=args.seed,
+            budget_bytes=args.memory_budget,
+        )
+    peak = peak_rss_bytes()
+    print(
+        f"{args.command}: {stats.tensors} tensors, {stats.bytes_written / 2**20:.1f} MiB written "
+        f"to {args.dst}; largest chunk {stats.max_chunk_bytes / 2**20:.1f} MiB (chunk budget "
+        f"{stats.chunk_budget_bytes / 2**20:.1f} MiB)"
+        + (f", peak RSS {peak / 2**20:.0f} MiB" if peak else "")
+    )
+    return stats
+
+
+def console_main() -> None:
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    console_main()
