@@ -1,0 +1,426 @@
+"""Initial parameters for fine-tuning: read a checkpoint's params onto this run's shardings.
+
+T5X's `RestoreCheckpointConfig(mode="specific")` controls, for this project's checkpoint layout
+(`switch_t5.checkpoints`; converted checkpoints of `switch_t5.interop` share it):
+
+- `path`: a MODEL_DIR (its latest complete step, or `step`), its `checkpoints/` folder, or one
+  step's folder `.../checkpoints/N`.
+- `strict=True`: every parameter of the model must come from the checkpoint (except those an
+  assignment-map rule maps to None). `strict=False`: parameters the checkpoint lacks keep their
+  fresh initialisation (e.g. a model with more layers than the checkpoint).
+- `assignment_map`: `((target_regex, source_or_None), ...)`, the first rule whose regex fully
+  matches a parameter name (`encoder/layers_0/attention/query/kernel`) applies: the parameter is
+  read from `match.expand(source)` (backreferences allowed), or kept fresh when the source is
+  None. Parameters no rule matches are read under their own name.
+- `fallback_to_scratch=True`: when the path holds no checkpoint at all, start from scratch (with
+  a warning) instead of failing.
+
+Only the parameters are read (orbax partial restore, each array straight onto its sharding);
+the optimizer state is always fresh and the step starts at 0: fine-tuning is a new run whose
+`TRAIN_STEPS` counts fine-tuning steps only (unlike T5X, which continues the pretraining step
+count).
+
+A parameter whose shape differs from the checkpoint's is always an error, naming the first one
+(sorted by name) and both shapes, since it means the model config is not the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from switch_t5 import checkpoints, partitioning, train_state
+
+log = logging.getLogger(__name__)
+
+AssignmentMap = Sequence[tuple[str, str | None]]
+
+
+class InitialCheckpointError(ValueError):
+    """The initial checkpoint is missing, unreadable, or does not fit the model."""
+
+
+class ArchitectureMismatchError(InitialCheckpointError):
+    """A parameter's shape differs from the checkpoint's (or strict restore lacks one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """One step of a checkpoint on disk.
+
+    Attributes:
+      step_dir: `.../checkpoints/N`.
+      step: N.
+      meta: the checkpoint's meta item (model config, vocabulary).
+    """
+
+    step_dir: epath.Path
+    step: int
+    meta: dict[str, Any]
+
+
+@dataclasses.dataclass
+class LoadedParams:
+    """What `load_initial_params` read.
+
+    Attributes:
+      params: the params tree (unboxed), on the shardings of the abstract tree; None when
+        `fallback_to_scratch` found no checkpoint.
+      source: the checkpoint read (None when falling back to scratch).
+      restored: {target name: source name} of the params read from the checkpoint.
+      fresh: names of the params left to their fresh initialisation.
+      unused: checkpoint params no model param reads.
+    """
+
+    params: Any
+    source: CheckpointRef | None
+    restored: dict[str, str]
+    fresh: list[str]
+    unused: list[str]
+
+
+def _is_step_dir(p: epath.Path) -> bool:
+    return (p / "state").is_dir() and (p / "meta").is_dir()
+
+
+def _complete_steps(root: epath.Path) -> list[int]:
+    # orbax writes a step into a temporary name and renames it when complete: digits only.
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit() and _is_step_dir(d))
+
+
+def find_checkpoint(path: str, step: int | None = None) -> CheckpointRef | None:
+    """The checkpoint step `path` names, or None when `path` holds no checkpoint at all.
+
+    Args:
+      path: MODEL_DIR, MODEL_DIR/checkpoints, or MODEL_DIR/checkpoints/N.
+      step: the step to read; None = the one `path` names, else the latest complete step.
+
+    Raises:
+      InitialCheckpointError: `step` is not among the complete steps, or `path` is one step's
+        folder of another step.
+    """
+    p = epath.Path(path)
+    if _is_step_dir(p):
+        if not p.name.isdigit():
+            raise InitialCheckpointError(
+                f"{path} looks like a checkpoint step but its name is not the step number"
+            )
+        if step is not None and step != int(p.name):
+            raise InitialCheckpointError(
+                f"{path} is the checkpoint of step {p.name} but step={step} was asked for; give "
+                "the MODEL_DIR to choose a step, or drop the step"
+            )
+        step_dir = p
+    else:
+        root = (
+            p / checkpoints.CHECKPOINT_SUBDIR if (p / checkpoints.CHECKPOINT_SUBDIR).is_dir() else p
+        )
+        steps = _complete_steps(root)
+        if not steps:
+            return None
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise InitialCheckpointError(
+                f"no complete checkpoint of step {step} under {root}; complete steps there: {steps}"
+            )
+        step_dir = root / str(step)
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    return CheckpointRef(step_dir=step_dir, step=int(step_dir.name), meta=meta)
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def flatten(tree: Any) -> dict[str, Any]:
+    """{"encoder/layers_0/attention/query/kernel": leaf} of a nested params dict."""
+    return {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_params(ref: CheckpointRef) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, dtype)} of the params stored in a checkpoint (its metadata only)."""
+    import orbax.checkpoint as ocp
+
+    state_dir = ref.step_dir / "state"
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise InitialCheckpointError(f"cannot read the checkpoint in {state_dir}: {e}") from e
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise InitialCheckpointError(
+            f"{state_dir} holds no 'params': not a checkpoint of this project (convert T5X or "
+            "Hugging Face checkpoints first with `python -m switch_t5.convert`)"
+        )
+    return {
+        name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in flatten(tree["params"]).items()
+    }
+
+
+def _compile_map(assignment_map: AssignmentMap) -> list[tuple[re.Pattern, str | None]]:
+    rules = []
+    for rule in assignment_map:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+            raise InitialCheckpointError(
+                f"assignment_map rule {rule!r}: give (target_regex, source_name_or_None) pairs"
+            )
+        try:
+            rules.append((re.compile(rule[0]), rule[1]))
+        except re.error as e:
+            raise InitialCheckpointError(f"assignment_map regex {rule[0]!r}: {e}") from e
+    return rules
+
+
+def plan_restore(
+    target: Mapping[str, Any],
+    saved: Mapping[str, tuple[tuple[int, ...], Any]],
+    *,
+    strict: bool = True,
+    assignment_map: AssignmentMap = (),
+    where: str = "the checkpoint",
+) -> tuple[dict[str, str], list[str]]:
+    """Which checkpoint param each model param reads.
+
+    Args:
+      target: {name: leaf with .shape} of the model's params.
+      saved: {name: (shape, dtype)} of the checkpoint's params.
+      strict: every target param must be found (or explicitly mapped to None).
+      assignment_map: rules, see the module docstring.
+      where: the checkpoint, for messages.
+
+    Returns:
+      ({target name: source name}, [target names left fresh]).
+
+    Raises:
+      ArchitectureMismatchError: the first param (by name) whose shape differs, or, when strict,
+        the first one the checkpoint lacks.
+    """
+    rules = _compile_map(assignment_map)
+    restored: dict[str, str] = {}
+    fresh: list[str] = []
+    missing: list[tuple[str, str]] = []
+    for name in sorted(target):
+        source: str | None = name
+        for pattern, replacement in rules:
+            match = pattern.fullmatch(name)
+            if match:
+                source = None if replacement is None else match.expand(replacement)
+                break
+        if source is None:
+            fresh.append(name)
+            continue
+        if source not in saved:
+            missing.append((name, source))
+            fresh.append(name)
+            continue
+        want, got = tuple(target[name].shape), tuple(saved[source][0])
+        if want != got:
+            via = "" if source == name else f" (read from {source!r})"
+            raise ArchitectureMismatchError(
+                f"parameter {name!r}{via} has shape {want} in this model but {got} in {where}; "
+                "the model config does not match the checkpoint: use the model gin file it was "
+                "trained with (for a converted checkpoint, its model.gin)"
+            )
+        restored[name] = source
+    if strict and missing:
+        name, source = missing[0]
+        via = "" if source == name else f" (mapped to {source!r})"
+        raise ArchitectureMismatchError(
+            f"parameter {name!r}{via} of this model is not in {where} ({len(missing)} missing "
+            "in all); the model config does not match the checkpoint. Use the model gin file it "
+            "was trained with, or restore partially (strict=False, with an assignment_map)"
+        )
+    return restored, fresh
+
+
+def check_vocabulary(ref: CheckpointRef, expected: Mapping[str, Any] | None) -> None:
+    """Raises when the checkpoint's vocabulary hash is known and differs from `expected`'s."""
+    saved = ref.meta.get("vocabulary") or {}
+    if not expected or not saved.get("hash") or not expected.get("hash"):
+        return
+    if saved["hash"] != expected["hash"]:
+        raise InitialCheckpointError(
+            f"the checkpoint {ref.step_dir} was trained with vocabulary {saved.get('path')!r} "
+            f"(hash {saved['hash']}) but this run uses {expected.get('path')!r} (hash "
+            f"{expected['hash']}); set VOCABULARY_PATH to the checkpoint's vocabulary"
+        )
+
+
+def load_initial_params(
+    path: str,
+    abstract_params: Any,
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    assignment_map: AssignmentMap = (),
+    fallback_to_scratch: bool = False,
+    expected_vocabulary: Mapping[str, Any] | None = None,
+) -> LoadedParams:
+    """Reads the params of a checkpoint onto the shardings of `abstract_params`.
+
+    Args:
+      path: see `find_checkpoint`.
+      abstract_params: the model's params as `jax.ShapeDtypeStruct`s with `sharding=` set (e.g.
+        `StateSetup.abstract_state.params`); arrays are read in their dtypes.
+      step: the step to read (None = latest, or the one `path` names).
+      strict: see the module docstring.
+      assignment_map: see the module docstring.
+      fallback_to_scratch: return `params=None` instead of failing when `path` holds no
+        checkpoint.
+      expected_vocabulary: this run's vocabulary record ({"path", "hash"}); a checkpoint trained
+        with another vocabulary is an error.
+
+    Returns:
+      A `LoadedParams`; params the checkpoint does not give are None leaves in `params` when
+      not strict (see `initial_train_state`, which fills them).
+
+    Raises:
+      InitialCheckpointError: no checkpoint (without fallback), or another vocabulary.
+      ArchitectureMismatchError: see `plan_restore`.
+    """
+    import orbax.checkpoint as ocp
+
+    ref = find_checkpoint(path, step)
+    if ref is None:
+        if fallback_to_scratch:
+            log.warning("no checkpoint under %s: fine-tuning starts from scratch", path)
+            return LoadedParams(None, None, {}, sorted(flatten(abstract_params)), [])
+        raise InitialCheckpointError(
+            f"no complete checkpoint under {path}; give a MODEL_DIR, its checkpoints/ folder "
+            "or one step's folder (…/checkpoints/N), or set fallback_to_scratch=True"
+        )
+    check_vocabulary(ref, expected_vocabulary)
+    saved = saved_params(ref)
+    target = flatten(abstract_params)
+    restored, fresh = plan_restore(
+        target,
+        saved,
+        strict=strict,
+        assignment_map=assignment_map,
+        where=f"checkpoint {ref.step_dir}",
+    )
+    # One read per source array (several targets may share a source), on the first target's
+    # sharding; orbax reshards on read and casts to the requested dtype.
+    first_target: dict[str, str] = {}
+    for name, source in restored.items():
+        first_target.setdefault(source, name)
+    item: dict[str, Any] = {}
+    for source, name in first_target.items():
+        node = item
+        *parents, leaf = source.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        t = target[name]
+        node[leaf] = ocp.ArrayRestoreArgs(
+            sharding=t.sharding, global_shape=tuple(t.shape), dtype=t.dtype
+        )
+    abstract_item = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.global_shape, a.dtype, sharding=a.sharding),
+        item,
+        is_leaf=lambda x: isinstance(x, ocp.ArrayRestoreArgs),
+    )
+    out = ocp.PyTreeCheckpointer().restore(
+        ref.step_dir / "state",
+        args=ocp.args.PyTreeRestore(
+            item={"params": abstract_item}, restore_args={"params": item}, partial_restore=True
+        ),
+    )
+    read = flatten(out["params"])
+    values: dict[str, Any] = {}
+    for name, source in restored.items():
+        x = read[source]
+        t = target[name]
+        if first_target[source] != name:
+            # A separate buffer: the same one twice in a tree cannot be donated.
+            x = jax.device_put(jnp.copy(x).astype(t.dtype), t.sharding)
+        values[name] = x
+    leaves = [values.get(name) for name in flatten(abstract_params)]
+    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+    used = set(restored.values())
+    unused = sorted(n for n in saved if n not in used)
+    if unused:
+        log.info("%d checkpoint params are not used, e.g. %s", len(unused), unused[0])
+    return LoadedParams(params, ref, restored, fresh, unused)
+
+
+def initial_train_state(
+    setup: train_state.StateSetup,
+    path: str,
+    *,
+    seed: int,
+    step: int | None = None,
+    strict: bool = True,
+    assignment_map: AssignmentMap = (),
+    fallback_to_scratch: bool = False,
+    expected_vocabulary: Mapping[str, Any] | None = None,
+) -> tuple[train_state.TrainState, LoadedParams]:
+    """A fresh TrainState (step 0, new optimizer state) whose params come from a checkpoint.
+
+    Args:
+      setup: the run's `train_state.setup_train_state(...)`.
+      path, step, strict, assignment_map, fallback_to_scratch, expected_vocabulary: see
+        `load_initial_params`.
+      seed: RANDOM_SEED; the training rng is `split(PRNGKey(seed))[1]`, as a run from scratch
+        derives it, and params the checkpoint does not give are initialised from it too.
+
+    Returns:
+      (state on `setup.shardings`, what was read).
+    """
+    loaded = load_initial_params(
+        path,
+        setup.abstract_state.params,
+        step=step,
+        strict=strict,
+        assignment_map=assignment_map,
+        fallback_to_scratch=fallback_to_scratch,
+        expected_vocabulary=expected_vocabulary,
+    )
+    if loaded.params is None or loaded.fresh:
+        # Only then is a scratch initialisation needed (it allocates a second set of params).
+        scratch = setup.init_fn()
+        if loaded.params is None:
+            return scratch, loaded
+        params = jax.tree.map(
+            lambda x, s: s if x is None else x,
+            loaded.params,
+            scratch.params,
+            is_leaf=lambda x: x is None,
+        )
+        del scratch
+    else:
+        params = loaded.params
+    rng = jax.random.split(jax.random.PRNGKey(seed))[1]
+
+    def fresh_state(params: Any) -> train_state.TrainState:
+        return train_state.TrainState(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            opt_state=setup.optimizer.tx.init(params),
+            rng=rng,
+        )
+
+    mesh = _mesh_of(setup)
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        state = jax.jit(fresh_state, out_shardings=setup.shardings, donate_argnums=0)(params)
+    return state, loaded
+
+
+def _mesh_of(setup: train_state.StateSetup):
+    for s in jax.tree.leaves(setup.shardings):
+        if hasattr(s, "mesh"):
+            return s.mesh
+    raise ValueError("the StateSetup carries no NamedSharding")
