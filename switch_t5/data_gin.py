@@ -10,8 +10,8 @@ and `get_vocabulary(name)`. A user sets only the macros the chosen task needs:
   cc_all.32000) and TFDS_DATA_DIR.
 - GLUE / SuperGLUE tasks and mixtures (`glue_*`, `super_glue_*`, `dpr_*`): optional
   VOCABULARY_PATH, TFDS_DATA_DIR.
-- `files_text_to_text`: TRAIN_FILES, VOCABULARY_PATH, INPUT_TEMPLATE, TARGET_COLUMN; optional
-  VALIDATION_FILES, LABEL_NAMES, METRICS, HAS_HEADER, COLUMN_NAMES (see
+- `files_text_to_text`: VOCABULARY_PATH, INPUT_TEMPLATE, TARGET_COLUMN, and TRAIN_FILES and/or
+  VALIDATION_FILES; optional LABEL_NAMES, METRICS, HAS_HEADER, COLUMN_NAMES (see
   `switch_t5.data.user_tasks`).
 
 `VOCABULARY_PATH = "embedded"` names the embedded corpus's vocabulary (to fine-tune a model
@@ -143,8 +143,13 @@ def register_tasks(
         from switch_t5.data import user_tasks
 
         kwargs = {m.lower(): macro(m, None) for m in _FINETUNE_MACROS}
-        for required in ("TRAIN_FILES", "VOCABULARY_PATH", "INPUT_TEMPLATE", "TARGET_COLUMN"):
+        for required in ("VOCABULARY_PATH", "INPUT_TEMPLATE", "TARGET_COLUMN"):
             macro(required, needed_by=name)
+        if kwargs["train_files"] is None and kwargs["validation_files"] is None:
+            raise MissingMacroError(
+                f"{name} needs TRAIN_FILES (to fine-tune) and/or VALIDATION_FILES (to evaluate); "
+                "set them to a glob or a list of files"
+            )
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs["vocabulary_path"] = vocabulary_path(required=True)
         user_tasks.register_files_text_to_text(**kwargs)

@@ -230,6 +230,34 @@ def test_gin_missing_and_unknown(clean_gin, text_setup):
         data_gin.get_vocabulary("no_such_task")
 
 
+def test_gin_registers_files_text_to_text(text_setup, clean_gin, tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text(
+        "index\tsentence1\tsentence2\tlabel\n"
+        "0\tIt rains.\tIt is wet.\tentailment\n"
+        "1\tThe cat sleeps.\tThe dog barks.\tnot_entailment\n"
+    )
+    _bind(
+        MIXTURE_OR_TASK_NAME="files_text_to_text",
+        VALIDATION_FILES=str(dev),
+        VOCABULARY_PATH=text_setup["spm"],
+        INPUT_TEMPLATE="rte sentence1: {sentence1} sentence2: {sentence2}",
+        TARGET_COLUMN="label",
+        LABEL_NAMES=["entailment", "not_entailment"],
+    )
+    data_gin.register_tasks()
+    rows = show.show("files_text_to_text", "validation", 2, {"inputs": 64, "targets": 8})
+    assert [r["inputs_text"] for r in rows] == [
+        "rte sentence1: It rains. sentence2: It is wet.",
+        "rte sentence1: The cat sleeps. sentence2: The dog barks.",
+    ]
+    assert [r["targets_text"] for r in rows] == ["entailment", "not_entailment"]
+    gin.clear_config()
+    _bind(MIXTURE_OR_TASK_NAME="files_text_to_text", VOCABULARY_PATH=text_setup["spm"])
+    with pytest.raises(data_gin.MissingMacroError, match="INPUT_TEMPLATE is not set"):
+        data_gin.register_tasks()
+
+
 def test_show_prints_examples_with_sentinels(text_setup, clean_gin, capsys):
     root = text_setup["root"]
     show.main(
