@@ -107,6 +107,7 @@ _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "base_learning_rate": (int, float),
     "warmup_steps": (int,),
     "z_loss": (int, float),
+    "infer_eval_period": (int,),
 }
 
 
@@ -130,6 +131,10 @@ def _check_args(args: Mapping[str, Any]) -> None:
             problems.append(f"{name}={args[name]} must be positive")
     if args["eval_period"] < 0:
         problems.append(f"eval_period={args['eval_period']} must be >= 0 (0 = no evaluation)")
+    if args["infer_eval_period"] < 0:
+        problems.append(
+            f"infer_eval_period={args['infer_eval_period']} must be >= 0 (0 = no evaluation)"
+        )
     lengths = args["task_feature_lengths"]
     if not isinstance(lengths, Mapping) or set(lengths) != {"inputs", "targets"}:
         problems.append(
@@ -155,6 +160,11 @@ def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
             value = gin.query_parameter(f"{name}/macro.value")
         except ValueError:
             continue
+        # `NAME = %gin.REQUIRED` is stored as a reference to the REQUIRED constant.
+        for _ in range(16):
+            if not isinstance(value, gin.config.ConfigurableReference):
+                break
+            value = value.scoped_configurable_fn()
         if value is gin.REQUIRED:
             raise gin_utils.GinConfigError(
                 f"gin macro {name} is required but not set: pass --gin.{name}=... "
@@ -434,6 +444,9 @@ def train(
     num_samples: int = 0,
     make_plots: bool = True,
     progress: str = "auto",
+    initial_checkpoint: Any = None,
+    infer_eval_period: int = 0,
+    keep_best_by: str | None = None,
     model_config: SwitchConfig | None = None,
 ) -> TrainResult:
     """Pretrains (or resumes pretraining) a Switch Transformer; see the module docstring.
@@ -475,6 +488,14 @@ def train(
       num_samples: decode this many validation examples greedily at the end and print them.
       make_plots: write MODEL_DIR/plots/{loss,expert_load}.png at the end.
       progress: "auto", "tqdm", "lines" or "none".
+      initial_checkpoint: fine-tuning: an `init_checkpoint.InitialCheckpoint` whose params start
+        the run, with a fresh optimizer state at step 0 (a checkpoint already in model_dir wins:
+        the run resumes).
+      infer_eval_period: INFER_EVAL_PERIOD: every N steps and at the end, decode the validation
+        split greedily and score it (`switch_t5.eval`; MODEL_DIR/eval/step_N/, metrics.jsonl
+        split "infer_eval"), keeping the best state in MODEL_DIR/best; 0 = never.
+      keep_best_by: the metric key ranking checkpoints ("task/metric" or an average); None =
+        the task's first metric or the mixture's average.
       model_config: the network config; None = from gin (`SwitchConfig` bindings), vocabulary
         size from the task when gin leaves it unset.
 
@@ -559,12 +580,31 @@ def train(
         )
         ckpt = checkpoints.Checkpointer(model_dir, keep_checkpoints, async_checkpointing)
         latest = ckpt.latest_step()
+        init_message = ""
         if latest is not None:
             restored = ckpt.restore(setup.abstract_state, latest, expected_meta=meta)
             state = restored.state
             train_pipe.set_state(restored.data_state)
             if is_main:
                 metrics_logging.truncate_metrics(model_dir, latest)
+        elif initial_checkpoint is not None:
+            from switch_t5 import init_checkpoint as init_checkpoint_lib
+
+            state, loaded = init_checkpoint_lib.initial_train_state(
+                setup,
+                initial_checkpoint.path,
+                seed=random_seed,
+                step=initial_checkpoint.step,
+                strict=initial_checkpoint.strict,
+                assignment_map=initial_checkpoint.assignment_map,
+                fallback_to_scratch=initial_checkpoint.fallback_to_scratch,
+                expected_vocabulary=vocab_meta,
+            )
+            init_message = (
+                f", params from {loaded.source.step_dir} ({len(loaded.fresh)} fresh)"
+                if loaded.source is not None
+                else f", from scratch (no checkpoint under {initial_checkpoint.path})"
+            )
         else:
             state = setup.init_fn()
         start_step = int(jax.device_get(state.step))
@@ -608,8 +648,31 @@ def train(
             f"({config.num_experts} experts), mesh {dict(mesh.shape)}, steps {start_step} -> "
             f"{train_steps}"
             + (f", resumed from checkpoint {start_step}" if latest else "")
+            + init_message
             + (f", compilation cache {cache_dir}" if cache_dir else "")
         )
+
+        infer_eval_fn, best_keeper = None, None
+        if infer_eval_period:
+            from switch_t5 import eval as eval_lib
+
+            evaluator = eval_lib.Evaluator(
+                module, mixture_or_task_name, task_feature_lengths, batch_size, mesh
+            )
+            best_keeper = eval_lib.BestCheckpointKeeper(model_dir, keep_best_by)
+
+            def infer_eval_fn(state, at: int) -> dict[str, float]:
+                out = evaluator.evaluate(
+                    state.params,
+                    step=at,
+                    output_dir=str(checkpoints.path(model_dir, "eval", f"step_{at}")),
+                )
+                improved = best_keeper.update(at, out, state, train_pipe.get_state(), meta)
+                logger.message(
+                    f"step {at}: {out.main_metric} = {out.main_value:.4f}"
+                    + (" (best so far, kept)" if improved else "")
+                )
+                return out.metrics
 
         result = _loop(
             state=state,
@@ -637,7 +700,11 @@ def train(
             peak=peak,
             profile_steps=profile_steps,
             model_dir=model_dir,
+            infer_eval_fn=infer_eval_fn,
+            infer_eval_period=infer_eval_period,
         )
+        if best_keeper is not None:
+            best_keeper.close()
         state, step, preempted, eval_losses, seconds, tps = result
 
         plots = {}
@@ -726,6 +793,8 @@ def _loop(
     peak,
     profile_steps,
     model_dir,
+    infer_eval_fn=None,
+    infer_eval_period=0,
 ):
     """The training loop: step, log, evaluate, checkpoint, stop on SIGTERM."""
     pending = _PendingMetrics()
@@ -793,6 +862,10 @@ def _loop(
                 logger.write(step, "eval", result)
                 logger.progress(step, result, split="eval")
                 t_log = time.perf_counter()  # evaluation time is not training time
+            if infer_eval_fn is not None and (step % infer_eval_period == 0 or last):
+                pending.check()  # never keep parameters after a NaN/Inf step
+                logger.write(step, "infer_eval", infer_eval_fn(state, step))
+                t_log = time.perf_counter()
     if profiling:
         jax.profiler.stop_trace()
     ckpt.wait()
@@ -858,8 +931,9 @@ def main(argv: Sequence[str]) -> TrainResult:
         )
     import switch_t5.data_gin  # noqa: F401  (registers its configurables before parsing)
 
-    gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
+    gin_utils.parse_gin(flags.gin_files, flags.gin_bindings, finalize=False)
     check_required_macros()
+    gin.finalize()
     maybe_initialize_distributed(
         flags.rest.coordinator_address, flags.rest.num_processes, flags.rest.process_id
     )

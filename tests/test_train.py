@@ -1,0 +1,305 @@
+"""End-to-end pretraining: the library train() on the simulated (2, 2, 2) mesh, exact resume,
+restore on another mesh, SIGTERM, NaN stop, bad gin, the lock, shipped run configs.
+
+One tiny run (6 steps) is shared by the module; later runs reuse its compiled step through the
+persistent compilation cache (same program), so only the other-mesh test compiles anew.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from switch_t5 import checkpoints, gin_utils, network, optim, partitioning, train_state
+from switch_t5 import train as train_lib
+from switch_t5.config import SwitchConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The embedded corpus's vocabulary has 4096 ids; the rest is the house tiny model.
+TINY = {
+    "vocab_size": 4096,
+    "d_model": 8,
+    "num_heads": 2,
+    "head_dim": 3,
+    "d_ff": 16,
+    "num_encoder_layers": 2,
+    "num_decoder_layers": 2,
+    "num_experts": 4,
+    "moe_layer_interval": 2,
+    "group_size": 64,
+    "dtype": "float32",
+}
+RUN = {
+    "mixture_or_task_name": "embedded_span_corruption",
+    "task_feature_lengths": {"inputs": 32, "targets": 8},
+    "batch_size": 8,
+    "eval_period": 3,
+    "eval_steps": 2,
+    "checkpoint_period": 3,
+    "log_every": 1,
+    "random_seed": 0,
+    "progress": "none",
+}
+
+
+def _train(model_dir, train_steps, mesh=(2, 2, 2), **kw):
+    args = {**RUN, "mesh_data": mesh[0], "mesh_expert": mesh[1], "mesh_model": mesh[2], **kw}
+    return train_lib.train(
+        model_dir=str(model_dir),
+        train_steps=train_steps,
+        model_config=SwitchConfig(**TINY),
+        **args,
+    )
+
+
+def _losses(model_dir, split="train"):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if r["split"] == split}
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """The uninterrupted reference run: 6 steps, checkpoints at 3 and 6."""
+    d = tmp_path_factory.mktemp("run_a")
+    result = _train(d, 6, num_samples=2)
+    return str(d), result
+
+
+@pytest.fixture(scope="module")
+def run_b_half(tmp_path_factory, run_a):
+    """The same run stopped after 3 steps (a copy is kept for the other-mesh restore)."""
+    d = tmp_path_factory.mktemp("run_b")
+    _train(d, 3)
+    copy = str(tmp_path_factory.mktemp("run_b_copy") / "model")
+    shutil.copytree(d, copy)
+    return str(d), copy
+
+
+def test_end_to_end_run_writes_everything(run_a):
+    d, result = run_a
+    assert result.step == 6 and not result.preempted
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train_recs = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    for key in (
+        "loss",
+        "cross_entropy",
+        "accuracy",
+        "z_loss",
+        "load_balancing_loss",
+        "router_z_loss",
+        "fraction_dropped",
+        "router_confidence",
+        "learning_rate",
+        "tokens_per_sec",
+        "step_time",
+    ):
+        assert key in train_recs[-1], key
+    assert np.asarray(train_recs[-1]["expert_usage"]).shape == (2, 4)
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6]
+    assert [s for s, _ in result.eval_losses] == [3, 6]
+    # Near chance (log 4096 = 8.3) after 6 steps of a tiny model.
+    assert all(5.0 < loss < 12.0 for loss in _losses(d).values())
+    assert sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints")) if s.isdigit()) == [
+        3,
+        6,
+    ]
+    assert os.path.exists(os.path.join(d, "config.gin"))
+    assert os.path.getsize(os.path.join(d, "plots", "loss.png")) > 1000
+    assert os.path.getsize(os.path.join(d, "plots", "expert_load.png")) > 1000
+    events = os.listdir(os.path.join(d, "tensorboard", "train"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
+    assert len(result.samples) == 2 and all(s["prediction"] for s in result.samples)
+
+
+def test_resume_gives_the_same_losses_exactly(run_a, run_b_half):
+    d_a, _ = run_a
+    d_b, _ = run_b_half
+    result = _train(d_b, 6)
+    assert result.start_step == 3 and result.step == 6
+    assert _losses(d_b) == _losses(d_a)  # bitwise, every step 1..6
+    assert _losses(d_b, "eval") == _losses(d_a, "eval")
+
+
+@pytest.mark.slow
+def test_restore_on_another_mesh(run_a, run_b_half):
+    """Saved on (2, 2, 2), continued on (4, 1, 2): params bitwise, losses within 1e-5."""
+    d_a, _ = run_a
+    _, copy = run_b_half
+    cfg = SwitchConfig(**TINY)
+    setups = {}
+    for sizes in ((2, 2, 2), (4, 1, 2)):
+        mesh = partitioning.make_mesh(*sizes, num_experts=4)
+        setups[sizes] = train_state.setup_train_state(
+            lambda rng: network.init_variables(cfg, rng),
+            lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
+            mesh,
+            0,
+        )
+    ckpt = checkpoints.Checkpointer(copy)
+    saved = ckpt.restore(setups[(2, 2, 2)].abstract_state, 3).state
+    moved = ckpt.restore(setups[(4, 1, 2)].abstract_state, 3).state
+    ckpt.close()
+    assert checkpoints.tree_equal(saved, moved)
+    leaf = moved.params["encoder"]["layers_1"]["mlp"]["expert"]["wi"]["kernel"]
+    assert leaf.sharding.mesh.devices.shape == (4, 1, 2)
+
+    result = _train(copy, 6, mesh=(4, 1, 2))
+    assert result.start_step == 3
+    ref, got = _losses(d_a), _losses(copy)
+    for step in (4, 5, 6):
+        np.testing.assert_allclose(got[step], ref[step], rtol=1e-5, err_msg=f"step {step}")
+
+
+def _tiny_bindings():
+    out = [f"switch_t5.SwitchConfig.{k} = {v!r}" for k, v in TINY.items() if k != "num_experts"]
+    return [*out, "NUM_EXPERTS = 4"]
+
+
+def _cli_args(model_dir, *extra):
+    bindings = [
+        *_tiny_bindings(),
+        f"MODEL_DIR = '{model_dir}'",
+        "MIXTURE_OR_TASK_NAME = 'embedded_span_corruption'",
+        "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}",
+        "BATCH_SIZE = 8",
+        "train.mesh_data = 2",
+        "train.mesh_expert = 2",
+        "train.mesh_model = 2",
+        "train.eval_steps = 2",
+        "train.progress = 'lines'",
+        "train.make_plots = False",
+        *extra,
+    ]
+    return [
+        "--gin_file=configs/models/tiny.gin",
+        "--gin_file=configs/runs/pretrain.gin",
+        *[f"--gin_bindings={b}" for b in bindings],
+    ]
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_nan_loss_stops_naming_the_step_and_saves_nothing(tmp_path, clean_gin):
+    """Forced through a gin binding: a huge init scale overflows the logits."""
+    d = str(tmp_path / "nan")
+    argv = _cli_args(
+        d,
+        "switch_t5.SwitchConfig.init_scale = 1e30",
+        "TRAIN_STEPS = 4",
+        "CHECKPOINT_PERIOD = 1",
+        "EVAL_PERIOD = 0",
+        "LOG_EVERY = 2",
+    )
+    with pytest.raises(train_lib.NonFiniteLossError, match="diverged at step 1: loss is nan"):
+        train_lib.main(argv)
+    ckpt_dir = os.path.join(d, "checkpoints")
+    assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()]
+    # The lock died with the failed run.
+    checkpoints.ModelDirLock(d).acquire().release()
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("train.train_stepz = 3", "train_stepz"),  # unknown parameter (gin names near matches)
+        ("TRAIN_STEPS = 'ten'", "train.train_steps='ten' is a str; expected int"),
+        ("BATCH_SIZE = 7", "cannot be split over the 4 batch shards"),
+        ("switch_t5.SwitchConfig.vocab_size = 32128", "vocab_size=32128"),
+    ],
+)
+def test_bad_gin_fails_before_compiling(tmp_path, clean_gin, monkeypatch, binding, message):
+    def never(*args, **kwargs):
+        raise AssertionError("the bad setting was not caught before building the model")
+
+    monkeypatch.setattr(train_state, "setup_train_state", never)
+    d = str(tmp_path / "bad")
+    with pytest.raises(Exception, match=message) as e:
+        train_lib.main(_cli_args(d, "TRAIN_STEPS = 3", binding))
+    assert isinstance(e.value, train_lib._user_errors()), type(e.value)
+    assert not os.path.exists(os.path.join(d, "checkpoints"))
+
+
+def test_unset_required_macro_is_named(clean_gin):
+    with pytest.raises(gin_utils.GinConfigError, match="macro MODEL_DIR is required"):
+        train_lib.main(
+            ["--gin_file=configs/models/tiny.gin", "--gin_file=configs/runs/pretrain.gin"]
+        )
+
+
+def test_second_run_on_a_locked_model_dir_is_refused(tmp_path):
+    d = str(tmp_path / "locked")
+    with (
+        checkpoints.ModelDirLock(d),
+        pytest.raises(checkpoints.ModelDirLockedError, match="in use by another training run"),
+    ):
+        _train(d, 3)
+
+
+def test_shipped_run_configs_parse(clean_gin):
+    import switch_t5.data_gin  # noqa: F401
+
+    gin_utils.parse_gin(
+        ["configs/models/switch_base_8.gin", "configs/runs/pretrain.gin"],
+        ["MODEL_DIR = '/tmp/x'", "NUM_EXPERTS = 16"],
+    )
+    assert gin.query_parameter("train.batch_size") is not None
+    assert gin_utils.make_model_config().num_experts == 16
+    gin.clear_config()
+    gin_utils.parse_gin(["configs/experiments/quickstart.gin"])
+    train_lib.check_required_macros()
+    cfg = gin_utils.make_model_config()
+    assert cfg.num_experts == 8 and cfg.vocab_size == 4096
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    d = str(tmp_path / "sigterm")
+    cache = jax.config.jax_compilation_cache_dir
+    argv = _cli_args(
+        d,
+        "TRAIN_STEPS = 100000",
+        "CHECKPOINT_PERIOD = 1000",
+        "EVAL_PERIOD = 0",
+        "LOG_EVERY = 1",
+        f"train.compilation_cache_dir = '{cache}'",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "switch_t5.train", *argv],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if " step 3 train loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=300)
+    lines.append(out)
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGTERM: saved checkpoint" in text
+    ckpt = checkpoints.Checkpointer(d)
+    step = ckpt.latest_step()
+    ckpt.close()
+    assert step is not None and step >= 3
+    assert max(_losses(d)) == step
