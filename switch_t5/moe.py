@@ -203,7 +203,8 @@ class Experts(nn.Module):
         Args:
           x: <dtype>[experts, groups, capacity, embed] dispatched tokens.
           enable_dropout: apply expert dropout ("dropout" rng stream).
-          group_axis: logical name of the groups axis ("expert_group"; None = unconstrained).
+          group_axis: logical name of the groups axis ("expert_group"; None = not sharded,
+            for a single group).
 
         Returns:
           <dtype>[experts, groups, capacity, embed].
@@ -413,16 +414,19 @@ class MoeLayer(nn.Module):
         num_tokens = batch * length
         num_groups, group_tokens = group_layout(num_tokens, cfg.group_size)
         _check_groups_fit_mesh(num_tokens, num_groups, cfg.group_size)
-        # One group spans the batch shards (decoding): leave its layout to the partitioner.
-        group_axis, expert_group_axis = (
-            ("group", "expert_group") if num_groups > 1 else (None, None)
-        )
+        # A single group (decoding steps, small calls) spans the batch shards: its token layout is
+        # left to the partitioner instead of being forced onto one device.
+        expert_group_axis = "expert_group" if num_groups > 1 else None
+
+        def on_groups(a, names):
+            return _constrain(a, names) if num_groups > 1 else a
+
         cf = cfg.train_capacity_factor if enable_dropout else cfg.eval_capacity_factor
         capacity = routing_lib.expert_capacity(
             group_tokens, cfg.num_experts, cf, cfg.min_expert_capacity
         )
         # [batch, length, d] -> [g, t, d]: consecutive tokens, so groups never straddle shards.
-        xg = _constrain(x.reshape(num_groups, group_tokens, d), (group_axis, "capacity", "embed"))
+        xg = on_groups(x.reshape(num_groups, group_tokens, d), ("group", "capacity", "embed"))
         valid = valid.reshape(num_groups, group_tokens)
         logits = router(xg, apply_jitter=enable_dropout)
         r = routing_lib.route(
@@ -436,23 +440,23 @@ class MoeLayer(nn.Module):
         self._sow_stats(r)
         if impl == "einsum":
             expert_in, combine = dispatch_einsum(xg, r)
-            combine = _constrain(combine, (group_axis, "capacity", None, None))
+            combine = on_groups(combine, ("group", "capacity", None, None))
         else:
             expert_in = dispatch_scatter(xg, r)
         # Dispatch stays local to each group shard; then the all-to-all: groups over
         # (data, expert) -> experts over expert, groups over data (arXiv 2101.03961 Figure 9).
         # Without the first constraint XLA may instead gather tokens into the expert layout.
-        expert_in = _constrain(expert_in, (None, group_axis, "capacity", "embed"))
+        expert_in = on_groups(expert_in, (None, "group", "capacity", "embed"))
         expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
         expert_out = experts(expert_in, enable_dropout=enable_dropout, group_axis=expert_group_axis)
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
         # And back: the second all-to-all returns each expert output to its group's shard.
-        expert_out = _constrain(expert_out, (None, group_axis, "capacity", "embed"))
+        expert_out = on_groups(expert_out, (None, "group", "capacity", "embed"))
         if impl == "einsum":
             out = combine_einsum(expert_out, combine)
         else:
             out = combine_scatter(expert_out, r)
-        out = _constrain(out, (group_axis, "capacity", "embed"))
+        out = on_groups(out, ("group", "capacity", "embed"))
         # [g, t, d] -> [batch, length, d]
         return out.reshape(batch, length, d)
 

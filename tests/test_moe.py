@@ -60,8 +60,8 @@ def _collect(tree):
 
 
 @functools.cache
-def _compiled_apply(config, train):
-    layer = moe.MoeLayer(config)
+def _compiled_apply(config, train, is_encoder=True):
+    layer = moe.MoeLayer(config, is_encoder)
 
     @jax.jit
     def f(v, x, mask, rngs):
@@ -75,9 +75,9 @@ def _compiled_apply(config, train):
     return f
 
 
-def _apply(config, variables, x, mask=None, *, train=False, rngs=None):
+def _apply(config, variables, x, mask=None, *, train=False, rngs=None, is_encoder=True):
     """(output, averaged intermediates) of one jitted layer call; compiled once per config."""
-    return _compiled_apply(config, train)(variables, x, mask, rngs or {})
+    return _compiled_apply(config, train, is_encoder)(variables, x, mask, rngs or {})
 
 
 def _init(module, x, seed=0):
@@ -185,6 +185,17 @@ def test_padding_takes_no_capacity(variables):
             np.testing.assert_array_equal(s1[key], s2[key])
         # 9 real tokens; the processed counts can only come from them.
         assert float(jnp.sum(s1["tokens_per_expert"])) <= 9
+
+
+def test_batch_prioritized_routing_is_encoder_only(variables):
+    v = _skewed(variables)
+    x = _x((2, 6, 8), seed=16)
+    plain, _ = _apply(cfg(eval_capacity_factor=0.7), v, x)
+    bpr = cfg(eval_capacity_factor=0.7, batch_prioritized_routing=True)
+    encoder, _ = _apply(bpr, v, x)
+    decoder, _ = _apply(bpr, v, x, is_encoder=False)
+    assert not np.array_equal(encoder, plain), "BPR must change which tokens are dropped here"
+    np.testing.assert_array_equal(decoder, plain)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
