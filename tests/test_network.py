@@ -38,10 +38,23 @@ SPARSE = dataclasses.replace(
 )
 
 
+# Two examples, each in its own row (the packed test packs them into one row).
+UNPACKED_INPUTS = dict(
+    encoder_input_tokens=jnp.array([[11, 12, 13, 0, 0, 0], [14, 15, 0, 0, 0, 0]]),
+    decoder_input_tokens=jnp.array([[0, 21, 0, 0, 0, 0], [0, 23, 24, 0, 0, 0]]),
+    decoder_target_tokens=jnp.array([[21, 22, 0, 0, 0, 0], [23, 24, 25, 0, 0, 0]]),
+)
+
+
 @functools.cache
 def _apply(config: SwitchConfig, **kwargs):
     model = network.EncoderDecoder(config)
     return jax.jit(functools.partial(model.apply, enable_dropout=False, **kwargs))
+
+
+def _forward(config: SwitchConfig):
+    """Jitted apply returning (logits, state) with every module's output captured."""
+    return _apply(config, capture_intermediates=True, mutable=("intermediates",))
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +125,7 @@ def test_forward_shapes_and_dtypes_bfloat16(sparse_variables):
     enc = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 1]])
     dec = jnp.array([[0, 3, 4, 5, 6], [0, 9, 8, 7, 0]])
     # Params are float32 whatever the compute dtype, so the float32-config init serves.
-    logits, state = _apply(cfg, capture_intermediates=True, mutable=("intermediates",))(
-        sparse_variables, enc, dec, dec
-    )
+    logits, state = _forward(cfg)(sparse_variables, enc, dec, dec)
     assert logits.shape == (2, 5, 128) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
     encoded = state["intermediates"]["encoder"]["__call__"][0]
@@ -135,23 +146,19 @@ def test_packed_equals_unpacked(dense_variables):
         decoder_segment_ids=jnp.array([[1, 1, 2, 2, 2, 0]]),
         decoder_positions=jnp.array([[0, 1, 0, 1, 2, 0]]),
     )
-    unpacked = dict(
-        encoder_input_tokens=jnp.array([[11, 12, 13, 0, 0, 0], [14, 15, 0, 0, 0, 0]]),
-        decoder_input_tokens=jnp.array([[0, 21, 0, 0, 0, 0], [0, 23, 24, 0, 0, 0]]),
-        decoder_target_tokens=jnp.array([[21, 22, 0, 0, 0, 0], [23, 24, 25, 0, 0, 0]]),
-    )
-    packed_logits = np.asarray(_apply(DENSE)(dense_variables, **packed))
-    unpacked_logits = np.asarray(_apply(DENSE)(dense_variables, **unpacked))
+    unpacked = UNPACKED_INPUTS
+    packed_logits = np.asarray(_forward(DENSE)(dense_variables, **packed)[0])
+    unpacked_logits = np.asarray(_forward(DENSE)(dense_variables, **unpacked)[0])
     np.testing.assert_allclose(packed_logits[0, 0:2], unpacked_logits[0, 0:2], RTOL, ATOL)
     np.testing.assert_allclose(packed_logits[0, 2:5], unpacked_logits[1, 0:3], RTOL, ATOL)
     # The segments really interact without the segment ids.
     crosstalk = np.asarray(
-        _apply(DENSE)(
+        _forward(DENSE)(
             dense_variables,
             encoder_input_tokens=packed["encoder_input_tokens"],
             decoder_input_tokens=packed["decoder_input_tokens"],
             decoder_target_tokens=packed["decoder_target_tokens"],
-        )
+        )[0]
     )
     assert np.abs(crosstalk[0, 2:5] - unpacked_logits[1, 0:3]).max() > 1e-3
 
@@ -161,7 +168,8 @@ def test_kv_cache_decode_equals_full_forward(sparse_variables):
     enc = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]])
     dec = jnp.array([[0, 31, 42, 53, 64], [0, 75, 86, 97, 108]])
     length = dec.shape[1]
-    full, state = _apply(SPARSE, mutable=("intermediates",))(sparse_variables, enc, dec)
+    # All targets real, as in decoding (same shapes as test_moe_padding_masks_from_tokens).
+    full, state = _forward(SPARSE)(sparse_variables, enc, dec, jnp.ones_like(dec))
     dropped = state["intermediates"]["decoder"]["layers_1"]["mlp"]["fraction_dropped"][0]
     assert float(dropped) == 0.0
 
@@ -252,7 +260,7 @@ def test_moe_padding_masks_from_tokens(sparse_variables):
     enc = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 0, 0, 0]])
     dec = jnp.array([[0, 3, 4, 5, 6], [0, 9, 8, 7, 6]])
     targets = jnp.array([[3, 4, 5, 6, 0], [9, 8, 0, 0, 0]])
-    _, state = _apply(SPARSE, mutable=("intermediates",))(sparse_variables, enc, dec, targets)
+    _, state = _forward(SPARSE)(sparse_variables, enc, dec, targets)
     inter = state["intermediates"]
     enc_kept = inter["encoder"]["layers_1"]["mlp"]["tokens_per_expert"][0]
     dec_kept = inter["decoder"]["layers_1"]["mlp"]["tokens_per_expert"][0]
@@ -261,25 +269,40 @@ def test_moe_padding_masks_from_tokens(sparse_variables):
     assert float(jnp.sum(dec_kept)) == 6.0
 
 
-def test_dropout_is_random_per_rng_and_off_by_default_in_eval(dense_variables):
+def test_tied_logits_scale_decoder_output_by_rsqrt_d_model(dense_variables):
+    logits, state = _forward(DENSE)(dense_variables, **UNPACKED_INPUTS)
+    decoder_out = np.asarray(state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0])
+    embedding = np.asarray(dense_variables["params"]["token_embedder"]["embedding"].value)
+    expected = (decoder_out.astype(np.float64) * 8**-0.5) @ embedding.T.astype(np.float64)
+    assert logits.dtype == jnp.float32 and logits.shape == (2, 6, 128)
+    np.testing.assert_allclose(np.asarray(logits), expected, RTOL, ATOL)
+    assert "logits_dense" not in dense_variables["params"]["decoder"]
+
+
+def test_untied_logits_use_logits_dense_without_scaling(sparse_variables):
+    enc = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 0, 0, 0]])
+    dec = jnp.array([[0, 3, 4, 5, 6], [0, 9, 8, 7, 6]])
+    logits, state = _forward(SPARSE)(sparse_variables, enc, dec, jnp.ones_like(dec))
+    decoder_out = np.asarray(state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0])
+    kernel = np.asarray(sparse_variables["params"]["decoder"]["logits_dense"]["kernel"].value)
+    assert kernel.shape == (8, 128)
+    np.testing.assert_allclose(
+        np.asarray(logits), decoder_out.astype(np.float64) @ kernel, RTOL, ATOL
+    )
+
+
+def test_dropout_is_random_per_rng(dense_variables):
     cfg = dataclasses.replace(DENSE, dropout_rate=0.5)
     model = network.EncoderDecoder(cfg)
     tokens = jnp.array([[3, 4, 5, 6, 7, 8]])
     run = jax.jit(
-        lambda rng, enable: model.apply(
-            dense_variables, tokens, tokens, rngs={"dropout": rng}, enable_dropout=enable
-        ),
-        static_argnums=1,
+        lambda rng: model.apply(
+            dense_variables, tokens, tokens, rngs={"dropout": rng}, enable_dropout=True
+        )
     )
-    a, b = run(jax.random.key(0), True), run(jax.random.key(1), True)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(run(jax.random.key(0), True)))
+    a, b = run(jax.random.key(0)), run(jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(run(jax.random.key(0))))
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
-    np.testing.assert_allclose(
-        np.asarray(run(jax.random.key(0), False)),
-        np.asarray(_apply(DENSE)(dense_variables, tokens, tokens)),
-        RTOL,
-        ATOL,
-    )
 
 
 def test_param_counts_from_the_tree():
