@@ -376,17 +376,12 @@ class EncoderDecoder(nn.Module):
         """
         _check_tokens("decoder_input_tokens", decoder_input_tokens)
         _check_tokens("encoder_input_tokens", encoder_input_tokens)
-        _check_same_shape(
-            "decoder_target_tokens", decoder_target_tokens, "decoder_input_tokens",
-            decoder_input_tokens,
-        )  # fmt: skip
-        _check_same_shape(
-            "decoder_segment_ids", decoder_segment_ids, "decoder_input_tokens",
-            decoder_input_tokens,
-        )  # fmt: skip
-        _check_same_shape(
-            "decoder_positions", decoder_positions, "decoder_input_tokens", decoder_input_tokens
-        )
+        for name, x in (
+            ("decoder_target_tokens", decoder_target_tokens),
+            ("decoder_segment_ids", decoder_segment_ids),
+            ("decoder_positions", decoder_positions),
+        ):
+            _check_same_shape(name, x, "decoder_input_tokens", decoder_input_tokens)
         if encoded.shape[:2] != encoder_input_tokens.shape:
             raise ValueError(
                 f"encoded has shape {encoded.shape} but encoder_input_tokens has shape "
