@@ -52,6 +52,9 @@ def make_hf_model(kwargs, seed=0):
         expert_capacity=64, relative_attention_num_buckets=8, dropout_rate=0.0, **kwargs
     )
     model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
+    # transformers 5 unties the input embeddings from `shared` with tie_word_embeddings=False;
+    # T5/Switch share them (the import refuses separate ones).
+    model.set_input_embeddings(model.shared)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "router.classifier" in name:
@@ -306,6 +309,14 @@ def test_export_refuses_what_hf_cannot_represent(change, feature):
 
     with pytest.raises(hf.UnsupportedFeatureError, match=feature):
         hf.hf_config_from_ours(dataclasses.replace(TINY, **change))
+
+
+def test_import_rejects_separate_input_embeddings(tmp_path):
+    model = make_hf_model(CONFIGS["e8_steps4and1_untied"])
+    model.encoder.embed_tokens = torch.nn.Embedding(*model.shared.weight.shape)
+    model.save_pretrained(str(tmp_path))
+    with pytest.raises(hf.UnsupportedFeatureError, match=r"encoder\.embed_tokens\.weight differs"):
+        hf.load_hf(str(tmp_path))
 
 
 def test_import_rejects_router_bias_and_mismatched_layout(tmp_path):

@@ -226,8 +226,32 @@ def _our_targets(config: SwitchConfig) -> dict[str, streaming.TargetSpec]:
     return {k: streaming.TargetSpec(tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
 
 
+def check_shared_input_embeddings(source: streaming.Source, rows: int = 4096) -> None:
+    """Raises UnsupportedFeatureError when encoder/decoder input embeddings differ from `shared`.
+
+    transformers 5 unties `encoder.embed_tokens`/`decoder.embed_tokens` from `shared` when
+    `tie_word_embeddings=False`; T5 and Switch share one input embedding (compared in row
+    chunks, never whole).
+    """
+    names = set(source.names())
+    if "shared.weight" not in names:
+        return
+    vocab = source.shape("shared.weight")[0]
+    for other in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if other not in names:
+            continue
+        for start in range(0, vocab, rows):
+            box = (slice(start, min(start + rows, vocab)),)
+            if not np.array_equal(source.read("shared.weight", box), source.read(other, box)):
+                raise UnsupportedFeatureError(
+                    f"{other} differs from shared.weight: separate encoder/decoder input "
+                    "embeddings cannot be represented (T5 and Switch share one input embedding)"
+                )
+
+
 def import_plan(config: SwitchConfig, source: streaming.Source, hf_vocab: int) -> streaming.Plan:
     """The plan HF tensors -> our params (float32 by default)."""
+    check_shared_input_embeddings(source)
     targets = _our_targets(config)
     pieces: list[streaming.Piece] = []
     for ours, hf, lead, transpose in param_pairs(config):
