@@ -106,6 +106,7 @@ def converted(request, tmp_path_factory):
     return request.param, kwargs, model, path, ours, params
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(converted):
     name, kwargs, model, _, ours, params = converted
     vocab = kwargs["vocab_size"]

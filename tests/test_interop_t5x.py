@@ -22,6 +22,7 @@ def test_switch_base_8_names_and_shapes_match_the_flaxformer_golden_list():
     assert t5x.expected_shapes(config) == golden
 
 
+@pytest.mark.slow
 def test_t5x_checkpoint_imports_with_transformers_parity(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
