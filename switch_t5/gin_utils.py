@@ -24,11 +24,17 @@ _REGISTERED = False
 
 
 def register_configurables() -> None:
-    """Makes the model config dataclass configurable as `switch_t5.SwitchConfig`."""
+    """Makes `switch_t5.SwitchConfig` and `switch_t5.InitialCheckpoint` gin-configurable."""
     global _REGISTERED
     if _REGISTERED:
         return
     gin.external_configurable(config_lib.SwitchConfig, name="SwitchConfig", module="switch_t5")
+    # Fine-tuning's initial checkpoint (configs/runs/finetune.gin).
+    from switch_t5 import init_checkpoint
+
+    gin.external_configurable(
+        init_checkpoint.InitialCheckpoint, name="InitialCheckpoint", module="switch_t5"
+    )
     _REGISTERED = True
 
 

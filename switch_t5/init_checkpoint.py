@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from switch_t5 import checkpoints, partitioning, train_state
+from switch_t5 import partitioning, train_state
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,36 @@ class InitialCheckpointError(ValueError):
 
 class ArchitectureMismatchError(InitialCheckpointError):
     """A parameter's shape differs from the checkpoint's (or strict restore lacks one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialCheckpoint:
+    """Where a fine-tuning run's params come from (T5X's `RestoreCheckpointConfig`).
+
+    Gin-configurable as `switch_t5.InitialCheckpoint` (configs/runs/finetune.gin).
+
+    Attributes:
+      path: INITIAL_CHECKPOINT_PATH: a MODEL_DIR, its checkpoints/ folder or one step's folder
+        (converted checkpoints included).
+      step: the step to read; None = latest (or the one `path` names).
+      strict: every model param must come from the checkpoint (module docstring).
+      assignment_map: ((target_regex, source_or_None), ...) (module docstring).
+      fallback_to_scratch: start from scratch when `path` holds no checkpoint.
+    """
+
+    path: str
+    step: int | None = None
+    strict: bool = True
+    assignment_map: tuple[tuple[str, str | None], ...] = ()
+    fallback_to_scratch: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise InitialCheckpointError(
+                f"InitialCheckpoint.path={self.path!r}: set INITIAL_CHECKPOINT_PATH to a "
+                "MODEL_DIR or one step's checkpoint folder"
+            )
+        _compile_map(self.assignment_map)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +140,8 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointRef | None:
       InitialCheckpointError: `step` is not among the complete steps, or `path` is one step's
         folder of another step.
     """
+    from switch_t5 import checkpoints  # orbax: imported only when reading
+
     p = epath.Path(path)
     if _is_step_dir(p):
         if not p.name.isdigit():

@@ -34,6 +34,7 @@ import numpy as np
 from switch_t5 import (
     checkpoints,
     gin_utils,
+    init_checkpoint,
     metrics_logging,
     network,
     optim,
@@ -41,6 +42,7 @@ from switch_t5 import (
     train_state,
     trainer,
 )
+from switch_t5 import eval as eval_lib  # registers its gin configurables before parsing
 from switch_t5.config import SwitchConfig, pad_vocab_size
 
 log = logging.getLogger(__name__)
@@ -588,9 +590,7 @@ def train(
             if is_main:
                 metrics_logging.truncate_metrics(model_dir, latest)
         elif initial_checkpoint is not None:
-            from switch_t5 import init_checkpoint as init_checkpoint_lib
-
-            state, loaded = init_checkpoint_lib.initial_train_state(
+            state, loaded = init_checkpoint.initial_train_state(
                 setup,
                 initial_checkpoint.path,
                 seed=random_seed,
@@ -654,8 +654,6 @@ def train(
 
         infer_eval_fn, best_keeper = None, None
         if infer_eval_period:
-            from switch_t5 import eval as eval_lib
-
             evaluator = eval_lib.Evaluator(
                 module, mixture_or_task_name, task_feature_lengths, batch_size, mesh
             )
