@@ -12,6 +12,14 @@ from typing import Literal
 
 DispatchImpl = Literal["auto", "einsum", "scatter", "dropless"]
 RouterType = Literal["switch", "topk"]
+# Rematerialisation (activation checkpointing) of each layer, or each scanned block:
+#   "none": keep every activation for the backward pass (fastest, most memory);
+#   "full": keep only the layer inputs and recompute everything else (least memory);
+#   "dots": keep matmul outputs, recompute element-wise ops (`checkpoint_dots`);
+#   "dots_no_batch": keep matmul outputs without batch dims, i.e. those of the weights only
+#     (`dots_with_no_batch_dims_saveable`, MaxText's "minimal").
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = 128) -> int:
@@ -84,6 +92,18 @@ class SwitchConfig:
       router_z_loss_weight: beta of the router z-loss (ST-MoE).
       dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (ragged_dot) or
         "auto" (picked per platform).
+      moe_dtype: compute dtype of the MoE layer's dispatch, experts and combine, hence of its
+        all-to-alls; None = `dtype`. "bfloat16" with float32 activations is T5X's truncated MoE
+        dtype (halves the all-to-all bytes); the router stays float32 either way.
+      sparse_extra_mlp: ST-MoE (arXiv 2202.08906 sec. 3.1, Flaxformer `extra_mlp`): each sparse
+        layer adds a dense MLP after the MoE, with its own pre-norm and residual (params
+        `pre_extra_mlp_layer_norm`, `extra_mlp`).
+      scan_layers: run each stack as `nn.scan` over repeated blocks (one period of the
+        dense/sparse pattern, e.g. a dense/sparse pair) with params stacked on a leading
+        "layers" axis; compiles one block instead of every layer. Checkpoints convert with
+        `switch_t5.scan_utils`.
+      remat_policy: activation rematerialisation per layer (per block when scanned); see
+        `REMAT_POLICIES`.
     """
 
     vocab_size: int = 32128
@@ -120,6 +140,11 @@ class SwitchConfig:
     load_balancing_loss_weight: float = 1e-2
     router_z_loss_weight: float = 0.0
     dispatch: DispatchImpl = "auto"
+    moe_dtype: str | None = None
+    sparse_extra_mlp: bool = False
+    # Memory and compilation at scale.
+    scan_layers: bool = False
+    remat_policy: RematPolicy = "none"
 
     def __post_init__(self):
         problems = []
@@ -156,6 +181,14 @@ class SwitchConfig:
             problems.append(
                 f"dispatch={self.dispatch!r}: use 'auto', 'einsum', 'scatter' or 'dropless'"
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            problems.append(
+                f"remat_policy={self.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}"
+            )
+        for name in ("dtype", "param_dtype", "moe_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in ("float32", "bfloat16", "float16"):
+                problems.append(f"{name}={value!r}: use 'float32' or 'bfloat16'")
         for stack, layers, n in (
             ("encoder", self.encoder_sparse_layers, self.num_encoder_layers),
             ("decoder", self.decoder_sparse_layers, self.num_decoder_layers),
@@ -180,6 +213,24 @@ class SwitchConfig:
             return tuple(sorted(explicit))
         n = self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
         return sparse_layers_every(n, self.moe_layer_interval)
+
+    def num_layers(self, stack: Literal["encoder", "decoder"]) -> int:
+        return self.num_encoder_layers if stack == "encoder" else self.num_decoder_layers
+
+    def scan_period(self, stack: Literal["encoder", "decoder"]) -> int:
+        """Layers per scanned block: the smallest period of the stack's dense/sparse pattern.
+
+        1 for all-dense or all-sparse stacks, `moe_layer_interval` for the Switch/ST-MoE layouts
+        (a dense/sparse pair for Switch-Base/XXL). An irregular layout gives the whole stack as
+        one block (still correct, but nothing is saved by scanning).
+        """
+        n = self.num_layers(stack)
+        sparse = set(self.sparse_layers(stack))
+        pattern = [i in sparse for i in range(n)]
+        for period in range(1, n + 1):
+            if n % period == 0 and all(pattern[i] == pattern[i % period] for i in range(n)):
+                return period
+        return 1  # no layers at all
 
     @property
     def gated(self) -> bool:

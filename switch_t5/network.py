@@ -27,6 +27,14 @@ Parameter tree (T5X/Flaxformer layout; HF and T5X checkpoint import map onto the
   decoder/decoder_norm/scale                              [embed]
   decoder/logits_dense/kernel                             [embed, vocab]  (untied logits only)
 
+ST-MoE sparse layers (`config.sparse_extra_mlp`) add `pre_extra_mlp_layer_norm/scale` and
+`extra_mlp/...` (a dense MLP after the MoE).
+
+With `config.scan_layers` each stack is an `nn.scan` over blocks of `config.scan_period(stack)`
+layers (one period of the dense/sparse pattern): `{encoder,decoder}/layers/subblock_{j}/...`
+holds layer `block * period + j`, every param with a leading "layers" axis of `n / period`
+blocks. `switch_t5.scan_utils` converts between the two layouts.
+
 The decoder's KV cache ("cache" collection) lives at
 `decoder/layers_{i}/self_attention/{cached_key, cached_value, cache_index}`.
 
@@ -37,6 +45,7 @@ shifted right), `decoder_target_tokens` (0 = padding), and for packed examples
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -52,7 +61,58 @@ def _moe_layer(config: SwitchConfig, is_encoder: bool) -> nn.Module:
     # Imported here so that dense models need nothing of the MoE code.
     from switch_t5 import moe
 
+    if config.moe_dtype is not None and config.moe_dtype != config.dtype:
+        # T5X's truncated MoE dtype: dispatch, experts, combine (and so the all-to-alls) run in
+        # `moe_dtype`; the router computes in float32 whatever the dtype.
+        config = dataclasses.replace(config, dtype=config.moe_dtype)
     return moe.MoeLayer(config=config, is_encoder=is_encoder, name="mlp")
+
+
+def _feed_forward(
+    config: SwitchConfig,
+    x: jax.Array,
+    padding_mask: jax.Array | None,
+    sparse: bool,
+    is_encoder: bool,
+    enable_dropout: bool,
+) -> jax.Array:
+    """The pre-normed dense MLP or MoE block of a layer, with its residual (and, for ST-MoE
+    sparse layers, the extra dense MLP after it). Must be called inside a compact module."""
+    dropout = nn.Dropout(config.dropout_rate)
+    dtype = layers.compute_dtype(config)
+    y = layers.RMSNorm(config, name="pre_mlp_layer_norm")(x)
+    if sparse:
+        y = _moe_layer(config, is_encoder)(y, padding_mask, enable_dropout=enable_dropout)
+    else:
+        y = layers.MlpBlock(config, name="mlp")(y, enable_dropout=enable_dropout)
+    x = x + dropout(y.astype(dtype), deterministic=not enable_dropout)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if sparse and config.sparse_extra_mlp:
+        # ST-MoE (arXiv 2202.08906 sec. 3.1): a dense FFN right after each sparse one.
+        y = layers.RMSNorm(config, name="pre_extra_mlp_layer_norm")(x)
+        y = layers.MlpBlock(config, name="extra_mlp")(y, enable_dropout=enable_dropout)
+        x = x + dropout(y, deterministic=not enable_dropout)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x
+
+
+def remat_policy(name: str) -> Any:
+    """The `jax.checkpoint` policy of a `SwitchConfig.remat_policy` name ("none" -> None)."""
+    policies = {
+        "none": None,
+        "full": None,  # jax.checkpoint's default: save nothing, recompute the whole layer
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }
+    if name not in policies:
+        raise ValueError(f"remat_policy={name!r}: use one of {', '.join(policies)}")
+    return policies[name]
+
+
+def _maybe_remat(cls: type[nn.Module], config: SwitchConfig, **kwargs) -> type[nn.Module]:
+    if config.remat_policy == "none":
+        return cls
+    return nn.remat(cls, policy=remat_policy(config.remat_policy), **kwargs)
 
 
 def _check_tokens(name: str, tokens: jax.Array) -> None:
@@ -86,10 +146,12 @@ class EncoderLayer(nn.Module):
         mask: jax.Array | None,
         bias: jax.Array,
         padding_mask: jax.Array | None,
-        *,
         enable_dropout: bool = False,
     ) -> jax.Array:
-        """x: [batch, length, embed] -> same shape."""
+        """x: [batch, length, embed] -> same shape.
+
+        `enable_dropout` may be passed positionally: it is static argument 5 under `nn.remat`.
+        """
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         y = layers.RMSNorm(cfg, name="pre_attention_layer_norm")(x)
@@ -98,14 +160,7 @@ class EncoderLayer(nn.Module):
         )
         x = x + dropout(y, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-        y = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-        if self.sparse:
-            y = _moe_layer(cfg, is_encoder=True)(y, padding_mask, enable_dropout=enable_dropout)
-        else:
-            y = layers.MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
-        x = x + dropout(y, deterministic=not enable_dropout)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return _feed_forward(cfg, x, padding_mask, self.sparse, True, enable_dropout)
 
 
 class DecoderLayer(nn.Module):
@@ -128,11 +183,14 @@ class DecoderLayer(nn.Module):
         self_bias: jax.Array,
         cross_mask: jax.Array | None,
         padding_mask: jax.Array | None,
-        *,
         enable_dropout: bool = False,
         decode: bool = False,
     ) -> jax.Array:
-        """x: [batch, length, embed], encoded: [batch, inputs_length, embed] -> like x."""
+        """x: [batch, length, embed], encoded: [batch, inputs_length, embed] -> like x.
+
+        `enable_dropout` and `decode` may be passed positionally: static arguments 7 and 8 under
+        `nn.remat`.
+        """
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
         y = layers.RMSNorm(cfg, name="pre_self_attention_layer_norm")(x)
@@ -149,14 +207,80 @@ class DecoderLayer(nn.Module):
         )
         x = x + dropout(y, deterministic=not enable_dropout)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return _feed_forward(cfg, x, padding_mask, self.sparse, False, enable_dropout)
 
-        y = layers.RMSNorm(cfg, name="pre_mlp_layer_norm")(x)
-        if self.sparse:
-            y = _moe_layer(cfg, is_encoder=False)(y, padding_mask, enable_dropout=enable_dropout)
-        else:
-            y = layers.MlpBlock(cfg, name="mlp")(y, enable_dropout=enable_dropout)
-        x = x + dropout(y, deterministic=not enable_dropout)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+def _block_pattern(config: SwitchConfig, stack: str) -> tuple[bool, ...]:
+    """Which layers of one scanned block are sparse."""
+    period = config.scan_period(stack)
+    sparse = set(config.sparse_layers(stack))
+    return tuple(j in sparse for j in range(period))
+
+
+class EncoderBlock(nn.Module):
+    """One period of the encoder's dense/sparse pattern: the unit `nn.scan` repeats.
+
+    Attributes:
+      config: the network config.
+      pattern: per layer of the block, whether it is sparse.
+      enable_dropout: training mode (an attribute, not an argument, so scan/remat keep it
+        static).
+    """
+
+    config: SwitchConfig
+    pattern: tuple[bool, ...]
+    enable_dropout: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, bias, padding_mask):
+        """(carry x: [batch, length, embed], broadcast args) -> (x, None), as nn.scan wants."""
+        for j, sparse in enumerate(self.pattern):
+            x = EncoderLayer(self.config, sparse=sparse, name=f"subblock_{j}")(
+                x, mask, bias, padding_mask, self.enable_dropout
+            )
+        return x, None
+
+
+class DecoderBlock(nn.Module):
+    """One period of the decoder's dense/sparse pattern: the unit `nn.scan` repeats.
+
+    Attributes:
+      config: the network config.
+      pattern: per layer of the block, whether it is sparse.
+      enable_dropout: training mode (static under scan/remat).
+    """
+
+    config: SwitchConfig
+    pattern: tuple[bool, ...]
+    enable_dropout: bool = False
+
+    @nn.compact
+    def __call__(self, y, encoded, self_mask, self_bias, cross_mask, padding_mask):
+        """(carry y: [batch, length, embed], broadcast args) -> (y, None)."""
+        for j, sparse in enumerate(self.pattern):
+            y = DecoderLayer(self.config, sparse=sparse, name=f"subblock_{j}")(
+                y, encoded, self_mask, self_bias, cross_mask, padding_mask, self.enable_dropout
+            )
+        return y, None
+
+
+def _scanned(block_cls: type[nn.Module], config: SwitchConfig, stack: str, num_args: int):
+    """`block_cls` rematerialised per `config.remat_policy` and scanned over the stack's blocks.
+
+    Params (and sown MoE metrics) get a leading axis of `num_layers / period` blocks, named
+    "layers" for the partitioner and the optimizer (per-layer Adafactor factoring).
+    """
+    n_blocks = config.num_layers(stack) // config.scan_period(stack)
+    # Inside scan, CSE across iterations cannot defeat remat, so prevent_cse is not needed.
+    block_cls = _maybe_remat(block_cls, config, prevent_cse=False)
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True, "jitter": True},
+        in_axes=(nn.broadcast,) * num_args,
+        length=n_blocks,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
 class Encoder(nn.Module):
@@ -195,11 +319,18 @@ class Encoder(nn.Module):
 
         x = self.shared_embedding(encoder_input_tokens)
         x = dropout(x, deterministic=not enable_dropout)
-        sparse = set(cfg.sparse_layers("encoder"))
-        for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, sparse=i in sparse, name=f"layers_{i}")(
-                x, mask, bias, real, enable_dropout=enable_dropout
+        if cfg.scan_layers:
+            stack = _scanned(EncoderBlock, cfg, "encoder", 3)
+            x, _ = stack(cfg, _block_pattern(cfg, "encoder"), enable_dropout, name="layers")(
+                x, mask, bias, real
             )
+        else:
+            layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(5,))
+            sparse = set(cfg.sparse_layers("encoder"))
+            for i in range(cfg.num_encoder_layers):
+                x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+                    x, mask, bias, real, enable_dropout
+                )
         x = layers.RMSNorm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=not enable_dropout)
 
@@ -236,6 +367,11 @@ class Decoder(nn.Module):
         encoder_real = encoder_input_tokens > 0
 
         if decode:
+            if cfg.scan_layers:
+                raise ValueError(
+                    "decode=True needs unscanned layers: convert the params with "
+                    "switch_t5.scan_utils.unscan_params and decode with scan_layers=False"
+                )
             if decoder_segment_ids is not None or encoder_segment_ids is not None:
                 raise ValueError(
                     "decode=True does not support packed (segment_ids) inputs; decode unpacked "
@@ -280,18 +416,18 @@ class Decoder(nn.Module):
 
         y = self.shared_embedding(decoder_input_tokens)
         y = dropout(y, deterministic=not enable_dropout)
-        sparse = set(cfg.sparse_layers("decoder"))
-        for i in range(cfg.num_decoder_layers):
-            y = DecoderLayer(cfg, sparse=i in sparse, name=f"layers_{i}")(
-                y,
-                encoded,
-                self_mask,
-                bias,
-                cross_mask,
-                padding_mask,
-                enable_dropout=enable_dropout,
-                decode=decode,
+        if cfg.scan_layers:
+            stack = _scanned(DecoderBlock, cfg, "decoder", 5)
+            y, _ = stack(cfg, _block_pattern(cfg, "decoder"), enable_dropout, name="layers")(
+                y, encoded, self_mask, bias, cross_mask, padding_mask
             )
+        else:
+            layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(7, 8))
+            sparse = set(cfg.sparse_layers("decoder"))
+            for i in range(cfg.num_decoder_layers):
+                y = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
+                    y, encoded, self_mask, bias, cross_mask, padding_mask, enable_dropout, decode
+                )
         y = layers.RMSNorm(cfg, name="decoder_norm")(y)
         y = dropout(y, deterministic=not enable_dropout)
 
@@ -541,10 +677,12 @@ def expert_param_count(params, config: SwitchConfig) -> int:
     total = 0
     for path, leaf in _leaves_with_paths(params):
         if "expert" in path[:-1]:
-            if not leaf.shape or leaf.shape[0] != config.num_experts:
+            # Scanned stacks (`<stack>/layers/...`) put the stacked layers axis first.
+            axis = 1 if len(path) > 1 and path[1] == "layers" else 0
+            if len(leaf.shape) <= axis or leaf.shape[axis] != config.num_experts:
                 raise ValueError(
                     f"expert param {'/'.join(path)} has shape {leaf.shape}; expected the "
-                    f"experts axis ({config.num_experts}) first"
+                    f"experts axis ({config.num_experts}) at position {axis}"
                 )
             total += int(np.prod(leaf.shape))
     return total
