@@ -27,6 +27,8 @@ PUBLISHED = {
     "switch_large_128": 26.31e9,
     "switch_xxl_128": 394.7e9,
     "switch_c_2048": 1571.3e9,
+    # ST-MoE (arXiv 2202.08906 Table 10).
+    "st_moe_32b": 269e9,
 }
 
 
@@ -42,6 +44,7 @@ def _config(name: str, bindings: tuple[str, ...] = ()):
 def test_all_expected_configs_ship():
     expected = {f"switch_base_{e}" for e in (8, 16, 32, 64, 128, 256)}
     expected |= {"switch_large_128", "switch_xxl_128", "switch_c_2048", "t5_base", "tiny"}
+    expected |= {"st_moe_base", "st_moe_32b"}
     assert set(MODEL_CONFIGS) == expected
 
 
@@ -105,3 +108,31 @@ def test_plan_runs_as_a_module_without_tensorflow():
     )
     assert result.returncode == 0, result.stderr
     assert "total_params: 1072397568" in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "name, experts, z_loss", [("st_moe_base", 16, 1e-4), ("st_moe_32b", 64, 1e-3)]
+)
+def test_st_moe_configs(name, experts, z_loss):
+    """Top-2, every 4th layer sparse with an extra dense MLP, gated GELU, router z-loss."""
+    config = _config(name)
+    assert (config.num_experts, config.num_selected_experts) == (experts, 2)
+    assert config.router_z_loss_weight == z_loss
+    assert config.mlp_activations == ("gelu", "linear")
+    n = config.num_encoder_layers
+    assert config.sparse_layers("encoder") == tuple(range(3, n, 4))
+    assert config.sparse_layers("decoder") == tuple(range(3, n, 4))
+    params = network.init_abstract(config)["params"]
+    sparse_layer = (
+        params["encoder"]["layers"]["subblock_3"]
+        if config.scan_layers
+        else params["encoder"]["layers_3"]
+    )
+    assert {"pre_extra_mlp_layer_norm", "extra_mlp", "mlp"} <= set(sparse_layer)
+    assert "expert" in sparse_layer["mlp"]
+    # Active params: everything but the experts, plus 2 of E experts in each sparse layer.
+    model_plan = plan.plan_model(config)
+    per_expert = model_plan.expert_params // experts
+    assert model_plan.active_params_per_token == (
+        model_plan.total_params - model_plan.expert_params + 2 * per_expert
+    )
