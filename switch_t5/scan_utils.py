@@ -59,6 +59,15 @@ def scan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, An
                 f"); the params are not an unscanned {n}-layer {stack}"
             )
         layers = [tree.pop(f"layers_{i}") for i in range(n)]
+        sparse = set(config.sparse_layers(stack))
+        for i, layer in enumerate(layers):
+            has_experts = "expert" in layer.get("mlp", {})
+            if has_experts != (i in sparse):
+                raise ValueError(
+                    f"{stack}/layers_{i} is {'sparse' if has_experts else 'dense'} in the params "
+                    f"but {'sparse' if i in sparse else 'dense'} in the config (sparse layers "
+                    f"{sorted(sparse)}); convert with the config the params were trained with"
+                )
         block = {}
         for j in range(period):
             group = layers[j::period]
