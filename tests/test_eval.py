@@ -16,7 +16,7 @@ from switch_t5.config import SwitchConfig  # noqa: E402
 from switch_t5.data import glue, user_tasks, vocab  # noqa: E402
 from switch_t5.data import metrics as metrics_lib  # noqa: E402
 
-LENGTHS = {"inputs": 16, "targets": 8}
+LENGTHS = {"inputs": 32, "targets": 8}
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
 
 
@@ -57,7 +57,9 @@ def _write_tsv(path, rows):
 def env(tmp_path_factory, mesh_222):
     root = tmp_path_factory.mktemp("eval")
     spm = vocab.train_sentencepiece(
-        [" ".join(WORDS) + " yes no contains"] * 30, str(root / "spm.model"), 100 + 20
+        [" ".join(WORDS) + " yes no maybe contains apple: x"] * 30,
+        str(root / "spm.model"),
+        100 + 28,
     )
     vocabulary = vocab.get_vocabulary(spm)
     # 11 rows with batch 8: the last batch holds 3 examples and 5 padding rows.
@@ -75,7 +77,7 @@ def env(tmp_path_factory, mesh_222):
     if "eval_test_mix" in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove("eval_test_mix")
     seqio.MixtureRegistry.add("eval_test_mix", [("eval_test_a", 1.0), ("eval_test_b", 1.0)])
-    config = _config(128)  # pad_vocab_size(120)
+    config = _config(128)  # pad_vocab_size(128)
     model = network.EncoderDecoder(config)
     boxed = network.init_variables(config, jax.random.PRNGKey(0))["params"]
     shardings = partitioning.params_shardings(boxed, mesh_222)
