@@ -18,9 +18,12 @@ MLP of the same size) and a router that sends each token to its top-1 expert (to
    all-to-all (arXiv 2101.03961 Figure 9). Three implementations (`config.dispatch`):
    "einsum"  one-hot dispatch mask [g, t, e, c] and combine array, as Mesh-TF/Flaxformer;
    "scatter" index gathers into the expert buffers, no [tokens, experts, capacity] tensor;
+             forward AND backward are row gathers (`_gather_rows`), never a scatter-add;
    "dropless" no capacity: tokens sorted by expert and `jax.lax.ragged_dot` grouped matmuls.
    "einsum" and "scatter" give identical outputs and drop the same tokens.
-4. `Experts`: per-expert MLP, gated or not, expert dropout on the hidden activations.
+4. `Experts`: per-expert MLP, gated or not, expert dropout on the hidden activations; on CPU
+   with an unsharded expert axis the experts run one at a time as 2-D matmuls
+   (`loop_experts`), elsewhere as one batched einsum.
 5. combine: output = sum over kept choices of gate * expert output; a dropped token gets 0.
 
 Losses and load metrics are sown, unweighted, into the "intermediates" collection;
@@ -76,6 +79,22 @@ def resolve_dispatch(dispatch: str) -> str:
     return dispatch
 
 
+def loop_experts(impl: str) -> bool:
+    """Whether the capacity dispatch runs its experts one at a time (`jax.lax.map`).
+
+    On CPU, E separate [g * c, d] x [d, f] matmuls run at the speed of the dense MLP's single
+    matmul, while XLA's batched [e, g * c, d] x [e, d, f] dot is 1.2-1.5x slower
+    (scripts/bench_moe.py). Accelerators keep the batched einsum (one batched GEMM / MXU op),
+    and so does a sharded expert axis (a loop over it would make the partitioner gather the
+    experts' kernels).
+    """
+    return (
+        impl in ("einsum", "scatter")
+        and jax.default_backend() == "cpu"
+        and _group_shards("expert")[0] == 1
+    )
+
+
 def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
     """(num_groups, tokens_per_group): the largest divisor of num_tokens that is <= group_size.
 
@@ -94,13 +113,13 @@ def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
     return num_tokens // best, best
 
 
-def _group_shards() -> tuple[int, tuple[str, ...]]:
-    """How many shards the logical "group" axis has under the active mesh and axis rules."""
+def _group_shards(name: str = "group") -> tuple[int, tuple[str, ...]]:
+    """How many shards a logical axis ("group") has under the active mesh and axis rules."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return 1, ()
-    axes = nn.logical_to_mesh_axes(("group",), rules)[0]
+    axes = nn.logical_to_mesh_axes((name,), rules)[0]
     if axes is None:
         return 1, ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -196,7 +215,12 @@ class Experts(nn.Module):
         return self.dropout(h, deterministic=not enable_dropout)
 
     def __call__(
-        self, x: jax.Array, *, enable_dropout: bool = False, group_axis: str | None = None
+        self,
+        x: jax.Array,
+        *,
+        enable_dropout: bool = False,
+        group_axis: str | None = None,
+        loop: bool = False,
     ) -> jax.Array:
         """Applies every expert to its own capacity buffer.
 
@@ -205,17 +229,51 @@ class Experts(nn.Module):
           enable_dropout: apply expert dropout ("dropout" rng stream).
           group_axis: logical name of the groups axis ("expert_group"; None = not sharded,
             for a single group).
+          loop: run the experts one after the other (`jax.lax.map`), each as plain 2-D matmuls
+            (see `loop_experts`); the same products as the batched einsum. Only for an
+            unsharded expert axis.
 
         Returns:
           <dtype>[experts, groups, capacity, embed].
         """
         dtype = jnp.dtype(self.config.dtype)
         x = x.astype(dtype)
+        if loop:
+            return self._loop(x, enable_dropout)
         # [e, g, c, d] x [e, d, f] -> [e, g, c, f]
         h = self._hidden(lambda w: jnp.einsum("egcd,edf->egcf", x, w), enable_dropout)
         h = _constrain(h, ("expert", group_axis, "capacity", "mlp"))
         # [e, g, c, f] x [e, f, d] -> [e, g, c, d]
         return jnp.einsum("egcf,efd->egcd", h, self.wo().astype(dtype))
+
+    def _loop(self, x: jax.Array, enable_dropout: bool) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        e, g, c, d = x.shape
+        rate = cfg.expert_dropout
+        drop = enable_dropout and rate > 0
+        key = self.make_rng("dropout") if drop else None
+        wis = [wi().astype(dtype) for wi in self.wi]
+
+        def one_expert(args):
+            i, xe, wo, *wi = args
+            # [g, c, d] -> [g * c, d]
+            rows = xe.reshape(g * c, d)
+            h = None
+            for act_name, w in zip(cfg.mlp_activations, wi):
+                # [g * c, d] x [d, f] -> [g * c, f]
+                a = _ACTIVATIONS[act_name](rows @ w)
+                h = a if h is None else h * a
+            if drop:
+                # Same distribution as nn.Dropout, one key per expert.
+                keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, h.shape)
+                h = jnp.where(keep, h / max(1.0 - rate, 1e-12), 0.0).astype(dtype)
+            # [g * c, f] x [f, d] -> [g * c, d] -> [g, c, d]
+            return (h @ wo).reshape(g, c, d)
+
+        return jax.lax.map(
+            one_expert, (jnp.arange(e, dtype=jnp.int32), x, self.wo().astype(dtype), *wis)
+        )
 
     def ragged(
         self, x: jax.Array, group_sizes: jax.Array, *, enable_dropout: bool = False
@@ -277,12 +335,77 @@ def _slots(r: routing_lib.Routing) -> jax.Array:
     return jnp.where(r.kept, flat, num_experts * r.capacity)
 
 
-def dispatch_scatter(x: jax.Array, r: routing_lib.Routing) -> jax.Array:
-    """Index-based dispatch: a [groups, experts * capacity] slot -> token table, then a gather.
+def _take_rows(src: jax.Array, idx: jax.Array) -> jax.Array:
+    """[g, n, d] rows at [g, m] indices -> [g, m, d]; an out-of-range index gives a zero row."""
+    return jnp.take_along_axis(src, idx[..., None], axis=1, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _gather_rows(src: jax.Array, idx: jax.Array, readers: jax.Array) -> jax.Array:
+    """out[g, i] = src[g, idx[g, i]], differentiated with gathers only.
+
+    The dispatch and combine maps are partial permutations (each expert slot holds at most one
+    (token, choice) and vice versa), so the transpose of the gather is another gather, through
+    the inverse map `readers`, instead of the scatter-add that autodiff would emit (serial on
+    CPU, atomics on GPU).
+
+    Args:
+      src: <dtype>[groups, n, d].
+      idx: <int32>[groups, m] source row of each output row; >= n gives a zero row.
+      readers: <int32>[groups, n, j] the (at most j) output rows that read each source row;
+        >= m marks an unused entry.
+
+    Returns:
+      <dtype>[groups, m, d].
+    """
+    return _take_rows(src, idx)
+
+
+def _gather_rows_fwd(src, idx, readers):
+    return _take_rows(src, idx), readers
+
+
+def _gather_rows_bwd(readers, d_out):
+    g, n, j = readers.shape
+    # [g, m, d] -> [g, n * j, d] -> [g, n, j, d] -> [g, n, d]
+    d_src = _take_rows(d_out, readers.reshape(g, n * j)).reshape(g, n, j, d_out.shape[-1])
+    return jnp.sum(d_src, axis=2), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def slot_tables(r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
+    """The dispatch map in both directions, as index tables.
+
+    Returns:
+      slot_of_row: <int32>[groups, tokens * k] flat slot (expert * capacity + position) of every
+        (token, choice) row; a dropped or padding row points past the buffer (e * c).
+      row_of_slot: <int32>[groups, experts * capacity] the (token * k + choice) row held by every
+        slot; an empty slot points past the rows (t * k).
+    """
+    g, t, k = r.expert_index.shape
+    num_slots = r.router_probs.shape[-1] * r.capacity
+    # [g, t, k] -> [g, t * k]
+    slot_of_row = _slots(r).reshape(g, t * k)
+    rows = jnp.broadcast_to(jnp.arange(t * k, dtype=jnp.int32), (g, t * k))
+    # Inverse map by an integer scatter of t * k indices (cheap next to the [t, d] row moves).
+    row_of_slot = jnp.full((g, num_slots), t * k, jnp.int32)
+    row_of_slot = jax.vmap(lambda tb, s, v: tb.at[s].set(v, mode="drop"))(
+        row_of_slot, slot_of_row, rows
+    )
+    return slot_of_row, row_of_slot
+
+
+def dispatch_scatter(
+    x: jax.Array, r: routing_lib.Routing, tables: tuple[jax.Array, jax.Array] | None = None
+) -> jax.Array:
+    """Index-based dispatch: gathers each slot's token into the expert buffers.
 
     Args:
       x: <dtype>[groups, tokens, embed].
       r: the routing of these tokens.
+      tables: `slot_tables(r)`, when the caller already has them.
 
     Returns:
       <dtype>[experts, groups, capacity, embed]; empty slots are zero.
@@ -290,37 +413,39 @@ def dispatch_scatter(x: jax.Array, r: routing_lib.Routing) -> jax.Array:
     g, t, d = x.shape
     k = r.expert_index.shape[-1]
     num_experts = r.router_probs.shape[-1]
-    num_slots = num_experts * r.capacity
-    # [g, t, k] -> [g, t * k]
-    slots = _slots(r).reshape(g, t * k)
-    tokens = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k)).reshape(t * k)
-    # Slot -> token table; an empty slot points past the group (token t) and gathers zeros.
-    table = jnp.full((g, num_slots), t, jnp.int32)
-    table = jax.vmap(lambda tb, s: tb.at[s].set(tokens, mode="drop"))(table, slots)
+    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(r)
+    # Row -> token (row // k); an empty slot (row t * k) maps to token t: out of range, zeros.
+    token_of_slot = row_of_slot // k
+    # [g, t * k] -> [g, t, k]: the slots that read each token.
+    readers = slot_of_row.reshape(g, t, k)
     # [g, t, d] -> [g, e * c, d]
-    buf = jnp.take_along_axis(x, table[..., None], axis=1, mode="fill", fill_value=0)
+    buf = _gather_rows(x, token_of_slot, readers)
     # [g, e * c, d] -> [e, g, c, d]
     return jnp.transpose(buf.reshape(g, num_experts, r.capacity, d), (1, 0, 2, 3))
 
 
-def combine_scatter(expert_outputs: jax.Array, r: routing_lib.Routing) -> jax.Array:
+def combine_scatter(
+    expert_outputs: jax.Array,
+    r: routing_lib.Routing,
+    tables: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
     """Gathers each kept choice's expert output and sums gate * output over choices.
 
     Args:
       expert_outputs: <dtype>[experts, groups, capacity, embed].
       r: the routing.
+      tables: `slot_tables(r)`, when the caller already has them.
 
     Returns:
       <dtype>[groups, tokens, embed]; dropped tokens get 0.
     """
     e, g, c, d = expert_outputs.shape
     t, k = r.expert_index.shape[1:]
+    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(r)
     # [e, g, c, d] -> [g, e * c, d]
     buf = jnp.transpose(expert_outputs, (1, 0, 2, 3)).reshape(g, e * c, d)
-    # [g, e * c, d] -> [g, t * k, d] -> [g, t, k, d]; dropped slots are out of range -> 0.
-    picked = jnp.take_along_axis(
-        buf, _slots(r).reshape(g, t * k)[..., None], axis=1, mode="fill", fill_value=0
-    ).reshape(g, t, k, d)
+    # [g, e * c, d] -> [g, t * k, d] -> [g, t, k, d]; dropped rows point past the buffer -> 0.
+    picked = _gather_rows(buf, slot_of_row, row_of_slot[..., None]).reshape(g, t, k, d)
     weights = (r.gate * r.kept).astype(expert_outputs.dtype)
     # [g, t, k, d] x [g, t, k] -> [g, t, d]
     return jnp.einsum("gtkd,gtk->gtd", picked, weights)
@@ -442,20 +567,26 @@ class MoeLayer(nn.Module):
             expert_in, combine = dispatch_einsum(xg, r)
             combine = on_groups(combine, ("group", "capacity", None, None))
         else:
-            expert_in = dispatch_scatter(xg, r)
+            tables = slot_tables(r)
+            expert_in = dispatch_scatter(xg, r, tables)
         # Dispatch stays local to each group shard; then the all-to-all: groups over
         # (data, expert) -> experts over expert, groups over data (arXiv 2101.03961 Figure 9).
         # Without the first constraint XLA may instead gather tokens into the expert layout.
         expert_in = on_groups(expert_in, (None, "group", "capacity", "embed"))
         expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
-        expert_out = experts(expert_in, enable_dropout=enable_dropout, group_axis=expert_group_axis)
+        expert_out = experts(
+            expert_in,
+            enable_dropout=enable_dropout,
+            group_axis=expert_group_axis,
+            loop=loop_experts(impl),
+        )
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
         # And back: the second all-to-all returns each expert output to its group's shard.
         expert_out = on_groups(expert_out, (None, "group", "capacity", "embed"))
         if impl == "einsum":
             out = combine_einsum(expert_out, combine)
         else:
-            out = combine_scatter(expert_out, r)
+            out = combine_scatter(expert_out, r, tables)
         out = on_groups(out, ("group", "capacity", "embed"))
         # [g, t, d] -> [batch, length, d]
         return out.reshape(batch, length, d)

@@ -155,6 +155,87 @@ def test_einsum_and_scatter_identical_under_heavy_dropping(variables):
         assert np.all(np.asarray(oe)[~np.asarray(mask)] == 0)
 
 
+@functools.cache
+def _compiled_grad(config):
+    layer = moe.MoeLayer(config)
+
+    @jax.jit
+    def grad(v, x, mask, cot):
+        def loss(v, x):
+            return jnp.sum(layer.apply(v, x, mask) * cot)
+
+        return jax.grad(loss, argnums=(0, 1))(v, x)
+
+    return grad
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_scatter_gradients_equal_einsum_gradients_under_dropping(variables, k):
+    # The scatter dispatch differentiates its gathers by hand (`_gather_rows`: the transpose of a
+    # partial permutation is the inverse gather); the einsum path is plain autodiff.
+    x = _x((4, 6, 8), seed=21)
+    mask = jnp.ones((4, 6), bool).at[2, 3:].set(False)
+    cot = _x((4, 6, 8), seed=22)
+    v = _skewed(variables)
+    kw = {"router_type": "topk", "num_selected_experts": k} if k > 1 else {}
+    grads = {
+        impl: _compiled_grad(cfg(dispatch=impl, eval_capacity_factor=0.7, **kw))(v, x, mask, cot)
+        for impl in ("einsum", "scatter")
+    }
+    _, stats = _apply(cfg(dispatch="scatter", eval_capacity_factor=0.7, **kw), v, x, mask)
+    assert float(stats["fraction_dropped"]) > 0.2, "the case must drop many tokens"
+    (gv_e, gx_e), (gv_s, gx_s) = grads["einsum"], grads["scatter"]
+    np.testing.assert_allclose(gx_s, gx_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gv_s), jax.tree.leaves(gv_e)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A dropped or padding token gets no gradient through the experts: only the residual
+    # (outside this layer) carries it. Padding gets none at all (its router row is masked out
+    # of the losses, and it has no gate).
+    assert np.all(np.asarray(gx_s)[2, 3:] == 0)
+    # Every expert kernel received gradient from its kept tokens.
+    assert np.all(np.abs(np.asarray(gv_s["params"]["expert"]["wo"]["kernel"])).sum((1, 2)) > 0)
+
+
+def test_scatter_backward_has_no_float_scatter(variables):
+    hlo = (
+        _compiled_grad(cfg(dispatch="scatter"))
+        .lower(variables, _x(), jnp.ones((2, 6), bool), _x(seed=5))
+        .compile()
+        .as_text()
+    )
+    scatters = re.findall(r"= (\w+)\[[\d,]*\][^\n]*? scatter\(", hlo)
+    # Only the int32 slot tables are built by scatters; no row of activations is scattered.
+    assert scatters and set(scatters) <= {"s32"}, scatters
+
+
+@pytest.mark.parametrize("acts", [("relu",), ("gelu", "linear")])
+def test_expert_loop_equals_batched_einsum(acts):
+    c = cfg(mlp_activations=acts, d_ff=17)
+    experts = moe.Experts(c)
+    x = _x((4, 3, 5, 8), seed=23)
+    v = jax.jit(experts.init)(jax.random.key(3), x)
+    batched = jax.jit(lambda v, x: experts.apply(v, x, loop=False))(v, x)
+    looped = jax.jit(lambda v, x: experts.apply(v, x, loop=True))(v, x)
+    np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-6)
+    # With dropout: a fresh mask per expert, kept units scaled by 1 / (1 - rate).
+    c_drop = cfg(mlp_activations=acts, d_ff=17, expert_dropout_rate=0.5)
+    apply_drop = jax.jit(
+        lambda v, x, key: moe.Experts(c_drop).apply(
+            v, x, loop=True, enable_dropout=True, rngs={"dropout": key}
+        )
+    )
+    d1, d2 = apply_drop(v, x, jax.random.key(0)), apply_drop(v, x, jax.random.key(1))
+    assert not np.allclose(d1, d2) and not np.allclose(d1, batched)
+    assert np.all(np.isfinite(np.asarray(d1)))
+
+
+def test_loop_experts_only_on_cpu_with_unsharded_experts(mesh_222):
+    assert moe.loop_experts("scatter") == (jax.default_backend() == "cpu")
+    assert not moe.loop_experts("dropless")
+    with jax.set_mesh(mesh_222), partitioning.axis_rules():
+        assert not moe.loop_experts("scatter")
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_all_dispatch_impls_agree_without_drops(variables, k):
     x = _x((2, 6, 8), seed=4)
