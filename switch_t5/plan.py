@@ -1,22 +1,51 @@
-"""Plan a model before running it: parameter counts from the real param tree, without memory.
+"""Plan a model before running it: parameter counts, then the compiled train step's memory.
 
   python -m switch_t5.plan --gin_file=configs/models/switch_base_8.gin [--gin.NUM_EXPERTS=64]
+  python -m switch_t5.plan --gin_file=configs/models/switch_c_2048.gin --devices=2048 \
+      [--mesh=data:D,expert:E,model:M] [--hbm_gib=16] [--accelerator=tpu|gpu]
+      [--batch=2048 --inputs_length=512 --targets_length=114] [--num_microbatches=1]
 
-The model is initialised abstractly (`jax.eval_shape`), so even Switch-C (1.6T parameters) is
-counted on a laptop in seconds. Library functions return plain data (`ModelPlan`); `main` only
-formats it, so mesh, memory and collective planning can be added as further sections.
+Without --devices/--mesh/--hbm_gib only the parameter counts are printed: the model is
+initialised abstractly (`jax.eval_shape`), so even Switch-C (1.6T parameters) is counted on a
+laptop in seconds.
+
+With them, the REAL train step (`trainer.make_train_step`: forward, loss, backward, the
+optimizer update, with the state and batch shardings training uses) is compiled for N simulated
+CPU devices in a subprocess that sets `--xla_force_host_platform_device_count=N` before jax is
+imported. Nothing is allocated: inputs are `ShapeDtypeStruct`s. The report gives, per device,
+the parameter and optimizer-state bytes (exact, from the shardings), the compiler's temporary
+bytes and the total (`per_device_gib`: an estimate by XLA's CPU compiler; TPU/GPU compilers fuse
+and schedule differently), train FLOPs per token, and the collectives the partitioned program
+runs per step (ops inside the scanned layer loop counted once per iteration).
+
+Without --mesh a mesh is recommended: the smallest model (tensor) axis whose estimated memory
+fits, then as many expert partitions as the experts allow. Big configs are compiled with
+`scan_layers` (one dense/sparse block compiled, not every layer) unless --scan=off.
+
+Exits non-zero, naming the fix, when the mesh does not fit the config or the batch, or when the
+total exceeds --hbm_gib (on GPUs, of which XLA preallocates only --gpu_mem_fraction, default
+0.75 as XLA_PYTHON_CLIENT_MEM_FRACTION).
+
+Library functions return plain data (`ModelPlan`, `StepPlan`); `main` only formats it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from switch_t5 import gin_utils, network
-from switch_t5.config import SwitchConfig
+from switch_t5.config import REMAT_POLICIES, SwitchConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,16 +117,642 @@ def format_model_plan(config: SwitchConfig, plan: ModelPlan) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------------------------------------
+# The compiled train step: mesh checks, recommendation, memory and collectives.
+# ---------------------------------------------------------------------------------------------
+
+MESH_AXES = ("data", "expert", "model")
+# The paper's batch: 2048 sequences, 2^20 input tokens per step (arXiv 2101.03961 sec. 2.4),
+# with T5's span-corruption target length.
+PAPER_BATCH, PAPER_INPUTS_LENGTH, PAPER_TARGETS_LENGTH = 2048, 512, 114
+# XLA preallocates this fraction of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION).
+GPU_DEFAULT_MEM_FRACTION = 0.75
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+# The packed T5X EncDec features the input pipeline yields (switch_t5.data.pipeline).
+FEATURES = (
+    ("encoder_input_tokens", "inputs"),
+    ("encoder_segment_ids", "inputs"),
+    ("encoder_positions", "inputs"),
+    ("decoder_input_tokens", "targets"),
+    ("decoder_target_tokens", "targets"),
+    ("decoder_loss_weights", "targets"),
+    ("decoder_segment_ids", "targets"),
+    ("decoder_positions", "targets"),
+)
+_WORKER_TAG = "SWITCH_T5_PLAN_RESULT "
+_ERROR_TAG = "SWITCH_T5_PLAN_ERROR "
+
+
+class PlanError(ValueError):
+    """The mesh does not fit the config or the batch, or the step does not fit in memory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What one train step processes, and with which optimizer.
+
+    Attributes:
+      batch: global sequences per step.
+      inputs_length: encoder tokens per sequence.
+      targets_length: decoder tokens per sequence.
+      num_microbatches: gradient accumulation steps per optimizer step.
+      optimizer: "adafactor" or "adamw".
+    """
+
+    batch: int = PAPER_BATCH
+    inputs_length: int = PAPER_INPUTS_LENGTH
+    targets_length: int = PAPER_TARGETS_LENGTH
+    num_microbatches: int = 1
+    optimizer: str = "adafactor"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What the compiled train step needs per device (bytes) and runs per step.
+
+    Attributes:
+      mesh: {"data": D, "expert": E, "model": M}.
+      devices: simulated devices it was compiled for.
+      param_bytes: parameters on one device (exact, from the shardings).
+      optimizer_bytes: optimizer state on one device (exact, from the shardings).
+      argument_bytes: all inputs of the step on one device (state and batch).
+      output_bytes: outputs (the new state is donated: aliased to the inputs).
+      alias_bytes: outputs that reuse input buffers.
+      temp_bytes: the CPU compiler's temporaries (activations, gradients, workspace).
+      total_bytes: argument + output - alias + temp.
+      collectives: per op kind, how many the partitioned program runs per step.
+      all_to_all_dtypes: element types of the all-to-alls (the MoE dispatch and combine).
+      compile_seconds: wall time of lowering and compiling.
+    """
+
+    mesh: dict[str, int]
+    devices: int
+    param_bytes: int
+    optimizer_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    total_bytes: int
+    collectives: dict[str, int]
+    all_to_all_dtypes: list[str]
+    compile_seconds: float
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """ "data:8,expert:64,model:4" -> sizes; axes left out are 1; one axis may be -1 (the rest)."""
+    sizes = {a: 1 for a in MESH_AXES}
+    seen = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition(":")
+        name = name.strip()
+        if not sep or name not in sizes or name in seen:
+            raise PlanError(
+                f"--mesh={text!r}: write data:D,expert:E,model:M (each axis at most once)"
+            )
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise PlanError(f"--mesh={text!r}: {name} size {value!r} is not an integer") from None
+        seen.add(name)
+    return sizes
+
+
+def resolve_mesh(sizes: Mapping[str, int], devices: int | None) -> tuple[dict[str, int], int]:
+    """Fills a -1 axis and checks the product against the device count."""
+    sizes = dict(sizes)
+    unknown = [a for a, s in sizes.items() if s == -1]
+    bad = [f"{a}:{s}" for a, s in sizes.items() if s == 0 or s < -1]
+    if bad or len(unknown) > 1:
+        raise PlanError(f"mesh {sizes}: sizes must be positive, with at most one -1 ({bad})")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if unknown:
+        if devices is None or devices % known:
+            raise PlanError(
+                f"mesh {sizes}: a -1 axis needs --devices divisible by the other axes ({known})"
+            )
+        sizes[unknown[0]] = devices // known
+    product = math.prod(sizes.values())
+    if devices is not None and product != devices:
+        raise PlanError(
+            f"mesh data:{sizes['data']},expert:{sizes['expert']},model:{sizes['model']} has "
+            f"{product} devices but --devices={devices}; make the product {devices}"
+        )
+    return sizes, product
+
+
+def mesh_problems(config: SwitchConfig, mesh: Mapping[str, int], spec: StepSpec) -> list[str]:
+    """Why `mesh` cannot run `config` on `spec`'s batch (empty when it can)."""
+    from switch_t5 import moe
+
+    problems = []
+    data, expert, model = (mesh[a] for a in MESH_AXES)
+    shards = data * expert
+    if spec.batch % spec.num_microbatches:
+        problems.append(
+            f"batch {spec.batch} is not divisible by num_microbatches={spec.num_microbatches}"
+        )
+    rows = spec.batch // spec.num_microbatches
+    if rows % shards:
+        problems.append(
+            f"{rows} sequences per microbatch cannot be split over the data x expert = "
+            f"{data} x {expert} = {shards} batch shards; use a batch that is a multiple of "
+            f"{shards} or smaller data/expert axes"
+        )
+    if config.num_experts and config.num_experts % expert:
+        problems.append(
+            f"the expert axis ({expert}) does not divide num_experts={config.num_experts}; use "
+            f"a divisor of {config.num_experts}"
+        )
+    if not config.num_experts and expert > 1:
+        problems.append(f"expert axis {expert} > 1 but the model is dense; use expert:1")
+    if model > 1:
+        for name in ("num_heads", "d_ff", "vocab_size"):
+            if getattr(config, name) % model:
+                problems.append(
+                    f"the model axis ({model}) does not divide {name}={getattr(config, name)}; "
+                    f"use a divisor of {getattr(config, name)}"
+                )
+    if config.is_sparse and moe.resolve_dispatch(config.dispatch) != "dropless" and not problems:
+        for stack, length in (("encoder", spec.inputs_length), ("decoder", spec.targets_length)):
+            if not config.sparse_layers(stack):
+                continue
+            tokens = rows * length
+            groups, per_group = moe.group_layout(tokens, config.group_size)
+            if groups > 1 and groups % shards:
+                hint = ""
+                if tokens % shards == 0:
+                    fit = moe.group_layout(tokens // shards, config.group_size)[1]
+                    hint = f" (e.g. group_size={fit})"
+                problems.append(
+                    f"the {stack}'s {tokens} tokens per microbatch make {groups} routing groups "
+                    f"of {per_group}, which cannot be split over the {shards} batch shards; set "
+                    f"--gin.switch_t5.SwitchConfig.group_size so that the group count is a "
+                    f"multiple of {shards}{hint}"
+                )
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def estimate_state_bytes(
+    config: SwitchConfig, model_plan: ModelPlan, mesh: Mapping[str, int], optimizer: str
+) -> int:
+    """A quick per-device estimate of params + optimizer state, used to rank meshes.
+
+    Experts split over expert x model, everything else over model (embed stays whole); Adafactor
+    keeps ~1/d_model of a matrix, AdamW two float32 moments.
+    """
+    itemsize = np.dtype(config.param_dtype).itemsize
+    dense = model_plan.total_params - model_plan.expert_params
+    per_device = dense / mesh["model"] + model_plan.expert_params / (mesh["expert"] * mesh["model"])
+    state = per_device * (8 if optimizer == "adamw" else 4 / min(config.d_model, config.d_ff) * 2)
+    return int(per_device * itemsize + state)
+
+
+def recommend_meshes(
+    config: SwitchConfig,
+    model_plan: ModelPlan,
+    devices: int,
+    spec: StepSpec,
+    usable_bytes: float | None,
+) -> list[dict[str, int]]:
+    """Meshes that fit the config, best first.
+
+    Order: estimated params + optimizer state within half the usable memory first (the other
+    half is left to activations and temporaries), then the smallest model axis (tensor
+    parallelism adds per-layer all-reduces), then the largest expert axis (experts spread, fewer
+    per device), then whatever is left as data parallelism.
+
+    Raises:
+      PlanError: no mesh of `devices` devices fits (with the reasons for the plain ones).
+    """
+    found = []
+    for model in _divisors(devices):
+        for expert in _divisors(devices // model):
+            mesh = {"data": devices // (model * expert), "expert": expert, "model": model}
+            if not mesh_problems(config, mesh, spec):
+                found.append(mesh)
+    if not found:
+        plain = {"data": devices, "expert": 1, "model": 1}
+        if config.num_experts:
+            plain = {
+                "data": devices // math.gcd(devices, config.num_experts),
+                "expert": math.gcd(devices, config.num_experts),
+                "model": 1,
+            }
+        raise PlanError(
+            f"no (data, expert, model) mesh of {devices} devices fits this config and batch; "
+            f"e.g. data:{plain['data']},expert:{plain['expert']},model:1: "
+            + "; ".join(mesh_problems(config, plain, spec))
+        )
+
+    def key(mesh):
+        estimate = estimate_state_bytes(config, model_plan, mesh, spec.optimizer)
+        fits = usable_bytes is None or estimate <= usable_bytes / 2
+        return (not fits, mesh["model"], -mesh["expert"])
+
+    return sorted(found, key=key)
+
+
+def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
+    """Collectives executed per step by a compiled (SPMD-partitioned) HLO module.
+
+    Ops in a while body (the scanned layers, microbatch accumulation) count once per iteration
+    (XLA's `known_trip_count`); async pairs count once (`-start`).
+
+    Returns:
+      ({op kind: count}, sorted element types of the all-to-alls).
+    """
+    op_re = re.compile(r"=\s*(\(?[a-z0-9]+)\[.*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            computations[current] = []
+            if head.group(1):
+                entry = current
+        elif current is not None:
+            computations[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    dtypes: set[str] = set()
+    memo: dict[str, dict[str, int]] = {}
+
+    def count(name: str, depth: int = 0) -> dict[str, int]:
+        if name in memo:
+            return memo[name]
+        totals = dict.fromkeys(COLLECTIVES, 0)
+        if depth > 64 or name not in computations:
+            return totals
+        for line in computations[name]:
+            op = op_re.search(line)
+            if op:
+                totals[op.group(2)] += 1
+                if op.group(2) == "all-to-all":
+                    dtypes.add(op.group(1).lstrip("("))
+            trips = 1
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            if trip:
+                trips = int(trip.group(1))
+            for callee in re.findall(r"(?:body|calls)=%?([\w.\-]+)", line):
+                for k, v in count(callee, depth + 1).items():
+                    totals[k] += v * (trips if f"body=%{callee}" in line else 1)
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    for k, v in count(callee, depth + 1).items():
+                        totals[k] += v
+        memo[name] = totals
+        return totals
+
+    return count(entry), sorted(dtypes)
+
+
+def train_flops_per_step(config: SwitchConfig, params: Any, spec: StepSpec) -> float:
+    """Model FLOPs of one train step: 3 x forward (2 per multiply-add), weights plus attention.
+
+    Weights: each token multiplies the encoder's (inputs) or the decoder's and the logits'
+    (targets) matrices, experts weighted by k / num_experts. Attention: QK^T and PV per layer.
+    Rematerialisation's recomputation is not counted (model FLOPs, as for MFU).
+    """
+    k_over_e = config.num_selected_experts / max(config.num_experts, 1)
+    enc = dec = 0.0
+    for path, leaf in network._leaves_with_paths(params):
+        if "relpos_bias" in path:  # a table lookup, not a matmul
+            continue
+        n = float(np.prod(leaf.shape)) * (k_over_e if "expert" in path[:-1] else 1.0)
+        if path[0] == "encoder":
+            enc += n
+        elif path[0] == "decoder":
+            dec += n
+        elif path[0] == "token_embedder" and config.logits_via_embedding:
+            dec += n  # the tied output projection; the input lookup is free
+    li, lt = spec.inputs_length, spec.targets_length
+    hd = config.num_heads * config.head_dim
+    attention = (
+        config.num_encoder_layers * 4 * li * li * hd
+        + config.num_decoder_layers * 4 * lt * (lt + li) * hd
+    )
+    forward = spec.batch * (2 * (enc * li + dec * lt) + attention)
+    return 3.0 * forward
+
+
+def _sharded_bytes(tree: Any) -> int:
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec: StepSpec):
+    """Compiles the real train step for `mesh_sizes` on this process's devices (abstractly).
+
+    Needs `prod(mesh_sizes)` devices: run it where XLA_FLAGS simulates them (`main` does so in a
+    subprocess). Returns a StepPlan.
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from switch_t5 import optim, partitioning, train_state, trainer
+
+    n = math.prod(mesh_sizes.values())
+    if jax.device_count() < n:
+        raise PlanError(f"the mesh needs {n} devices but this process has {jax.device_count()}")
+    mesh = partitioning.make_mesh(
+        *(mesh_sizes[a] for a in MESH_AXES),
+        num_experts=config.num_experts,
+        devices=jax.devices()[:n],
+    )
+    t0 = time.perf_counter()
+    schedule = optim.make_schedule("rsqrt")
+    setup = train_state.setup_train_state(
+        lambda rng: network.init_variables(config, rng),
+        lambda specs: optim.make_optimizer(spec.optimizer, schedule, specs),
+        mesh,
+        0,
+    )
+    module = network.EncoderDecoder(config)
+    loss_config = trainer.LossConfig(
+        1e-4, config.load_balancing_loss_weight, config.router_z_loss_weight
+    )
+    lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
+    b_shardings = trainer.batch_shardings(dict(FEATURES), mesh)
+    batch = {
+        key: jax.ShapeDtypeStruct((spec.batch, lengths[kind]), jnp.int32, sharding=b_shardings[key])
+        for key, kind in FEATURES
+    }
+    step = trainer.make_train_step(
+        module,
+        setup.optimizer,
+        loss_config,
+        setup.shardings,
+        b_shardings,
+        mesh,
+        spec.num_microbatches,
+    )
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
+        # memory analysis, and the partitioned collectives do not depend on them).
+        compiled = step.jitted.lower(setup.abstract_state, batch).compile(
+            compiler_options={"xla_backend_optimization_level": 0}
+        )
+    seconds = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    collectives, a2a_dtypes = count_collectives(compiled.as_text())
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return StepPlan(
+        mesh=dict(mesh_sizes),
+        devices=n,
+        param_bytes=_sharded_bytes(setup.abstract_state.params),
+        optimizer_bytes=_sharded_bytes(setup.abstract_state.opt_state),
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        total_bytes=int(total),
+        collectives=collectives,
+        all_to_all_dtypes=a2a_dtypes,
+        compile_seconds=round(seconds, 1),
+    )
+
+
+def _worker(request_json: str) -> None:
+    """Subprocess side of `compile_in_subprocess`: prints one tagged JSON line."""
+    request = json.loads(request_json)
+    try:
+        gin_utils.parse_gin(request["gin_files"], request["gin_bindings"])
+        config = dataclasses.replace(gin_utils.make_model_config(), **request["overrides"])
+        result = compile_train_step(config, request["mesh"], StepSpec(**request["spec"]))
+    except (PlanError, ValueError) as e:
+        print(_ERROR_TAG + json.dumps(str(e)), flush=True)
+        sys.exit(2)
+    print(_WORKER_TAG + json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+def compile_in_subprocess(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    overrides: Mapping[str, Any],
+    mesh: Mapping[str, int],
+    spec: StepSpec,
+    timeout: float | None = None,
+) -> StepPlan:
+    """`compile_train_step` in a fresh Python with prod(mesh) simulated CPU devices.
+
+    The device count is fixed when jax initialises its backend, hence the subprocess:
+    XLA_FLAGS=--xla_force_host_platform_device_count=N is set before it imports jax.
+    """
+    n = math.prod(mesh.values())
+    flags = re.sub(
+        r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")
+    )
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip(),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(
+            [gin_utils.REPO_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    request = {
+        "gin_files": list(gin_files),
+        "gin_bindings": list(gin_bindings),
+        "overrides": dict(overrides),
+        "mesh": dict(mesh),
+        "spec": dataclasses.asdict(spec),
+    }
+    code = "import sys; from switch_t5 import plan; plan._worker(sys.argv[1])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(request)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith(_WORKER_TAG):
+            return StepPlan(**json.loads(line[len(_WORKER_TAG) :]))
+        if line.startswith(_ERROR_TAG):
+            raise PlanError(json.loads(line[len(_ERROR_TAG) :]))
+    raise RuntimeError(
+        f"compiling the train step for {n} simulated devices failed (exit {proc.returncode}):\n"
+        + proc.stderr[-4000:]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, default=None, help="simulated devices N")
+    parser.add_argument("--mesh", default=None, help="data:D,expert:E,model:M (default: recommend)")
+    parser.add_argument("--hbm_gib", type=float, default=None, help="memory per device, GiB")
+    parser.add_argument("--accelerator", choices=("tpu", "gpu"), default="tpu")
+    parser.add_argument(
+        "--gpu_mem_fraction",
+        type=float,
+        default=GPU_DEFAULT_MEM_FRACTION,
+        help="fraction of GPU memory XLA preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION)",
+    )
+    parser.add_argument("--batch", type=int, default=PAPER_BATCH)
+    parser.add_argument("--inputs_length", type=int, default=PAPER_INPUTS_LENGTH)
+    parser.add_argument("--targets_length", type=int, default=PAPER_TARGETS_LENGTH)
+    parser.add_argument("--num_microbatches", type=int, default=1)
+    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    parser.add_argument(
+        "--scan", choices=("auto", "on", "off"), default="auto", help="scan_layers for compiling"
+    )
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default=None)
+    parser.add_argument(
+        "--max_compiles", type=int, default=3, help="recommended meshes to try before giving up"
+    )
+    parser.add_argument("--compile_timeout", type=float, default=None, help="seconds")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def format_step_plan(
+    config: SwitchConfig, spec: StepSpec, step: StepPlan, flops: float, recommended: bool
+) -> list[str]:
+    m = step.mesh
+    tokens = spec.batch * (spec.inputs_length + spec.targets_length)
+    return [
+        f"mesh: data:{m['data']},expert:{m['expert']},model:{m['model']}"
+        + (" (recommended)" if recommended else ""),
+        f"devices: {step.devices}",
+        f"compiled: the real train step ({spec.optimizer}, {spec.num_microbatches} "
+        f"microbatch(es)), scan_layers={config.scan_layers}, remat_policy={config.remat_policy}, "
+        f"param_dtype={config.param_dtype}, dtype={config.dtype}, "
+        f"moe_dtype={config.moe_dtype or config.dtype}; {step.compile_seconds:.0f} s",
+        f"batch: {spec.batch} x ({spec.inputs_length} inputs + {spec.targets_length} targets) "
+        f"= {tokens} tokens per step",
+        f"train_flops_per_step: {flops:.4g}",
+        f"train_flops_per_token: {flops / tokens:.4g}",
+        f"per_device_param_bytes: {step.param_bytes}",
+        f"per_device_optimizer_bytes: {step.optimizer_bytes}",
+        f"per_device_argument_bytes: {step.argument_bytes}",
+        f"per_device_temp_bytes: {step.temp_bytes}",
+        f"per_device_total_bytes: {step.total_bytes}",
+        f"per_device_gib: {_gib(step.total_bytes)}  (an estimate by XLA's CPU compiler: "
+        f"params {_gib(step.param_bytes)} + optimizer {_gib(step.optimizer_bytes)} + batch "
+        f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)} + temporaries "
+        f"{_gib(step.temp_bytes)} GiB; TPU/GPU compilers schedule differently)",
+        "collectives_per_step: "
+        + ", ".join(f"{k} {v}" for k, v in step.collectives.items() if k != "collective-permute")
+        + f" (collective-permute {step.collectives.get('collective-permute', 0)})",
+        f"all_to_all_dtypes: {','.join(step.all_to_all_dtypes) or '-'}",
+    ]
+
+
+def _compile_overrides(config: SwitchConfig, model_plan: ModelPlan, rest) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if rest.scan == "on":
+        overrides["scan_layers"] = True
+    elif rest.scan == "off":
+        overrides["scan_layers"] = False
+    elif (
+        not config.scan_layers
+        and model_plan.total_params >= 1e9
+        and any(config.scan_period(s) < config.num_layers(s) for s in ("encoder", "decoder"))
+    ):
+        # Big configs: compile one dense/sparse block instead of every layer.
+        overrides["scan_layers"] = True
+    if rest.remat is not None:
+        overrides["remat_policy"] = rest.remat
+    return overrides
+
+
 def main(argv: Sequence[str]) -> None:
-    flags = gin_utils.parse_flags(argv)
+    flags = gin_utils.parse_flags(argv, _add_arguments)
     if not flags.gin_files:
         raise SystemExit(
             "error: pass a model config, e.g. --gin_file=configs/models/switch_base_8.gin"
         )
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
     config = gin_utils.make_model_config()
-    for line in format_model_plan(config, plan_model(config)):
+    model_plan = plan_model(config)
+    for line in format_model_plan(config, model_plan):
         print(line)
+    rest = flags.rest
+    if rest.devices is None and rest.mesh is None and rest.hbm_gib is None:
+        return
+    try:
+        _plan_step(flags, config, model_plan)
+    except PlanError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
+    rest = flags.rest
+    spec = StepSpec(
+        rest.batch, rest.inputs_length, rest.targets_length, rest.num_microbatches, rest.optimizer
+    )
+    usable = None
+    if rest.hbm_gib is not None:
+        fraction = rest.gpu_mem_fraction if rest.accelerator == "gpu" else 1.0
+        if not 0 < fraction <= 1:
+            raise PlanError(f"--gpu_mem_fraction={fraction} must be in (0, 1]")
+        usable = rest.hbm_gib * 2**30 * fraction
+    overrides = _compile_overrides(config, model_plan, rest)
+    config = dataclasses.replace(config, **overrides)
+    if rest.mesh is not None:
+        mesh, _ = resolve_mesh(parse_mesh(rest.mesh), rest.devices)
+        problems = mesh_problems(config, mesh, spec)
+        if problems:
+            raise PlanError(f"the mesh {rest.mesh} does not fit: " + "; ".join(problems))
+        candidates, recommended = [mesh], False
+    else:
+        if rest.devices is None:
+            raise PlanError("pass --devices=N (or --mesh=data:D,expert:E,model:M)")
+        candidates = recommend_meshes(config, model_plan, rest.devices, spec, usable)
+        candidates, recommended = candidates[: max(rest.max_compiles, 1)], True
+    flops = train_flops_per_step(config, network.init_abstract(config)["params"], spec)
+    for i, mesh in enumerate(candidates):
+        step = compile_in_subprocess(
+            flags.gin_files, flags.gin_bindings, overrides, mesh, spec, rest.compile_timeout
+        )
+        fits = usable is None or step.total_bytes <= usable
+        if fits or i == len(candidates) - 1:
+            break
+        print(
+            f"tried mesh data:{mesh['data']},expert:{mesh['expert']},model:{mesh['model']}: "
+            f"per_device_gib {_gib(step.total_bytes)} > usable {_gib(usable)}; next candidate"
+        )
+    for line in format_step_plan(config, spec, step, flops, recommended):
+        print(line)
+    if usable is not None:
+        where = (
+            f"{rest.hbm_gib:g} GiB x XLA's GPU preallocation {rest.gpu_mem_fraction:g}"
+            if rest.accelerator == "gpu"
+            else f"{rest.hbm_gib:g} GiB"
+        )
+        print(f"usable_hbm_gib: {_gib(usable)}  ({where})")
+        if step.total_bytes > usable:
+            raise PlanError(
+                f"per_device_gib {_gib(step.total_bytes)} exceeds the usable {_gib(usable)} GiB "
+                f"({where}); use more devices or model parallelism (--mesh ...,model:M), "
+                "bfloat16 params (--gin.switch_t5.SwitchConfig.param_dtype='bfloat16'), a remat "
+                "policy (--remat=full) or microbatches (--num_microbatches=N)"
+            )
+        print("fits: yes")
 
 
 if __name__ == "__main__":
