@@ -3,6 +3,7 @@ the architecture-mismatch error, and a tiny end-to-end run (pretrain -> fine-tun
 """
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -55,9 +56,7 @@ def saved(mesh_222, tmp_path_factory):
         step=state.step + 5,
         opt_state=jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state.opt_state),
     )
-    later = state.replace(
-        step=state.step + 4, params=jax.tree.map(lambda x: x * 2.0, state.params)
-    )
+    later = state.replace(step=state.step + 4, params=jax.tree.map(lambda x: x * 2.0, state.params))
     ckpt = checkpoints.Checkpointer(model_dir, async_save=False)
     meta = checkpoints.make_meta(TINY, VOCAB)
     ckpt.save(5, state, {}, meta)
@@ -205,3 +204,224 @@ def test_assignment_map_to_a_wrong_shape_names_the_source(saved, deeper):
         init_checkpoint.initial_train_state(
             deeper, model_dir, seed=0, strict=False, assignment_map=rules
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: pretrain a few steps -> fine-tune on a generated file -> evaluate -> infer.
+# ---------------------------------------------------------------------------------------------
+
+_WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "music",
+    "table",
+    "window",
+    "silver",
+    "garden",
+    "paper",
+    "light",
+]
+_KEYWORD = "apple"
+# A 16-wide model with odd sizes; float32 so that decoding is exact.
+_MODEL_GIN = """
+switch_t5.SwitchConfig.d_model = 16
+switch_t5.SwitchConfig.num_heads = 2
+switch_t5.SwitchConfig.head_dim = 5
+switch_t5.SwitchConfig.d_ff = 24
+switch_t5.SwitchConfig.num_encoder_layers = 2
+switch_t5.SwitchConfig.num_decoder_layers = 2
+switch_t5.SwitchConfig.num_experts = 4
+switch_t5.SwitchConfig.moe_layer_interval = 2
+switch_t5.SwitchConfig.group_size = 16
+switch_t5.SwitchConfig.dtype = "float32"
+"""
+_FT_STEPS = 400
+
+
+def _sentences(rng, n):
+    """(sentence, label): the label says whether the keyword occurs (fully determined)."""
+    out = []
+    for _ in range(n):
+        words = list(rng.choice(_WORDS, size=6))
+        out.append((" ".join(words), "yes" if _KEYWORD in words else "no"))
+    return out
+
+
+def _write_tsv(path, rows):
+    with open(path, "w") as f:
+        f.write("sentence\tlabel\n")
+        for sentence, label in rows:
+            f.write(f"{sentence}\t{label}\n")
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    import gin
+
+    from switch_t5 import train
+    from switch_t5.data import vocab
+
+    root = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    train_rows, val_rows = _sentences(rng, 512), _sentences(rng, 96)
+    _write_tsv(root / "train.tsv", train_rows)
+    _write_tsv(root / "dev.tsv", val_rows)
+    text = root / "pretrain.txt"
+    text.write_text("".join(s + "\n" for s, _ in _sentences(rng, 300)))
+    spm = vocab.train_sentencepiece(
+        [s for s, _ in train_rows] + ["yes no contains"] * 20, str(root / "spm.model"), 100 + 36
+    )
+    model_gin = root / "model.gin"
+    model_gin.write_text(_MODEL_GIN)
+    data_flags = [
+        f"--gin_file={model_gin}",
+        f"--gin.VOCABULARY_PATH='{spm}'",
+        f"--gin.switch_t5.data_gin.register_tasks.cache_dir='{root / 'cache'}'",
+        "--gin.switch_t5.data_gin.register_tasks.shuffle_buffer_size=64",
+    ]
+    common = [*data_flags, "--gin.train.progress='none'", "--gin.train.make_plots=False"]
+    pre_dir, ft_dir = str(root / "pretrain"), str(root / "finetune")
+    gin.clear_config()
+    train.main(
+        [
+            *common,
+            "--gin_file=configs/runs/pretrain.gin",
+            f"--gin.MODEL_DIR='{pre_dir}'",
+            "--gin.MIXTURE_OR_TASK_NAME='text_files_span_corruption'",
+            f"--gin.TEXT_FILES='{text}'",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
+            "--gin.BATCH_SIZE=8",
+            "--gin.TRAIN_STEPS=3",
+            "--gin.EVAL_PERIOD=0",
+            "--gin.CHECKPOINT_PERIOD=3",
+            "--gin.LOG_EVERY=3",
+        ]
+    )
+    # The fine-tuning run's initial state, copied to the host before training donates it.
+    captured = {}
+    original = init_checkpoint.initial_train_state
+
+    def capture(*args, **kwargs):
+        state, loaded = original(*args, **kwargs)
+        captured["state"] = jax.device_get(state)
+        return state, loaded
+
+    data = [
+        "--gin.MIXTURE_OR_TASK_NAME='files_text_to_text'",
+        f"--gin.TRAIN_FILES='{root / 'train.tsv'}'",
+        f"--gin.VALIDATION_FILES='{root / 'dev.tsv'}'",
+        "--gin.INPUT_TEMPLATE='{sentence}'",  # 6 words: 7 tokens with EOS
+        "--gin.TARGET_COLUMN='label'",
+        "--gin.LABEL_NAMES=['no', 'yes']",
+        "--gin.METRICS=['accuracy']",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+    ]
+    gin.clear_config()
+    init_checkpoint.initial_train_state = capture
+    try:
+        result = train.main(
+            [
+                *common,
+                *data,
+                "--gin_file=configs/runs/finetune.gin",
+                f"--gin.MODEL_DIR='{ft_dir}'",
+                f"--gin.INITIAL_CHECKPOINT_PATH='{pre_dir}'",
+                f"--gin.TRAIN_STEPS={_FT_STEPS}",
+                "--gin.BATCH_SIZE=16",
+                f"--gin.CHECKPOINT_PERIOD={_FT_STEPS}",
+                f"--gin.EVAL_PERIOD={_FT_STEPS}",
+                f"--gin.INFER_EVAL_PERIOD={_FT_STEPS // 2}",
+                f"--gin.LOG_EVERY={_FT_STEPS // 4}",
+                "--gin.train.eval_steps=2",
+                # A 3-step "pretrained" model is still nearly random: it needs a pretraining-sized
+                # learning rate to learn the task in 400 steps, not the recipe's 1e-3.
+                "--gin.train.base_learning_rate=0.05",
+            ]
+        )
+    finally:
+        init_checkpoint.initial_train_state = original
+    gin.clear_config()
+    return {
+        "root": root,
+        "pre_dir": pre_dir,
+        "ft_dir": ft_dir,
+        "val_rows": val_rows,
+        "initial": captured["state"],
+        "result": result,
+        "data": [*data_flags, *data],
+        "spm": spm,
+    }
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_the_pretrained_params_with_a_fresh_optimizer(e2e):
+    from switch_t5.interop import checkpoint_io
+
+    _, pretrained = checkpoint_io.load_params(e2e["pre_dir"])
+    initial = e2e["initial"]
+    assert checkpoints.tree_equal(initial.params, pretrained)
+    assert int(initial.step) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(initial.opt_state))
+    assert e2e["result"].start_step == 0 and e2e["result"].step == _FT_STEPS
+
+
+@pytest.mark.slow
+def test_eval_entry_point_scores_the_best_checkpoint(e2e):
+    import gin
+
+    from switch_t5 import eval as eval_lib
+
+    gin.clear_config()
+    result = eval_lib.main(
+        [
+            *e2e["data"],
+            "--gin_file=configs/runs/eval.gin",
+            f"--gin.MODEL_DIR='{e2e['ft_dir']}'",
+            "--gin.CHECKPOINT_STEP='best'",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 8}",
+            "--gin.BATCH_SIZE=16",
+        ]
+    )
+    gin.clear_config()
+    accuracy = result.metrics["files_text_to_text/accuracy"]
+    print(f"tiny end-to-end fine-tuning: validation accuracy {accuracy:.2f}%")
+    assert accuracy >= 95.0
+    out = e2e["ft_dir"] + "/eval"
+    with open(f"{out}/{eval_lib.PREDICTIONS_FILE}") as f:
+        predictions = [json.loads(line) for line in f]
+    # Every validation example exactly once, in file order.
+    assert [p["input"] for p in predictions] == [s for s, _ in e2e["val_rows"]]
+    assert [p["target"] for p in predictions] == [label for _, label in e2e["val_rows"]]
+    with open(f"{out}/{eval_lib.METRICS_FILE}") as f:
+        assert json.load(f)["metrics"] == result.metrics
+    # The kept best checkpoint is the one the run scored best, with the same accuracy.
+    with open(e2e["ft_dir"] + "/best/best.json") as f:
+        best = json.load(f)
+    assert result.step == best["step"] and best["value"] == pytest.approx(accuracy, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_infer_cli_on_the_finetuned_checkpoint(e2e, capsys):
+    import gin
+
+    from switch_t5 import infer
+
+    rows = e2e["val_rows"][:8]
+    gin.clear_config()
+    predictions = infer.main(
+        [
+            f"--checkpoint_dir={e2e['ft_dir']}/best",
+            *(f"--input={s}" for s, _ in rows),
+            # 8 rows x 16 tokens: routing groups fit the 8 batch shards (see test_infer.py).
+            "--inputs_length=16",
+            "--max_decode_length=16",
+        ]
+    )
+    gin.clear_config()
+    with open(e2e["ft_dir"] + "/eval/predictions.jsonl") as f:
+        evaluated = [json.loads(line)["prediction"] for line in f][:8]
+    assert [p.prediction for p in predictions] == evaluated
+    assert capsys.readouterr().out.splitlines()[-8:] == evaluated
