@@ -425,3 +425,53 @@ def test_infer_cli_on_the_finetuned_checkpoint(e2e, capsys):
         evaluated = [json.loads(line)["prediction"] for line in f][:8]
     assert [p.prediction for p in predictions] == evaluated
     assert capsys.readouterr().out.splitlines()[-8:] == evaluated
+
+
+@pytest.mark.parametrize("experiment", ["finetune_glue", "finetune_superglue", "finetune_user_tsv"])
+def test_finetune_experiments_parse_with_the_recipe(experiment):
+    import gin
+
+    import switch_t5.data_gin  # noqa: F401  (registers its configurables)
+    from switch_t5 import gin_utils, train  # noqa: F401  (train registers `train`)
+
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin(
+            [f"configs/experiments/{experiment}.gin"],
+            [
+                "MODEL_DIR = '/tmp/ft'",
+                "INITIAL_CHECKPOINT_PATH = '/tmp/pretrained'",
+                "TRAIN_FILES = 'train.tsv'",
+                "VALIDATION_FILES = 'dev.tsv'",
+            ],
+        )
+        config = gin_utils.make_model_config()
+        assert (config.d_model, config.num_experts) == (768, 8)
+        assert config.dropout_rate == 0.1 and config.expert_dropout == 0.4
+        assert gin.query_parameter("train.lr_schedule") == "constant"
+        assert gin.query_parameter("train.base_learning_rate") == 1e-3
+        assert gin.query_parameter("train.optimizer") == "adafactor"
+        initial = gin.get_configurable("switch_t5.InitialCheckpoint")()
+        assert initial == init_checkpoint.InitialCheckpoint("/tmp/pretrained")
+    finally:
+        gin.clear_config()
+
+
+def test_eval_and_infer_run_gins_parse():
+    import gin
+
+    import switch_t5.data_gin  # noqa: F401
+    from switch_t5 import eval as eval_lib  # noqa: F401
+    from switch_t5 import gin_utils, infer  # noqa: F401
+
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin(
+            ["configs/runs/eval.gin", "configs/runs/infer.gin"],
+            ["MODEL_DIR = '/tmp/ft'", "MIXTURE_OR_TASK_NAME = 'glue_rte_v002'"],
+        )
+        assert gin.query_parameter("CHECKPOINT_STEP/macro.value") is None
+        assert gin.query_parameter("EVAL_OUTPUT_DIR/macro.value") is None
+        assert gin.query_parameter("switch_t5.infer.method") == "beam"
+    finally:
+        gin.clear_config()
