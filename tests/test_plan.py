@@ -1,0 +1,188 @@
+"""The partition planner: mesh checks and recommendation, collectives, FLOPs, the compiled step."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from switch_t5 import gin_utils, network, plan
+from switch_t5.config import SwitchConfig
+
+# Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis changes the bytes.
+TINY = SwitchConfig(
+    vocab_size=256,
+    d_model=8,
+    num_heads=2,
+    head_dim=3,
+    d_ff=16,
+    num_encoder_layers=4,
+    num_decoder_layers=4,
+    num_experts=4,
+    group_size=16,
+    dtype="float32",
+)
+TINY_BINDINGS = [
+    f"--gin.switch_t5.SwitchConfig.{k}={v}"
+    for k, v in dict(
+        vocab_size=256,
+        d_model=8,
+        num_heads=2,
+        head_dim=3,
+        d_ff=16,
+        num_encoder_layers=4,
+        num_decoder_layers=4,
+        group_size=16,
+        dtype="'float32'",
+        moe_dtype="'bfloat16'",
+    ).items()
+]
+SPEC = plan.StepSpec(batch=16, inputs_length=16, targets_length=8)
+
+
+def test_parse_and_resolve_mesh():
+    assert plan.parse_mesh("data:2,expert:4,model:1") == {"data": 2, "expert": 4, "model": 1}
+    assert plan.parse_mesh("expert:8") == {"data": 1, "expert": 8, "model": 1}
+    assert plan.resolve_mesh(plan.parse_mesh("data:-1,expert:4"), 64) == (
+        {"data": 16, "expert": 4, "model": 1},
+        64,
+    )
+    with pytest.raises(plan.PlanError, match="data:D,expert:E,model:M"):
+        plan.parse_mesh("data:2,experts:4")
+    with pytest.raises(plan.PlanError, match="has 8 devices but --devices=16"):
+        plan.resolve_mesh(plan.parse_mesh("data:2,expert:2,model:2"), 16)
+
+
+def test_mesh_problems_name_the_fix():
+    ok = {"data": 2, "expert": 2, "model": 2}
+    assert plan.mesh_problems(TINY, ok, SPEC) == []
+    problems = plan.mesh_problems(TINY, {"data": 1, "expert": 8, "model": 1}, SPEC)
+    assert any("does not divide num_experts=4" in p for p in problems)
+    problems = plan.mesh_problems(TINY, {"data": 1, "expert": 1, "model": 4}, SPEC)
+    assert problems == ["the model axis (4) does not divide num_heads=2; use a divisor of 2"]
+    problems = plan.mesh_problems(TINY, ok, dataclasses.replace(SPEC, batch=6))
+    assert any("6 sequences per microbatch cannot be split" in p for p in problems)
+    # 16 x 8 decoder tokens in groups of 64 make 2 groups: not a multiple of 4 batch shards.
+    problems = plan.mesh_problems(dataclasses.replace(TINY, group_size=64), ok, SPEC)
+    assert len(problems) == 1
+    assert "decoder's 128 tokens per microbatch make 2 routing groups" in problems[0]
+    assert "group_size=32" in problems[0]
+
+
+def test_recommendation_prefers_the_smallest_model_axis_that_fits():
+    model_plan = plan.plan_model(TINY)
+    meshes = plan.recommend_meshes(TINY, model_plan, 8, SPEC, usable_bytes=None)
+    assert meshes[0] == {"data": 2, "expert": 4, "model": 1}
+    assert all(plan.mesh_problems(TINY, m, SPEC) == [] for m in meshes)
+    # A budget that model:1 overflows (by the state estimate) but model:2 does not.
+    one = plan.estimate_state_bytes(TINY, model_plan, {"data": 2, "expert": 4, "model": 1}, "a")
+    two = plan.estimate_state_bytes(TINY, model_plan, {"data": 1, "expert": 4, "model": 2}, "a")
+    assert two < one
+    meshes = plan.recommend_meshes(TINY, model_plan, 8, SPEC, usable_bytes=2 * (one + two) / 2)
+    assert meshes[0] == {"data": 1, "expert": 4, "model": 2}
+    with pytest.raises(plan.PlanError, match=r"no .* mesh of 8 devices fits"):
+        plan.recommend_meshes(TINY, model_plan, 8, dataclasses.replace(SPEC, batch=3), None)
+
+
+HLO = """\
+HloModule m
+
+%body.1 (p: (s32[], f32[2])) -> (s32[], f32[2]) {
+  %a = f32[4,2]{1,0} all-to-all(%x), channel_id=1
+  %g = bf16[8]{0} all-gather-start(%y), channel_id=2
+  %d = bf16[8]{0} all-gather-done(%g)
+}
+
+%cond.2 (p: (s32[], f32[2])) -> pred[] {
+  %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main.3 (p: f32[2]) -> f32[2] {
+  %w = (s32[], f32[2]{0}) while(%t), condition=%cond.2, body=%body.1, \
+backend_config={"known_trip_count":{"n":"6"}}
+  %r = f32[2]{0} all-reduce(%z), channel_id=3, to_apply=%add
+  %b = (bf16[2]{0}, bf16[2]{0}) all-to-all(%u, %v), channel_id=4
+}
+"""
+
+
+def test_collectives_count_loop_bodies_per_iteration():
+    counts, dtypes = plan.count_collectives(HLO)
+    assert counts == {
+        "all-to-all": 7,
+        "all-gather": 6,
+        "reduce-scatter": 0,
+        "all-reduce": 1,
+        "collective-permute": 0,
+    }
+    assert dtypes == ["bf16", "f32"]
+
+
+def test_train_flops_of_a_dense_model_by_hand():
+    config = dataclasses.replace(TINY, num_experts=0, num_encoder_layers=1, num_decoder_layers=1)
+    params = network.init_abstract(config)["params"]
+    spec = plan.StepSpec(batch=2, inputs_length=5, targets_length=3)
+    d, hd, f, v = 8, 6, 16, 256
+    enc = 4 * d * hd + 2 * d * f + 3 * d  # attention, MLP, two norms and the final one
+    dec = 8 * d * hd + 2 * d * f + 3 * d + v * d + d  # two attentions, MLP, norms, tied logits
+    attention = 4 * 5 * 5 * hd + 4 * 3 * (3 + 5) * hd
+    want = 3 * 2 * (2 * (enc * 5 + dec * 3) + attention)
+    assert plan.train_flops_per_step(config, params, spec) == want
+
+
+def test_a_mesh_that_does_not_fit_exits_before_compiling():
+    gin.clear_config()
+    try:
+        with pytest.raises(SystemExit, match="does not divide num_experts=4"):
+            plan.main(
+                [
+                    "--gin_file=configs/models/tiny.gin",
+                    *TINY_BINDINGS,
+                    "--mesh=data:1,expert:8,model:1",
+                ]
+            )
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.slow
+def test_planner_compiles_the_real_train_step_and_enforces_the_budget():
+    """8 simulated devices in a subprocess; scanned layers; GPU budget too small on purpose."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "switch_t5.plan",
+        "--gin_file=configs/models/tiny.gin",
+        *TINY_BINDINGS,
+        "--mesh=data:2,expert:2,model:2",
+        "--batch=16",
+        "--inputs_length=16",
+        "--targets_length=8",
+        "--scan=on",
+        "--accelerator=gpu",
+        "--hbm_gib=0.0004",
+    ]
+    env = {**os.environ, "PYTHONPATH": gin_utils.REPO_ROOT}
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=gin_utils.REPO_ROOT, timeout=600
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "exceeds the usable 0.00 GiB (0.0004 GiB x XLA's GPU preallocation 0.75)" in (
+        result.stderr
+    )
+    out = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert out["devices"] == "8"
+    assert "scan_layers=True" in out["compiled"] and "moe_dtype=bfloat16" in out["compiled"]
+    # Per device (data 2, expert 2, model 2), in float32 values: embedding 256 x 8 / 2 = 1024;
+    # 48 attention kernels of 8 x 6 / 2 = 24 -> 1152; relpos 2 x (2 x 32 / 2) = 64; 22 norms of
+    # 8 -> 176; 4 dense MLPs of 2 x 8 x 16 / 2 -> 512; 4 sparse layers of a replicated 8 x 4
+    # router and 2 expert kernels of 4 x 8 x 16 / (2 x 2) -> 4 x 288 = 1152. Sum 4080 x 4 bytes.
+    assert int(out["per_device_param_bytes"]) == 4080 * 4
+    total = int(out["per_device_total_bytes"])
+    assert total > int(out["per_device_param_bytes"]) + int(out["per_device_optimizer_bytes"])
+    assert out["per_device_gib"].startswith(f"{total / 2**30:.2f}  (an estimate by XLA's CPU")
+    # 4 sparse layer calls x (dispatch + combine) x (forward + backward); two of those layers
+    # run per iteration of the scanned loops, so the trip counts must be applied.
+    assert out["collectives_per_step"].startswith("all-to-all 16, ")
