@@ -319,3 +319,31 @@ def test_param_counts_from_the_tree():
     assert network.param_count(params) == total
     assert network.expert_param_count(params, SPARSE) == 2 * 4 * gated_mlp
     assert network.active_params_per_token(SPARSE, params) == total - 2 * 3 * gated_mlp
+
+
+def test_truncated_moe_dtype_runs_the_moe_layer_in_bfloat16():
+    """moe_dtype="bfloat16" with float32 activations: the MoE layer (dispatch, experts, combine,
+    so its all-to-alls) computes in bfloat16, the rest of the network in float32."""
+    config = dataclasses.replace(SPARSE, moe_dtype="bfloat16")
+    model = network.EncoderDecoder(config)
+    variables = network.init_abstract(config, batch=2, inputs_length=6, targets_length=6)
+
+    def run(v):
+        return model.apply(
+            v,
+            **UNPACKED_INPUTS,
+            enable_dropout=False,
+            capture_intermediates=True,
+            mutable=("intermediates",),
+        )
+
+    logits, state = jax.eval_shape(run, variables)
+    inter = state["intermediates"]["encoder"]
+    assert inter["layers_1"]["mlp"]["__call__"][0].dtype == jnp.bfloat16
+    assert inter["layers_1"]["mlp"]["expert"]["__call__"][0].dtype == jnp.bfloat16
+    assert inter["layers_0"]["mlp"]["__call__"][0].dtype == jnp.float32
+    assert inter["layers_1"]["__call__"][0].dtype == jnp.float32
+    assert logits.dtype == jnp.float32
+    # The params keep their dtype.
+    kernel = variables["params"]["encoder"]["layers_1"]["mlp"]["expert"]["wo"]["kernel"]
+    assert kernel.value.dtype == jnp.float32
