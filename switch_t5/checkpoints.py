@@ -6,6 +6,23 @@ A checkpoint `MODEL_DIR/checkpoints/<step>/` holds three items:
   data: the input pipeline position (JSON), so a resumed run sees the same batches;
   meta: the model config and the vocabulary (path and hash), checked on restore.
 
+Nothing damaged is ever restored, and nothing is silently skipped:
+  - orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a
+    process killed mid-write leaves a temporary directory, never a step directory. Such leftovers
+    are moved aside at start (with a warning) into `MODEL_DIR/checkpoints_quarantine/`.
+  - `restore_latest` tries the newest step first; a step whose files cannot be read (truncated or
+    deleted array files, a half-copied directory, a checksum mismatch) is moved aside to
+    `checkpoints_quarantine/<step>.damaged-<time>` with a warning naming it, so a later save of
+    that step is not refused by orbax, and the previous step is tried. With checkpoints present
+    and none readable it raises `CheckpointCorruptError`; it never starts from scratch over them.
+  - A checkpoint of another architecture (meta or array shapes) is a configuration error
+    (`CheckpointMismatchError`): nothing is moved.
+  - Bit flips inside array data pass every structural check; the optional per-checkpoint SHA-256
+    checksums (`checksums=True`, off by default: they re-read every file after each save) catch
+    them.
+  - A failed write (e.g. no space left) raises `CheckpointSaveError` naming the step; earlier
+    checkpoints are untouched (orbax deletes old steps only after a successful save).
+
 All file handling for local paths and `gs://` URLs is in this module (`etils.epath`, which orbax
 uses too), so the rest of the code never branches on the kind of path.
 """
@@ -15,9 +32,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -25,10 +44,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from switch_t5 import faults
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 LOCK_NAME = ".train.lock"
+QUARANTINE_SUBDIR = "checkpoints_quarantine"
+CHECKSUM_FILE = "switch_t5_checksums.json"
+# orbax's suffix of a step directory still being written (`atomicity_types.TMP_DIR_SUFFIX`).
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+DAMAGED_TAG = ".damaged-"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +217,18 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
 # ---------------------------------------------------------------------------------------------
 
 
+class CheckpointCorruptError(RuntimeError):
+    """Checkpoints exist but none can be read (each was moved to the quarantine folder)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (e.g. no space left); the earlier ones are intact."""
+
+
+class _DamagedError(Exception):
+    """Internal: this step's files cannot be read (the reason is the message)."""
+
+
 @dataclasses.dataclass
 class Restored:
     """A restored checkpoint: the state on the requested shardings, data position, meta."""
@@ -201,20 +239,87 @@ class Restored:
     meta: dict[str, Any]
 
 
-class Checkpointer:
-    """orbax `CheckpointManager` with (state, data, meta) items, async saves, keep last K."""
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
 
-    def __init__(self, model_dir: str, max_to_keep: int | None = 3, async_save: bool = True):
+
+def _array_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{dotted path (orbax's array names): (shape, dtype)} of a tree of arrays or metadata."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = getattr(leaf, "name", None) or ".".join(_key_name(k) for k in key_path)
+        out[name] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+    return out
+
+
+def _sha256(p: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files_under(root: epath.Path) -> list[epath.Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+
+
+class Checkpointer:
+    """orbax `CheckpointManager` with (state, data, meta) items, async saves, keep last K.
+
+    Args:
+      model_dir: MODEL_DIR; checkpoints go to MODEL_DIR/checkpoints/<step>/.
+      max_to_keep: keep the last K complete checkpoints (None = all).
+      async_save: write in a background thread (the arrays are copied first).
+      checksums: after each save, record the SHA-256 of every file of the step in
+        `<step>/switch_t5_checksums.json`; restores verify any step that has one (whatever this
+        flag). Off by default: it re-reads each checkpoint once after writing it.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        checksums: bool = False,
+    ):
+        faults.install_checkpoint_write_hook()
+        self.model_dir = str(model_dir)
         self.directory = path(model_dir, CHECKPOINT_SUBDIR)
+        self.quarantine_dir = path(model_dir, QUARANTINE_SUBDIR)
+        self.checksums = checksums
+        self.quarantined: list[str] = []
+        self._pending_checksums: list[int] = []
+        self._in_flight: int | None = None
+        self._save_failed = False
+        # Before orbax deletes them (cleanup_tmp_directories), half-written steps are moved aside.
+        if self.directory.exists():
+            for leftover in sorted(self.directory.glob(f"*{ORBAX_TMP_SUFFIX}*")):
+                self._move_aside(
+                    leftover,
+                    leftover.name,
+                    "a checkpoint whose write never finished (the process died before its commit)",
+                )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             create=True,
-            # Partial saves of an interrupted run are removed at start, never restored.
+            # Partial saves of an interrupted run are never restored (moved aside above).
             cleanup_tmp_directories=True,
         )
+        # Handlers named up front: `item_metadata` (the shape check before reading arrays) then
+        # works in a fresh process, before anything was saved or restored.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -224,17 +329,149 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> bool:
-        """Starts an (async) save; the arrays are copied before this returns."""
-        return self._manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state if data_state is not None else {}),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(int(step))
+
+    # -- saving -----------------------------------------------------------------------------
+
+    def _save_error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+        self._save_failed = True
+        with contextlib.suppress(Exception):
+            self._manager.reload()
+        kept = []
+        with contextlib.suppress(Exception):
+            kept = self.all_steps()
+        hint = ""
+        text = repr(e)
+        if any(k in text for k in ("ENOSPC", "No space", "EFBIG", "File too large", "Quota")):
+            hint = " The file system is full (or a file-size/quota limit was hit): free space."
+        return CheckpointSaveError(
+            f"writing checkpoint {step} to {self.directory} failed: {text[:800]}.{hint} "
+            f"The complete checkpoints {kept} are intact; fix the cause and rerun the same "
+            f"command: it resumes from checkpoint {kept[-1] if kept else 'none (from scratch)'}."
         )
+
+    def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> bool:
+        """Starts an (async) save; the arrays are copied before this returns.
+
+        Raises:
+          CheckpointSaveError: this save or the previous (async) one failed.
+        """
+        step = int(step)
+        if self._pending_checksums:
+            self.wait()  # the previous step must be complete before it is hashed
+        faults.maybe_limit_file_size(step)
+        previous, self._in_flight = self._in_flight, step
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                force=True,
+            )
+        except Exception as e:
+            # orbax first waits for the previous async save: its error surfaces here too.
+            raise self._save_error(f"{previous} or {step}" if previous else step, e) from e
+        if saved and self.checksums:
+            self._pending_checksums.append(step)
+        if faults.fires("after_save", step):
+            self.wait()
+            faults.kill("after_save", step, f"SIGKILL after commit of {self.step_dir(step)}")
+        return saved
+
+    def wait(self) -> None:
+        """Blocks until the (async) save is committed; then writes pending checksums.
+
+        Raises:
+          CheckpointSaveError: the save failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(self._in_flight, e) from e
+        pending, self._pending_checksums = self._pending_checksums, []
+        for step in pending:
+            if self.step_dir(step).exists():
+                self.write_checksums(step)
+
+    def write_checksums(self, step: int) -> dict[str, str]:
+        """Hashes every file of a committed step into `<step>/switch_t5_checksums.json`."""
+        root = self.step_dir(step)
+        sums = {str(p.relative_to(root)): _sha256(p) for p in _files_under(root)}
+        if jax.process_index() == 0:
+            (root / CHECKSUM_FILE).write_text(json.dumps(sums, indent=0, sort_keys=True))
+        return sums
+
+    def verify_checksums(self, step: int) -> bool | None:
+        """None without a checksum file, True when every file matches; else _DamagedError."""
+        root = self.step_dir(step)
+        sums_path = root / CHECKSUM_FILE
+        if not sums_path.exists():
+            return None
+        try:
+            sums = json.loads(sums_path.read_text())
+        except (OSError, ValueError) as e:
+            raise _DamagedError(f"unreadable {CHECKSUM_FILE}: {e}") from e
+        for rel, want in sums.items():
+            p = root / rel
+            if not p.exists():
+                raise _DamagedError(f"file {rel} is missing")
+            if _sha256(p) != want:
+                raise _DamagedError(f"file {rel} does not match its SHA-256 checksum")
+        return True
+
+    # -- restoring --------------------------------------------------------------------------
+
+    def _restore_step(
+        self, abstract_state: Any, step: int, expected_meta: dict[str, Any] | None
+    ) -> Restored:
+        """Restores one step; _DamagedError for unreadable files, CheckpointMismatchError for a
+        checkpoint of another model (checked on meta and array shapes before reading arrays)."""
+        where = str(self.step_dir(step))
+        self.verify_checksums(step)
+        try:
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
+        except Exception as e:
+            raise _DamagedError(f"meta unreadable: {str(e)[:300]}") from e
+        if not isinstance(meta, dict):
+            raise _DamagedError(f"meta is {type(meta).__name__}, not a JSON object")
+        if expected_meta is not None:
+            check_meta(meta, expected_meta, where)
+        try:
+            saved_tree = self._manager.item_metadata(step)["state"]
+            saved_tree = getattr(saved_tree, "tree", saved_tree)
+            saved = _array_signature(saved_tree)
+        except Exception as e:
+            raise _DamagedError(f"state metadata unreadable: {str(e)[:300]}") from e
+        if not saved:
+            raise _DamagedError("state metadata lists no arrays")
+        wanted = _array_signature(abstract_state)
+        if saved != wanted:
+            diffs = [
+                f"{k}: checkpoint {saved.get(k)} != now {wanted.get(k)}"
+                for k in sorted(set(saved) | set(wanted))
+                if saved.get(k) != wanted.get(k)
+            ]
+            raise CheckpointMismatchError(
+                f"the checkpoint in {where} holds other arrays than this run's train state "
+                f"({len(diffs)} differ: {'; '.join(diffs[:5])}). Use the model and optimizer "
+                "settings it was trained with, or a new MODEL_DIR."
+            )
+        try:
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:
+            raise _DamagedError(f"arrays unreadable: {str(e)[:400]}") from e
+        return Restored(step=step, state=out["state"], data_state=out["data"], meta=meta)
 
     def restore(
         self,
@@ -253,31 +490,83 @@ class Checkpointer:
         Raises:
           FileNotFoundError: no checkpoint in the directory.
           CheckpointMismatchError: another architecture or vocabulary.
+          CheckpointCorruptError: the step's files cannot be read (nothing is moved; see
+            `restore_latest` for the resuming path).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
-        if expected_meta is not None:
-            check_meta(meta, expected_meta, f"{self.directory}/{step}")
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
-        return Restored(step=step, state=out["state"], data_state=out["data"], meta=meta)
+        try:
+            return self._restore_step(abstract_state, step, expected_meta)
+        except _DamagedError as e:
+            raise CheckpointCorruptError(f"checkpoint {self.step_dir(step)} is damaged: {e}") from e
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def restore_latest(
+        self, abstract_state: Any, expected_meta: dict[str, Any] | None = None
+    ) -> Restored | None:
+        """Resumes: the newest readable checkpoint, moving damaged newer ones aside.
+
+        Returns:
+          The restored checkpoint, or None when the directory never held a complete one.
+
+        Raises:
+          CheckpointCorruptError: checkpoints exist (or were quarantined) but none is readable.
+          CheckpointMismatchError: the newest checkpoint belongs to another model (nothing is
+            moved: that is a configuration error, not damage).
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                restored = self._restore_step(abstract_state, step, expected_meta)
+            except _DamagedError as e:
+                self._move_aside(
+                    self.step_dir(step), f"{step}{DAMAGED_TAG}{time.strftime('%Y%m%dT%H%M%S')}", e
+                )
+                self._manager.reload()
+                continue
+            faults.maybe_kill("after_restore", step)
+            return restored
+        damaged = []
+        if self.quarantine_dir.exists():
+            damaged = sorted(p.name for p in self.quarantine_dir.iterdir() if DAMAGED_TAG in p.name)
+        if steps or damaged:
+            raise CheckpointCorruptError(
+                f"no readable checkpoint under {self.directory}: the damaged ones were moved to "
+                f"{self.quarantine_dir} ({', '.join(damaged)}). Refusing to start from scratch "
+                "over them: put back an intact copy, or delete the quarantine folder (or use a "
+                "new MODEL_DIR) to train from scratch on purpose."
+            )
+        return None
+
+    def _move_aside(self, src: epath.Path, name: str, reason: Any) -> None:
+        dest = self.quarantine_dir / name
+        log.warning(
+            "checkpoint %s is not usable (%s); moved to %s. It is never restored; delete it "
+            "when it is no longer needed.",
+            src,
+            reason,
+            dest,
+        )
+        if jax.process_index() == 0:
+            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            src.rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"switch_t5 quarantine {name}")
+        self.quarantined.append(str(dest))
 
     def reached_preemption(self, step: int) -> bool:
         return self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the last save and closes; after a failed save only closes (the error was
+        already raised)."""
+        if self._save_failed:
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        self.wait()
         self._manager.close()
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from switch_t5 import (
     checkpoints,
+    faults,
     gin_utils,
     init_checkpoint,
     metrics_logging,
@@ -351,6 +352,7 @@ def evaluate(eval_step, params, pipeline, shardings, loss_config, eval_steps: in
         if eval_steps is not None and i >= eval_steps:
             break
         acc.add(eval_step(params, _global_batch(local, shardings, pipeline.global_batch_size)))
+        faults.maybe_kill("during_eval", faults.current_step())
     return acc.result()
 
 
@@ -426,6 +428,7 @@ def train(
     checkpoint_period: int = 1000,
     keep_checkpoints: int = 3,
     async_checkpointing: bool = True,
+    checkpoint_checksums: bool = False,
     log_every: int = 100,
     random_seed: int = 0,
     mesh_data: int = -1,
@@ -468,6 +471,8 @@ def train(
       checkpoint_period: CHECKPOINT_PERIOD: save every N steps and at the end.
       keep_checkpoints: keep the last K checkpoints.
       async_checkpointing: write checkpoints in the background.
+      checkpoint_checksums: record SHA-256 checksums of every checkpoint file (verified on
+        restore; catches bit flips; costs one re-read per save, see README "Reliability").
       log_every: LOG_EVERY: log (metrics.jsonl, TensorBoard, progress) every N steps.
       random_seed: RANDOM_SEED for the init, dropout, router jitter and the data order.
       mesh_data: data-parallel mesh axis size (-1 = the rest).
@@ -580,11 +585,14 @@ def train(
             pack=pack,
             repeat=True,
         )
-        ckpt = checkpoints.Checkpointer(model_dir, keep_checkpoints, async_checkpointing)
-        latest = ckpt.latest_step()
+        ckpt = checkpoints.Checkpointer(
+            model_dir, keep_checkpoints, async_checkpointing, checkpoint_checksums
+        )
+        # The newest readable checkpoint; damaged newer ones are moved aside with a warning.
+        restored = ckpt.restore_latest(setup.abstract_state, expected_meta=meta)
+        latest = restored.step if restored is not None else None
         init_message = ""
-        if latest is not None:
-            restored = ckpt.restore(setup.abstract_state, latest, expected_meta=meta)
+        if restored is not None:
             state = restored.state
             train_pipe.set_state(restored.data_state)
             if is_main:
@@ -823,6 +831,7 @@ def _loop(
             batch = _global_batch(local, b_shardings, train_pipe.global_batch_size)
             state, metrics = train_step(state, batch)
             step += 1
+            faults.at_step(step)  # fault-injection hooks (SWITCH_T5_FAULT); no-ops when unset
             pending.add(step, metrics, tokens)
             if profiling and step >= profile_steps[1]:
                 jax.block_until_ready(state)
@@ -952,6 +961,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         vocab_lib.VocabularyMismatchError,
         checkpoints.ModelDirLockedError,
         checkpoints.CheckpointMismatchError,
+        checkpoints.CheckpointCorruptError,
+        checkpoints.CheckpointSaveError,
         NonFiniteLossError,
         FileNotFoundError,
     )
