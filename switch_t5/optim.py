@@ -182,6 +182,7 @@ def adafactor(
     factored: bool = True,
     min_dim_size_to_factor: int = 128,
     weight_decay_rate: float | None = None,
+    state_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformation:
     """Adafactor (arXiv 1804.04235) as T5X uses it, with per-expert factoring.
 
@@ -197,6 +198,8 @@ def adafactor(
       factored: factor second moments of matrices whose two largest free dims are >= the minimum.
       min_dim_size_to_factor: see `factored`.
       weight_decay_rate: decoupled weight decay times the learning rate (T5X semantics).
+      state_dtype: storage dtype of the second moments (bfloat16 halves the state; the update
+        is computed in float32 either way).
     """
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
@@ -208,13 +211,13 @@ def adafactor(
     def init_fn(params):
         def init_one(p, axes):
             dims = factored_dims(p.shape, axes, factored, min_dim_size_to_factor)
-            placeholder = jnp.zeros((1,), jnp.float32)
+            placeholder = jnp.zeros((1,), state_dtype)
             if dims is None:
-                return placeholder, placeholder, jnp.zeros(p.shape, jnp.float32)
+                return placeholder, placeholder, jnp.zeros(p.shape, state_dtype)
             d_row, d_col = dims
             row_shape = tuple(s for i, s in enumerate(p.shape) if i != d_col)
             col_shape = tuple(s for i, s in enumerate(p.shape) if i != d_row)
-            return jnp.zeros(row_shape, jnp.float32), jnp.zeros(col_shape, jnp.float32), placeholder
+            return jnp.zeros(row_shape, state_dtype), jnp.zeros(col_shape, state_dtype), placeholder
 
         out = jax.tree.map(init_one, params, _axes(params), is_leaf=lambda x: x is None)
         treedef = jax.tree.structure(params)
@@ -235,6 +238,7 @@ def adafactor(
 
         def update_one(g, v_row, v_col, v, p, axes):
             g = g.astype(jnp.float32)
+            v_row, v_col, v = (x.astype(jnp.float32) for x in (v_row, v_col, v))
             g_sqr = jnp.square(g) + epsilon1
             dims = factored_dims(p.shape, axes, factored, min_dim_size_to_factor)
             if dims is None:
@@ -259,7 +263,12 @@ def adafactor(
                 u = u * jnp.maximum(_rms(p.astype(jnp.float32), axes), epsilon2)
             if weight_decay_rate is not None:
                 u = u + weight_decay_rate * lr * p.astype(jnp.float32)
-            return (-u).astype(p.dtype), v_row, v_col, v
+            return (
+                (-u).astype(p.dtype),
+                v_row.astype(state_dtype),
+                v_col.astype(state_dtype),
+                v.astype(state_dtype),
+            )
 
         treedef = jax.tree.structure(grads)
         out = [
@@ -366,6 +375,7 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    state_dtype: str = "float32",
 ) -> Optimizer:
     """Adafactor (T5X defaults) or AdamW, with explicit state-sharding rules.
 
@@ -377,6 +387,8 @@ def make_optimizer(
         Adafactor settings (see `adafactor`).
       weight_decay: Adafactor: decoupled rate times lr (default none, as T5X); AdamW: default 0.01.
       b1, b2, eps: AdamW settings.
+      state_dtype: "float32" or "bfloat16": Adafactor's second moments, AdamW's first moment
+        (optax keeps AdamW's second moment in the param dtype).
     """
     if name == "adafactor":
         batch_axes = None if logical_specs is None else batch_axes_from_logical(logical_specs)
@@ -388,6 +400,7 @@ def make_optimizer(
             multiply_by_parameter_scale=multiply_by_parameter_scale,
             min_dim_size_to_factor=min_dim_size_to_factor,
             weight_decay_rate=weight_decay,
+            state_dtype=jnp.dtype(state_dtype),
         )
 
         def shardings(param_shardings, abstract_params):
@@ -406,6 +419,7 @@ def make_optimizer(
             b2=b2,
             eps=eps,
             weight_decay=0.01 if weight_decay is None else weight_decay,
+            mu_dtype=jnp.dtype(state_dtype),
         )
 
         def shardings(param_shardings, abstract_params):
