@@ -157,6 +157,7 @@ class StepSpec:
       targets_length: decoder tokens per sequence.
       num_microbatches: gradient accumulation steps per optimizer step.
       optimizer: "adafactor" or "adamw".
+      optimizer_state_dtype: "float32" or "bfloat16" (see `optim.make_optimizer`).
     """
 
     batch: int = PAPER_BATCH
@@ -164,6 +165,7 @@ class StepSpec:
     targets_length: int = PAPER_TARGETS_LENGTH
     num_microbatches: int = 1
     optimizer: str = "adafactor"
+    optimizer_state_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,7 +478,9 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
     schedule = optim.make_schedule("rsqrt")
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng),
-        lambda specs: optim.make_optimizer(spec.optimizer, schedule, specs),
+        lambda specs: optim.make_optimizer(
+            spec.optimizer, schedule, specs, state_dtype=spec.optimizer_state_dtype
+        ),
         mesh,
         0,
     )
@@ -616,6 +620,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_microbatches", type=int, default=1)
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
     parser.add_argument(
+        "--optimizer_state_dtype", choices=("float32", "bfloat16"), default="float32"
+    )
+    parser.add_argument(
         "--scan", choices=("auto", "on", "off"), default="auto", help="scan_layers for compiling"
     )
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=None)
@@ -638,7 +645,8 @@ def format_step_plan(
         f"mesh: data:{m['data']},expert:{m['expert']},model:{m['model']}"
         + (" (recommended)" if recommended else ""),
         f"devices: {step.devices}",
-        f"compiled: the real train step ({spec.optimizer}, {spec.num_microbatches} "
+        f"compiled: the real train step ({spec.optimizer} with {spec.optimizer_state_dtype} "
+        f"state, {spec.num_microbatches} "
         f"microbatch(es)), scan_layers={config.scan_layers}, remat_policy={config.remat_policy}, "
         f"param_dtype={config.param_dtype}, dtype={config.dtype}, "
         f"moe_dtype={config.moe_dtype or config.dtype}; {step.compile_seconds:.0f} s",
@@ -703,7 +711,12 @@ def main(argv: Sequence[str]) -> None:
 def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
     rest = flags.rest
     spec = StepSpec(
-        rest.batch, rest.inputs_length, rest.targets_length, rest.num_microbatches, rest.optimizer
+        rest.batch,
+        rest.inputs_length,
+        rest.targets_length,
+        rest.num_microbatches,
+        rest.optimizer,
+        rest.optimizer_state_dtype,
     )
     usable = None
     if rest.hbm_gib is not None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import gin
+import numpy as np
 import pytest
 
 from switch_t5 import gin_utils, network, plan
@@ -186,3 +187,29 @@ def test_planner_compiles_the_real_train_step_and_enforces_the_budget():
     # 4 sparse layer calls x (dispatch + combine) x (forward + backward); two of those layers
     # run per iteration of the scanned loops, so the trip counts must be applied.
     assert out["collectives_per_step"].startswith("all-to-all 16, ")
+
+
+def test_bfloat16_optimizer_state_halves_its_bytes_and_tracks_float32():
+    """The option the planner's --optimizer_state_dtype passes to the real optimizer."""
+    import jax
+    import jax.numpy as jnp
+
+    from switch_t5 import optim
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 4 * 128 * 136).reshape(4, 128, 136)}
+    specs = {"w": jax.sharding.PartitionSpec("expert", "embed", "mlp")}
+    grads = {"w": jnp.cos(params["w"] * 7.0)}
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        tx = optim.make_optimizer(
+            "adafactor", optim.make_schedule("constant", 0.01), specs, state_dtype=dtype
+        ).tx
+        state = tx.init(params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        out[dtype] = (optim.state_bytes(state), updates["w"], state.v_row["w"].dtype)
+    assert out["bfloat16"][2] == jnp.bfloat16 and out["float32"][2] == jnp.float32
+    # count (int32) + v_row [4, 128] + v_col [4, 136] + the (1,) placeholder.
+    assert out["float32"][0] == 4 + 4 * (4 * 128 + 4 * 136 + 1)
+    assert out["bfloat16"][0] == 4 + 2 * (4 * 128 + 4 * 136 + 1)
+    # The first update reads zero moments, so it is the same; bfloat16 storage is only rounding.
+    np.testing.assert_allclose(out["bfloat16"][1], out["float32"][1], rtol=1e-5, atol=1e-6)
