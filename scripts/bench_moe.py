@@ -2,40 +2,46 @@
 
     PYTHONPATH=. python scripts/bench_moe.py --quick      # about two minutes on 2 CPU cores
     PYTHONPATH=. python scripts/bench_moe.py              # more experts and capacity factors
+    PYTHONPATH=. python scripts/bench_moe.py --dtype=bfloat16 --d_model=768 --d_ff=3072  # GPU
 
 Each row jits grad(sum(layer(x) * cotangent)) with respect to the params and the input, for the
 MoE layer (`switch_t5.moe.MoeLayer`, one dispatch implementation) and for the dense
-`switch_t5.layers.MlpBlock` with the same d_model, d_ff, dtype and precision, and prints the
-ratio of their best wall-clock times. A capacity-based dispatch runs its experts on cf x tokens
-slots, so its FLOP ratio to the dense MLP is at least cf ("floor"); dropless processes exactly
-k x tokens rows (floor k), though on CPU `ragged_dot` lowers to a masked dense dot (about E
-times the work). Prints times; asserts nothing. The last line, `best_moe_over_dense`, is the
-fastest implementation at 32 experts, capacity factor 1.0 and 16k tokens.
+`switch_t5.layers.MlpBlock` with the same d_model, d_ff, dtype and precision. The rows run
+interleaved with the dense MLP (`scripts/bench_utils.py`); a ratio is the median over rounds of
+MoE time / dense time of the same round, in wall-clock seconds and in process CPU seconds (the
+work done; on a CPU shared with other jobs it is far less noisy than wall time).
+
+A capacity-based dispatch runs its experts on cf x tokens slots, so its FLOP ratio to the dense
+MLP is at least cf ("floor"); what lies above the floor is routing and data movement. Dropless
+processes exactly k x tokens rows (floor k), though on CPU `ragged_dot` lowers to a masked dense
+dot (about E times the work). The "scaling" rows time the auto dispatch at 1/4, 1/2 and all of
+the tokens with the same group size: cost grows linearly in tokens when ms/token stays flat.
+
+The last line, `best_moe_over_dense`, is the wall-clock ratio of the implementation that
+`dispatch="auto"` picks on this backend (`moe.resolve_dispatch`), at 32 experts, capacity
+factor 1.0 and 16k tokens, timed again alone against the dense MLP over 3x the rounds (the
+"headline" line also gives its CPU-time ratio). Prints times; asserts nothing; imports no
+TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_utils
+
 from switch_t5 import layers, moe
 from switch_t5.config import SwitchConfig
-
-
-def _best_time(fn, repeats: int) -> float:
-    """Best of `repeats` calls after one warm-up (compilation) call, in seconds."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _fwd_bwd(module: nn.Module, x: jax.Array, cot: jax.Array):
@@ -49,6 +55,13 @@ def _fwd_bwd(module: nn.Module, x: jax.Array, cot: jax.Array):
     return lambda: step(params, x)
 
 
+def _inputs(tokens: int, length: int, d_model: int, dtype: str):
+    batch = tokens // length
+    x = jax.random.normal(jax.random.key(1), (batch, length, d_model), dtype)
+    cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    return x, cot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sweep, ~2 min on 2 cores")
@@ -58,19 +71,22 @@ def main() -> None:
     parser.add_argument("--d_ff", type=int, default=None)
     parser.add_argument("--group_size", type=int, default=2048)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     args = parser.parse_args()
 
     if args.quick:
-        d_model, d_ff, experts, factors, repeats = 128, 512, (8, 32), (1.0, 2.0), 2
+        d_model, d_ff, experts, factors, rounds = 128, 512, (8, 32), (1.0, 1.25), 6
     else:
-        d_model, d_ff, experts, factors, repeats = 512, 2048, (8, 32, 128), (1.0, 1.25, 2.0), 3
+        d_model, d_ff, experts, factors, rounds = 512, 2048, (8, 32, 128), (1.0, 1.25, 2.0), 5
     d_model = args.d_model or d_model
     d_ff = args.d_ff or d_ff
-    repeats = args.repeats or repeats
-    if args.tokens % args.length:
-        raise SystemExit(f"--tokens={args.tokens} must be a multiple of --length={args.length}")
-    batch = args.tokens // args.length
+    rounds = args.rounds or rounds
+    if args.tokens % (4 * args.length):
+        raise SystemExit(
+            f"--tokens={args.tokens} must be a multiple of 4 x --length={args.length} "
+            "(the scaling rows use a quarter of the tokens)"
+        )
+    auto = moe.resolve_dispatch("auto")
     base = SwitchConfig(
         d_model=d_model,
         d_ff=d_ff,
@@ -79,48 +95,107 @@ def main() -> None:
         group_size=args.group_size,
         min_expert_capacity=4,
     )
-    x = jax.random.normal(jax.random.key(1), (batch, args.length, d_model), args.dtype)
-    cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    x, cot = _inputs(args.tokens, args.length, d_model, args.dtype)
 
-    dense_s = _best_time(_fwd_bwd(layers.MlpBlock(base), x, cot), repeats)
+    # name -> (callable, experts, cf, impl, flop floor, slow)
+    rows: dict[str, tuple] = {}
+    for num_experts in experts:
+        for cf in factors:
+            for impl in ("einsum", "scatter"):
+                cfg = dataclasses.replace(
+                    base, num_experts=num_experts, dispatch=impl, eval_capacity_factor=cf
+                )
+                # On CPU the masked einsum costs O(tokens x group x cf): a few rounds suffice.
+                slow = impl == "einsum" and jax.default_backend() == "cpu"
+                if args.quick and slow and (cf != factors[0] or num_experts != 32):
+                    continue
+                fn = _fwd_bwd(moe.MoeLayer(cfg), x, cot)
+                rows[f"{num_experts}/{cf}/{impl}"] = (fn, num_experts, cf, impl, cf, slow)
+        # On CPU dropless costs about E dense MLPs: --quick times it at the smallest E only.
+        if not args.quick or num_experts == experts[0]:
+            cfg = dataclasses.replace(base, num_experts=num_experts, dispatch="dropless")
+            fn = _fwd_bwd(moe.MoeLayer(cfg), x, cot)
+            slow = jax.default_backend() == "cpu"
+            rows[f"{num_experts}/-/dropless"] = (fn, num_experts, None, "dropless", 1.0, slow)
+
+    dense = _fwd_bwd(layers.MlpBlock(base), x, cot)
+    fast = {"dense": dense, **{n: row[0] for n, row in rows.items() if not row[-1]}}
+    slow = {"dense": dense, **{n: row[0] for n, row in rows.items() if row[-1]}}
+    print(f"{bench_utils.backend_note()} dtype={args.dtype} auto dispatch here = {auto}")
+    print(
+        f"tokens={args.tokens} (batch {args.tokens // args.length} x length {args.length}) "
+        f"d_model={d_model} d_ff={d_ff} group_size={args.group_size} "
+        f"activations={base.mlp_activations}; {rounds} interleaved rounds, medians"
+    )
+    print(f"before: {bench_utils.load_note()}", flush=True)
+    timings = bench_utils.interleaved(fast, rounds)
+    dense_t = timings["dense"]
+    # Slow rows (marked *) run in their own interleaved rounds, ratios to the dense MLP's times
+    # of those rounds.
+    slow_rounds = 1 if args.quick else max(1, rounds // 3)
+    slow_t = bench_utils.interleaved(slow, slow_rounds) if len(slow) > 1 else {}
     # Forward+backward of two [tokens, d] x [d, f] matmuls: 3 x 2 x 2 x tokens x d x f FLOPs.
     dense_flops = 12.0 * args.tokens * d_model * d_ff
     print(
-        f"backend={jax.default_backend()} devices={jax.device_count()} dtype={args.dtype} "
-        f"tokens={args.tokens} (batch {batch} x length {args.length}) d_model={d_model} "
-        f"d_ff={d_ff} group_size={args.group_size} activations={base.mlp_activations}"
+        f"dense MLP fwd+bwd: {dense_t.wall_median * 1e3:.1f} ms wall, "
+        f"{dense_t.cpu_median * 1e3:.1f} ms CPU, "
+        f"{dense_flops / dense_t.wall_median / 1e9:.1f} GFLOP/s"
     )
+    header = (
+        f"{'experts':>7} {'cf':>5} {'impl':>9} {'ms':>8} {'moe/dense':>10} {'cpu ratio':>10} "
+        f"{'flop floor':>10}"
+    )
+    print(header)
+    best: float | None = None
+    for name, (_, num_experts, cf, impl, floor, is_slow) in rows.items():
+        t, ref = (slow_t[name], slow_t["dense"]) if is_slow else (timings[name], dense_t)
+        wall_ratio = bench_utils.ratio(t, ref, "wall")
+        cpu_ratio = bench_utils.ratio(t, ref, "cpu")
+        cf_text = f"{cf:.2f}" if cf is not None else "-"
+        print(
+            f"{num_experts:>7} {cf_text:>5} {impl + ('*' if is_slow else ''):>9} "
+            f"{t.wall_median * 1e3:>8.1f} {wall_ratio:>10.2f} {cpu_ratio:>10.2f} {floor:>10.2f}"
+        )
+        if num_experts == 32 and cf == 1.0 and impl == auto and args.tokens == 16384:
+            best = name
+    if slow_t:
+        print(f"* timed in {slow_rounds} separate interleaved round(s) with the dense MLP")
+
+    # Linear in tokens: the same layer (auto dispatch, 32 experts or the largest swept, cf 1.0)
+    # at a quarter, half and all of the tokens, in one interleaved run.
+    scale_experts = 32 if 32 in experts else experts[-1]
+    cfg = dataclasses.replace(
+        base, num_experts=scale_experts, dispatch=auto, eval_capacity_factor=factors[0]
+    )
+    sizes = (args.tokens // 4, args.tokens // 2, args.tokens)
+    scale_fns = {}
+    for n in sizes:
+        xs, cs = _inputs(n, args.length, d_model, args.dtype)
+        scale_fns[n] = _fwd_bwd(moe.MoeLayer(cfg), xs, cs)
+    scale = bench_utils.interleaved(scale_fns, rounds)
+    per_token = {n: scale[n].cpu_median / n for n in sizes}
     print(
-        f"dense MLP fwd+bwd: {dense_s * 1e3:.1f} ms, {dense_flops / dense_s / 1e9:.1f} GFLOP/s "
-        f"(auto dispatch here = {moe.resolve_dispatch('auto')})"
+        f"scaling ({auto}, {scale_experts} experts, cf {factors[0]}, groups of "
+        f"{args.group_size}): "
+        + ", ".join(
+            f"{n} tokens {scale[n].wall_median * 1e3:.1f} ms "
+            f"({per_token[n] / per_token[sizes[-1]]:.2f}x CPU/token of {sizes[-1]})"
+            for n in sizes
+        )
     )
-    print(f"{'experts':>7} {'cf':>5} {'impl':>9} {'ms':>9} {'moe/dense':>10} {'flop floor':>10}")
-    best_32: float | None = None
-    for num_experts in experts:
-        runs = [(impl, cf) for cf in factors for impl in ("einsum", "scatter")]
-        # On CPU dropless costs about E dense MLPs: --quick times it at the smallest E only.
-        if not args.quick or num_experts == experts[0]:
-            runs.append(("dropless", None))
-        for impl, cf in runs:
-            cfg = dataclasses.replace(
-                base,
-                num_experts=num_experts,
-                dispatch=impl,
-                eval_capacity_factor=cf if cf is not None else 1.0,
-            )
-            seconds = _best_time(_fwd_bwd(moe.MoeLayer(cfg), x, cot), repeats)
-            ratio = seconds / dense_s
-            floor = cf if cf is not None else 1.0
-            cf_text = f"{cf:.2f}" if cf is not None else "-"
-            print(
-                f"{num_experts:>7} {cf_text:>5} {impl:>9} {seconds * 1e3:>9.1f} {ratio:>10.2f} "
-                f"{floor:>10.2f}",
-                flush=True,
-            )
-            if num_experts == 32 and cf == 1.0 and args.tokens == 16384:
-                best_32 = ratio if best_32 is None else min(best_32, ratio)
-    if best_32 is not None:
-        print(f"best_moe_over_dense: {best_32:.2f}")
+    if best is not None:
+        # The headline pair again, alone and with more rounds: wall time is what users see, and
+        # on a shared CPU it needs many rounds for a stable median.
+        pair = bench_utils.interleaved({"dense": dense, best: rows[best][0]}, 3 * rounds)
+        wall_ratio = bench_utils.ratio(pair[best], pair["dense"], "wall")
+        cpu_ratio = bench_utils.ratio(pair[best], pair["dense"], "cpu")
+        print(
+            f"headline ({auto}, 32 experts, cf 1.0, {args.tokens} tokens, {3 * rounds} rounds): "
+            f"wall {wall_ratio:.2f}, CPU {cpu_ratio:.2f}"
+        )
+    print(f"after: {bench_utils.load_note()}")
+    if best is not None:
+        print(f"best_moe_over_dense: {wall_ratio:.2f}")
 
 
 if __name__ == "__main__":
