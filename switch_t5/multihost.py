@@ -158,6 +158,62 @@ def make_hybrid_mesh(
     )
 
 
+def _granules(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:
+    """Devices grouped by TPU slice when there are several, else by process (node/host)."""
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    key = (lambda d: d.slice_index) if len(slices) > 1 else (lambda d: d.process_index)
+    groups: dict[int, list[jax.Device]] = {}
+    for d in devices:
+        groups.setdefault(key(d), []).append(d)
+    return list(groups.values())
+
+
+def make_mesh_for_job(
+    data: int = -1,
+    expert: int | None = None,
+    model: int = 1,
+    *,
+    num_experts: int = 0,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """The training mesh: `partitioning.make_mesh` on one slice/host, a hybrid mesh otherwise.
+
+    With several TPU slices or several processes (GPU nodes, CPU hosts), the expert and model
+    axes are laid inside each one and the data axis across them (`make_hybrid_mesh`); `data`
+    (or -1) is the total over all of them, `expert=None` picks as many expert partitions as one
+    slice and the experts allow.
+
+    Raises:
+      ValueError: expert x model does not fit inside one slice/node, or sizes do not match.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    granules = _granules(devices)
+    if len(granules) == 1:
+        return partitioning.make_mesh(data, expert, model, num_experts=num_experts, devices=devices)
+    per = len(granules[0])
+    if any(len(g) != per for g in granules):
+        raise ValueError(
+            f"slices/processes hold different device counts: {[len(g) for g in granules]}"
+        )
+    if expert is None:
+        expert = partitioning.default_expert_size(per, num_experts, model)
+    if per % (expert * model):
+        raise ValueError(
+            f"expert x model = {expert} x {model} does not fit inside one slice/node of {per} "
+            f"devices; the expert all-to-all and model axis must stay on ICI/NVLink: use "
+            f"expert x model dividing {per}"
+        )
+    per_data = per // (expert * model)
+    if data not in (-1, per_data * len(granules)):
+        raise ValueError(
+            f"data={data}: with expert x model = {expert * model} per slice/node of {per} "
+            f"devices and {len(granules)} of them, data must be {per_data * len(granules)} (or -1)"
+        )
+    return make_hybrid_mesh(
+        (per_data, expert, model), len(granules), num_experts=num_experts, devices=devices
+    )
+
+
 def axis_stays_within_granules(mesh: Mesh, axis: str) -> bool:
     """True when every group of devices along `axis` lies inside one process (node/slice)."""
     names = list(mesh.axis_names)

@@ -70,7 +70,7 @@ def _worker(role: str, model_dir: str, out_dir: str) -> None:
         assert multihost.initialize_from_env(), "the test sets JAX_COORDINATOR_ADDRESS etc."
         assert jax.process_count() == 2 and jax.local_device_count() == 4
         # data 2 across the processes (the "nodes"); expert and model inside each.
-        mesh = multihost.make_hybrid_mesh((1, 2, 2), 2, num_experts=config.num_experts)
+        mesh = multihost.make_mesh_for_job(-1, 2, 2, num_experts=config.num_experts)
     else:
         assert jax.process_count() == 1 and jax.device_count() == 8
         mesh = partitioning.make_mesh(2, 2, 2, num_experts=config.num_experts)
@@ -252,6 +252,8 @@ def test_hybrid_mesh_checks_sizes(mesh_222):
     mesh = multihost.make_hybrid_mesh((2, 2, 2), 1, num_experts=4, devices=jax.devices())
     assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
     assert all(multihost.axis_stays_within_granules(mesh, a) for a in mesh.axis_names)
+    mesh = multihost.make_mesh_for_job(-1, 2, 2, num_experts=4)
+    assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
 
 
 if __name__ == "__main__":
