@@ -264,7 +264,15 @@ def _sha256(p: epath.Path) -> str:
 
 
 def _files_under(root: epath.Path) -> list[epath.Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    """Every file below `root` (epath has no recursive glob on object stores: walk by hand)."""
+    out, todo = [], [root]
+    while todo:
+        for p in todo.pop().iterdir():
+            if p.is_dir():
+                todo.append(p)
+            elif p.name != CHECKSUM_FILE:
+                out.append(p)
+    return sorted(out)
 
 
 class Checkpointer:
