@@ -37,6 +37,7 @@ from switch_t5 import (
     gin_utils,
     init_checkpoint,
     metrics_logging,
+    multihost,
     network,
     optim,
     partitioning,
@@ -223,8 +224,11 @@ def maybe_initialize_distributed(
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return
+    # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (scripts/launch_slurm_gpu.sh).
+    if multihost.initialize_from_env():
+        return
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if len([h for h in hosts.split(",") if h]) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    if len([h for h in hosts.split(",") if h]) > 1:
         jax.distributed.initialize()
 
 
@@ -540,7 +544,8 @@ def train(
     }
     meta = checkpoints.make_meta(config, vocab_meta)
 
-    mesh = partitioning.make_mesh(
+    # Several TPU slices / GPU nodes: expert and model axes inside each (hybrid mesh).
+    mesh = multihost.make_mesh_for_job(
         mesh_data, mesh_expert, mesh_model, num_experts=config.num_experts
     )
     batch_shards = mesh.shape["data"] * mesh.shape["expert"]
