@@ -14,7 +14,8 @@ Written to EVAL_OUTPUT_DIR (default MODEL_DIR/eval):
   predictions.jsonl: {"task", "input", "target", "prediction"} per example, in dataset order;
   metrics.json: {"step", "checkpoint", "metrics": {"task/metric": value, ..., averages}}
     (a correlation of constant predictions is NaN, written as JSON `NaN`);
-  tensorboard/: the metrics as scalars at the checkpoint's step (tensorboardX).
+  tensorboard/: the metrics as scalars at the checkpoint's step (tensorboardX);
+  config.gin: the operative gin config of the evaluation.
 Averages: `glue_average` / `super_glue_average` (T5's benchmark scores) for the GLUE/SuperGLUE
 mixtures, `mixture_average` (mean over tasks of each task's mean metric) for other mixtures.
 
@@ -624,6 +625,7 @@ def run_eval(
     if jax.process_index() == 0:
         write_outputs(result, out_dir, checkpoint=str(ref.step_dir))
         write_tensorboard(result, str(checkpoints.path(out_dir, "tensorboard")), ref.step)
+        checkpoints.write_text(checkpoints.path(out_dir, "config.gin"), gin.config_str())
     return result
 
 

@@ -16,7 +16,7 @@ from switch_t5.config import SwitchConfig  # noqa: E402
 from switch_t5.data import glue, user_tasks, vocab  # noqa: E402
 from switch_t5.data import metrics as metrics_lib  # noqa: E402
 
-LENGTHS = {"inputs": 32, "targets": 8}
+LENGTHS = {"inputs": 16, "targets": 8}
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
 
 
@@ -56,11 +56,10 @@ def _write_tsv(path, rows):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, mesh_222):
     root = tmp_path_factory.mktemp("eval")
-    spm = vocab.train_sentencepiece(
-        [" ".join(WORDS) + " yes no maybe contains apple: x"] * 30,
-        str(root / "spm.model"),
-        100 + 28,
-    )
+    # Enough pieces for every word to be one token (5-word inputs: 6 tokens with EOS).
+    rng = np.random.default_rng(5)
+    docs = [" ".join(rng.choice(WORDS, 5)) for _ in range(200)] + ["yes no maybe"] * 20
+    spm = vocab.train_sentencepiece(docs, str(root / "spm.model"), 100 + 32)
     vocabulary = vocab.get_vocabulary(spm)
     # 11 rows with batch 8: the last batch holds 3 examples and 5 padding rows.
     rows_a, rows_b = _rows(0, 11), _rows(1, 5)
@@ -69,7 +68,7 @@ def env(tmp_path_factory, mesh_222):
             name,
             validation_files=_write_tsv(root / f"{name}.tsv", rows),
             vocabulary=vocabulary,
-            input_template="contains apple: {sentence}",
+            input_template="{sentence}",  # 5 words: 6 tokens with EOS
             target_column="label",
             label_names=["no", "yes"],
             metrics=["accuracy"],
@@ -77,7 +76,7 @@ def env(tmp_path_factory, mesh_222):
     if "eval_test_mix" in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove("eval_test_mix")
     seqio.MixtureRegistry.add("eval_test_mix", [("eval_test_a", 1.0), ("eval_test_b", 1.0)])
-    config = _config(128)  # pad_vocab_size(128)
+    config = _config(256)  # pad_vocab_size(132)
     model = network.EncoderDecoder(config)
     boxed = network.init_variables(config, jax.random.PRNGKey(0))["params"]
     shardings = partitioning.params_shardings(boxed, mesh_222)
@@ -100,7 +99,7 @@ def evaluator_a(env, mesh_222):
 def test_every_example_once_and_padding_rows_do_not_change_outputs(env, evaluator_a):
     examples = evaluator_a.examples["eval_test_a"]
     assert [eval_lib._text(ex["inputs_pretokenized"]) for ex in examples] == [
-        f"contains apple: {s}" for s, _ in env["rows_a"]
+        s for s, _ in env["rows_a"]
     ]
     inputs = evaluator_a._encoder_inputs(examples)
     tokens, scores = evaluator_a.decoder(env["params"], inputs)
@@ -110,14 +109,6 @@ def test_every_example_once_and_padding_rows_do_not_change_outputs(env, evaluato
         alone, alone_scores = evaluator_a.decoder(env["params"], inputs[i : i + 1])
         np.testing.assert_array_equal(alone[0], tokens[i])
         np.testing.assert_allclose(alone_scores[0], scores[i], rtol=1e-5, atol=1e-6)
-    # And equals decode_batch on those rows directly (no mesh).
-    direct = decoding.decode_batch(
-        env["model"],
-        jax.device_get(env["params"]),
-        {"encoder_input_tokens": inputs[:8]},
-        max_decode_length=LENGTHS["targets"],
-    ).tokens
-    np.testing.assert_array_equal(np.asarray(direct), tokens[:8])
 
 
 class _FakeDecoder:
@@ -143,7 +134,7 @@ def _fake_outputs(rows, wrong):
     out = {}
     for i, (s, label) in enumerate(rows):
         text = {"yes": "no", "no": "yes"}[label] if i in wrong else label
-        out[f"contains apple: {s}"] = "maybe" if i == 1 else text
+        out[s] = "maybe" if i == 1 else text
     return out
 
 
@@ -158,7 +149,7 @@ def test_scores_outputs_and_files(env, evaluator_a, tmp_path, monkeypatch):
     assert result.num_examples == {"eval_test_a": 11} and fake.rows_seen == 11
     lines = (tmp_path / eval_lib.PREDICTIONS_FILE).read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
-    assert [p["input"] for p in predictions] == [f"contains apple: {s}" for s, _ in rows]
+    assert [p["input"] for p in predictions] == [s for s, _ in rows]
     assert [p["target"] for p in predictions] == [label for _, label in rows]
     assert predictions[1]["prediction"] == "maybe"
     assert set(predictions[0]) == {"task", "input", "target", "prediction"}

@@ -397,6 +397,8 @@ def test_eval_entry_point_scores_the_best_checkpoint(e2e):
     assert [p["target"] for p in predictions] == [label for _, label in e2e["val_rows"]]
     with open(f"{out}/{eval_lib.METRICS_FILE}") as f:
         assert json.load(f)["metrics"] == result.metrics
+    with open(f"{out}/config.gin") as f:
+        assert "CHECKPOINT_STEP = 'best'" in f.read()
     # The kept best checkpoint is the one the run scored best, with the same accuracy.
     with open(e2e["ft_dir"] + "/best/best.json") as f:
         best = json.load(f)

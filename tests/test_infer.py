@@ -1,6 +1,7 @@
 """The inference entry point on a checkpoint: outputs equal direct decoding, batching, flags over
 gin, JSON lines, and clear errors."""
 
+import functools
 import json
 
 import gin
@@ -23,12 +24,13 @@ LENGTH = 16
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
-    spm = vocab.train_sentencepiece(
-        [" ".join(WORDS) + " yes no"] * 30, str(root / "spm.model"), 100 + 24
-    )
+    # Enough pieces for every word to be one token.
+    rng = np.random.default_rng(5)
+    docs = [" ".join(rng.choice(WORDS, 5)) for _ in range(200)] + ["yes no maybe"] * 20
+    spm = vocab.train_sentencepiece(docs, str(root / "spm.model"), 100 + 32)
     vocabulary = vocab.get_vocabulary(spm)
     config = SwitchConfig(
-        vocab_size=128,
+        vocab_size=256,  # pad_vocab_size(132)
         d_model=8,
         num_heads=2,
         head_dim=3,
@@ -62,15 +64,12 @@ def _direct(ckpt, texts, **kwargs):
     vocabulary = ckpt["vocabulary"]
     tokens, _ = infer.encode_inputs(texts, vocabulary, LENGTH)
     model = network.EncoderDecoder(ckpt["config"])
+    decode = jax.jit(
+        functools.partial(decoding.decode_batch, model, max_decode_length=LENGTH, **kwargs)
+    )
     outs = []
     for row in tokens:
-        out = decoding.decode_batch(
-            model,
-            ckpt["params"],
-            {"encoder_input_tokens": row[None]},
-            max_decode_length=LENGTH,
-            **kwargs,
-        )
+        out = decode(ckpt["params"], {"encoder_input_tokens": row[None]})
         outs.append(vocabulary.decode(eval_lib.output_ids(np.asarray(out.tokens[0]))))
     return outs
 
