@@ -548,6 +548,9 @@ class Checkpointer:
 
     def _move_aside(self, src: epath.Path, name: str, reason: Any) -> None:
         dest = self.quarantine_dir / name
+        n = 1
+        while dest.exists():  # the same step may be left half-written more than once
+            dest, n = self.quarantine_dir / f"{name}.{n}", n + 1
         log.warning(
             "checkpoint %s is not usable (%s); moved to %s. It is never restored; delete it "
             "when it is no longer needed.",
