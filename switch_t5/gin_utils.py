@@ -107,21 +107,32 @@ def parse_gin(
 ) -> None:
     """Registers configurables, then parses gin files and bindings (bindings win).
 
+    Each call starts from a clean configuration: an entry point called twice in one process
+    (tests, notebooks) must not inherit the previous call's bindings or a locked config.
+
     Raises:
       GinConfigError: naming the file or binding that gin rejected (unknown configurable or
         parameter, with gin's near matches where it has them; a syntax error).
       FileNotFoundError: for a gin file that does not exist.
     """
+    gin.clear_config()
     register_configurables()
     gin.add_config_file_search_path(REPO_ROOT)
     gin.add_config_file_search_path(CONFIGS_DIR)
-    files = [_resolve_gin_file(f) for f in gin_files]
+    files = [os.path.abspath(_resolve_gin_file(f)) for f in gin_files]
+    # Shipped files include each other relative to the repository root. gin tries the working
+    # directory first and its package-resource reader crashes on `configs/` (a namespace
+    # package) before reaching the search paths above, so includes are resolved from the root.
+    cwd = os.getcwd()
     try:
+        os.chdir(REPO_ROOT)
         with gin.unlock_config():
             for f in files:
                 gin.parse_config_file(f)
     except (ValueError, KeyError, SyntaxError) as e:
         raise GinConfigError(f"in gin file {f!r}: {e}") from e
+    finally:
+        os.chdir(cwd)
     for binding in bindings:
         try:
             with gin.unlock_config():
