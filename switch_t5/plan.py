@@ -636,6 +636,15 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def _dispatch(config: SwitchConfig) -> str:
+    from switch_t5 import moe
+
+    if config.dispatch == "auto":
+        # Resolved by the CPU compiler's backend; on TPU "auto" is the einsum dispatch.
+        return f"auto->{moe.resolve_dispatch('auto')} (TPU: einsum)"
+    return config.dispatch
+
+
 def format_step_plan(
     config: SwitchConfig, spec: StepSpec, step: StepPlan, flops: float, recommended: bool
 ) -> list[str]:
@@ -649,7 +658,8 @@ def format_step_plan(
         f"state, {spec.num_microbatches} "
         f"microbatch(es)), scan_layers={config.scan_layers}, remat_policy={config.remat_policy}, "
         f"param_dtype={config.param_dtype}, dtype={config.dtype}, "
-        f"moe_dtype={config.moe_dtype or config.dtype}; {step.compile_seconds:.0f} s",
+        f"moe_dtype={config.moe_dtype or config.dtype}, dispatch={_dispatch(config)}; "
+        f"{step.compile_seconds:.0f} s",
         f"batch: {spec.batch} x ({spec.inputs_length} inputs + {spec.targets_length} targets) "
         f"= {tokens} tokens per step",
         f"train_flops_per_step: {flops:.4g}",
