@@ -104,7 +104,8 @@ class LoadedParams:
 
     Attributes:
       params: the params tree (unboxed), on the shardings of the abstract tree; None when
-        `fallback_to_scratch` found no checkpoint.
+        `fallback_to_scratch` found no checkpoint (after `initial_train_state`: the state's
+        params).
       source: the checkpoint read (None when falling back to scratch).
       restored: {target name: source name} of the params read from the checkpoint.
       fresh: names of the params left to their fresh initialisation.
@@ -407,7 +408,7 @@ def initial_train_state(
       path, step, strict, assignment_map, fallback_to_scratch, expected_vocabulary: see
         `load_initial_params`.
       seed: RANDOM_SEED; the training rng is `split(PRNGKey(seed))[1]`, as a run from scratch
-        derives it, and params the checkpoint does not give are initialised from it too.
+        derives it. Params the checkpoint does not give come from `setup.init_fn()`.
 
     Returns:
       (state on `setup.shardings`, what was read).
@@ -448,6 +449,8 @@ def initial_train_state(
     mesh = _mesh_of(setup)
     with jax.set_mesh(mesh), partitioning.axis_rules():
         state = jax.jit(fresh_state, out_shardings=setup.shardings, donate_argnums=0)(params)
+    # The read arrays were donated to the state.
+    loaded.params = state.params
     return state, loaded
 
 
