@@ -366,8 +366,9 @@ class Checkpointer:
           CheckpointSaveError: this save or the previous (async) one failed.
         """
         step = int(step)
-        if self._pending_checksums:
-            self.wait()  # the previous step must be complete before it is hashed
+        if self._pending_checksums or faults.fires("no_space", step):
+            # The previous step must be complete before it is hashed (or the disk "fills").
+            self.wait()
         faults.maybe_limit_file_size(step)
         previous, self._in_flight = self._in_flight, step
         try:

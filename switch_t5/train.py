@@ -621,6 +621,9 @@ def train(
         else:
             state = setup.init_fn()
         start_step = int(jax.device_get(state.step))
+        if is_main and latest is None:
+            # Killed before its first checkpoint committed, a run logged steps that it now redoes.
+            metrics_logging.truncate_metrics(model_dir, start_step)
 
         b_shardings = trainer.batch_shardings({k: None for k in _feature_keys()}, mesh)
         train_step = trainer.make_train_step(
@@ -759,7 +762,14 @@ def train(
         if ckpt is not None:
             ckpt.close()
         if logger is not None:
-            logger.close()
+            try:
+                logger.close()
+            except OSError as e:
+                # A full disk also fails the last log flush: never hide the error that stopped
+                # the run (e.g. CheckpointSaveError) behind it.
+                if sys.exc_info()[1] is None:
+                    raise
+                log.warning("closing the metrics logs failed too: %s", e)
         if lock is not None:
             lock.release()
 
