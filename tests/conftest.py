@@ -5,9 +5,15 @@ XLA_FLAGS must be set before jax is imported anywhere, so it is done at the top 
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+# Tiny test models spend their time compiling, not running: skipping LLVM's optimisation passes
+# halves the suite's CPU time (measured on tests/test_moe.py: 84 s -> 43 s of CPU). Subprocesses
+# started by tests inherit these flags.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow (data pipeline only) must never take an accelerator from JAX.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
