@@ -19,8 +19,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax
-import pytest
+import jax  # noqa: E402  (XLA_FLAGS first)
+import pytest  # noqa: E402
 
 _CACHE_DIR = os.environ.get(
     "SWITCH_T5_TEST_COMPILATION_CACHE",
