@@ -79,18 +79,26 @@ def resolve_dispatch(dispatch: str) -> str:
     return dispatch
 
 
-def loop_experts(impl: str) -> bool:
+# Multiply-adds of one expert's [rows, d] x [d, f] matmul from which looping over the experts
+# beats the batched dot on CPU (measured: 160 x 128 x 512 even, 320 x 128 x 512 0.78x the CPU
+# time, 80 x 128 x 512 1.15x; below, the loop's per-iteration overhead dominates).
+LOOP_MIN_EXPERT_MACS = 2**23
+
+
+def loop_experts(impl: str, expert_rows: int, d_model: int, d_ff: int) -> bool:
     """Whether the capacity dispatch runs its experts one at a time (`jax.lax.map`).
 
-    On CPU, E separate [g * c, d] x [d, f] matmuls run at the speed of the dense MLP's single
-    matmul, while XLA's batched [e, g * c, d] x [e, d, f] dot is 1.2-1.5x slower
-    (scripts/bench_moe.py). Accelerators keep the batched einsum (one batched GEMM / MXU op),
-    and so does a sharded expert axis (a loop over it would make the partitioner gather the
-    experts' kernels).
+    On CPU, E separate [rows, d] x [d, f] matmuls (rows = groups x capacity) run at the speed
+    of the dense MLP's single matmul, while XLA's batched [e, rows, d] x [e, d, f] dot is
+    1.2-1.5x slower once the matmuls are big (scripts/bench_moe.py); small ones favour the
+    batched dot (`LOOP_MIN_EXPERT_MACS`). Accelerators keep the batched einsum (one batched
+    GEMM / MXU op), and so does a sharded expert axis (a loop over it would make the partitioner
+    gather the experts' kernels).
     """
     return (
         impl in ("einsum", "scatter")
         and jax.default_backend() == "cpu"
+        and expert_rows * d_model * d_ff >= LOOP_MIN_EXPERT_MACS
         and _group_shards("expert")[0] == 1
     )
 
@@ -578,7 +586,7 @@ class MoeLayer(nn.Module):
             expert_in,
             enable_dropout=enable_dropout,
             group_axis=expert_group_axis,
-            loop=loop_experts(impl),
+            loop=loop_experts(impl, num_groups * capacity, cfg.d_model, cfg.d_ff),
         )
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
         # And back: the second all-to-all returns each expert output to its group's shard.

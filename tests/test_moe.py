@@ -229,11 +229,13 @@ def test_expert_loop_equals_batched_einsum(acts):
     assert np.all(np.isfinite(np.asarray(d1)))
 
 
-def test_loop_experts_only_on_cpu_with_unsharded_experts(mesh_222):
-    assert moe.loop_experts("scatter") == (jax.default_backend() == "cpu")
-    assert not moe.loop_experts("dropless")
+def test_loop_experts_only_on_cpu_for_big_unsharded_experts(mesh_222):
+    big = (8, 128, 8192)  # rows x d_model x d_ff = LOOP_MIN_EXPERT_MACS
+    assert moe.loop_experts("scatter", *big) == (jax.default_backend() == "cpu")
+    assert not moe.loop_experts("scatter", 7, 128, 8192)
+    assert not moe.loop_experts("dropless", *big)
     with jax.set_mesh(mesh_222), partitioning.axis_rules():
-        assert not moe.loop_experts("scatter")
+        assert not moe.loop_experts("scatter", *big)
 
 
 @pytest.mark.parametrize("k", [1, 2])
