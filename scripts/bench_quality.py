@@ -1,0 +1,522 @@
+"""Switch vs dense quality at equal compute: eval loss vs step, and the steps-to-quality speedup.
+
+    PYTHONPATH=. python scripts/bench_quality.py --quick        # at most ~10 min on 2 CPU cores
+    PYTHONPATH=. python scripts/bench_quality.py --out=/tmp/q   # longer runs, bigger model
+
+The paper's headline in miniature (arXiv 2101.03961 Figure 5: Switch-Base 64e reaches T5-Base's
+quality 7x sooner). Three tiny encoder-decoders with the same d_model, d_ff, heads and layers:
+the dense model and Switch models with 8 and 32 experts (every other feed-forward layer, top-1,
+so the FLOPs per token match the dense model's up to the router), trained on the same batches of
+span-corrupted text with Adafactor and T5's rsqrt schedule (`switch_t5.trainer.train_step`, the
+real loss with the load-balancing term).
+
+Data: the real C4 sample in ../shared/data/c4 when present, else the embedded corpus
+(`embedded_span_corruption`). C4 documents are split by a hash into train and held-out files, a
+SentencePiece vocabulary is trained on the train part, and the project's pipeline
+(`InputPipeline`, packed span corruption) makes one pass over each; that step runs once in a
+separate process (TensorFlow/seqio) and is cached as numpy arrays under --out, so training never
+imports TensorFlow. The token budget (steps x batch) stays under one epoch of the train part:
+every batch is new text. Eval is the token-level cross-entropy on all held-out batches.
+
+Learning rate: the dense model's best of a small sweep (the final eval loss, mean over seeds), then
+used for every model. Every (learning rate, seed) of one architecture trains at once as a `vmap`
+population (same batches, own init and dropout/jitter rngs), so a model compiles once.
+
+Output under --out: quality.json (curves and routing statistics), quality.png (eval loss vs step,
+mean over seeds with the seeds' range). The steps a Switch model needs to reach the dense model's
+final eval loss come from the seed-mean curves, smoothed by a 3-point moving average and
+interpolated linearly between evals; the speedup is dense steps / those steps. The last line is
+`steps_speedup_32e: X.X` (0.0 when the 32-expert model never reaches it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C4_SAMPLE = os.path.join(
+    os.path.dirname(REPO), "shared", "data", "c4", "c4-sample.00000-of-00001.json.gz"
+)
+FEATURES = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "encoder_segment_ids",
+    "decoder_segment_ids",
+    "encoder_positions",
+    "decoder_positions",
+)
+
+# name -> SwitchConfig fields shared by the three models, batch, steps, eval every, lengths.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        model=dict(
+            d_model=64,
+            num_heads=4,
+            head_dim=16,
+            d_ff=256,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+        ),
+        batch=16,
+        steps=150,
+        eval_every=10,
+        warmup=20,
+        inputs=64,
+        targets=14,
+        vocab=2048,
+        lrs=(0.1, 0.3, 1.0),
+        seeds=2,
+    ),
+    "full": dict(
+        model=dict(
+            d_model=128,
+            num_heads=4,
+            head_dim=32,
+            d_ff=512,
+            num_encoder_layers=4,
+            num_decoder_layers=4,
+        ),
+        batch=32,
+        steps=400,
+        eval_every=20,
+        warmup=50,
+        inputs=128,
+        targets=29,
+        vocab=4096,
+        lrs=(0.3, 1.0, 3.0),
+        seeds=3,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data (separate process: TensorFlow + seqio).
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_heldout(text: str, fraction: float) -> bool:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def prepare_data(out: str, s: dict[str, Any], source: str, heldout_fraction: float) -> None:
+    """Writes OUT/data.npz (train and eval batches) and OUT/data.json (what they are)."""
+    import numpy as np
+
+    from switch_t5 import data_gin, gin_utils
+    from switch_t5.data import pipeline
+    from switch_t5.data import vocab as vocab_lib
+
+    lengths = {"inputs": s["inputs"], "targets": s["targets"]}
+    bindings = []
+    if source == "c4":
+        with gzip.open(C4_SAMPLE, "rt", encoding="utf-8") as f:
+            docs = [json.loads(line)["text"] for line in f if line.strip()]
+        parts = {"train": [], "validation": []}
+        for d in docs:
+            parts["validation" if _is_heldout(d, heldout_fraction) else "train"].append(d)
+        paths = {}
+        for split, texts in parts.items():
+            paths[split] = os.path.join(out, f"c4_{split}.jsonl")
+            with open(paths[split], "w", encoding="utf-8") as f:
+                for t in texts:
+                    f.write(json.dumps({"text": t}) + "\n")
+        spm = os.path.join(out, f"c4_train_{s['vocab']}.model")
+        if not os.path.exists(spm):
+            vocab_lib.train_sentencepiece(parts["train"], spm, vocab_size=s["vocab"])
+        task = "text_files_span_corruption"
+        bindings += [
+            f"MIXTURE_OR_TASK_NAME = '{task}'",
+            f"TEXT_FILES = '{paths['train']}'",
+            f"VALIDATION_FILES = '{paths['validation']}'",
+            f"VOCABULARY_PATH = '{spm}'",
+        ]
+        doc_counts = {k: len(v) for k, v in parts.items()}
+    else:
+        task = "embedded_span_corruption"
+        bindings += [f"MIXTURE_OR_TASK_NAME = '{task}'"]
+        doc_counts = None
+    gin_utils.parse_gin([], bindings)
+    data_gin.register_tasks(
+        task, cache_dir=os.path.join(out, "cache"), embedded_vocab_size=s["vocab"]
+    )
+    vocab_size = data_gin.get_vocabulary(task).vocab_size
+
+    def one_pass(split: str, shuffle: bool) -> dict[str, np.ndarray]:
+        p = pipeline.InputPipeline(
+            task,
+            split,
+            lengths,
+            s["batch"],
+            seed=0,
+            shuffle=shuffle,
+            pack=True,
+            repeat=False,
+            host_index=0,
+            num_hosts=1,
+        )
+        batches = list(p)
+        return {k: np.stack([b[k] for b in batches]) for k in FEATURES}
+
+    train = one_pass("train", True)
+    evals = one_pass("validation", False)
+    np.savez_compressed(
+        os.path.join(out, "data.npz"),
+        **{f"train/{k}": v for k, v in train.items()},
+        **{f"eval/{k}": v for k, v in evals.items()},
+    )
+    meta = {
+        "source": source,
+        "task": task,
+        "vocab_size": vocab_size,
+        "documents": doc_counts,
+        "train_batches": int(train["encoder_input_tokens"].shape[0]),
+        "eval_batches": int(evals["encoder_input_tokens"].shape[0]),
+        "eval_target_tokens": int((evals["decoder_target_tokens"] > 0).sum()),
+        "batch": s["batch"],
+        "lengths": lengths,
+        "heldout_fraction": heldout_fraction,
+    }
+    with open(os.path.join(out, "data.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _data(out: str, s: dict[str, Any], source: str, heldout_fraction: float, setting: str):
+    meta_path = os.path.join(out, "data.json")
+    key = {"source": source, "batch": s["batch"], "heldout_fraction": heldout_fraction}
+    key["lengths"] = {"inputs": s["inputs"], "targets": s["targets"]}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if all(meta.get(k) == v for k, v in key.items()):
+            return meta
+    cmd = [sys.executable, os.path.abspath(__file__), f"--out={out}", "--prepare_only"]
+    cmd += [f"--setting={setting}", f"--source={source}", f"--heldout={heldout_fraction}"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(
+            f"data preparation failed (exit {done.returncode}); rerun with --prepare_only to "
+            f"see it alone:\n{done.stderr[-3000:]}"
+        )
+    print(f"prepared the data in {time.perf_counter() - t0:.0f} s (cached in {out})")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training populations (no TensorFlow).
+# ---------------------------------------------------------------------------------------------
+
+
+def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, label):
+    """Trains one architecture for every (lr, seed) at once; returns curves and statistics."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from switch_t5 import network, optim, partitioning, trainer
+    from switch_t5.train_state import TrainState
+
+    module = network.EncoderDecoder(config)
+    loss_config = trainer.LossConfig(1e-4, config.load_balancing_loss_weight, 0.0)
+    members = [(lr, seed) for lr in lrs for seed in range(seeds)]
+    lr_arr = jnp.asarray([lr for lr, _ in members], jnp.float32)
+    specs = nn.get_partition_spec(network.init_abstract(config)["params"])
+
+    def make_opt(base_lr):
+        # T5's rsqrt schedule (arXiv 1910.10683 sec. 3.1.2) with a short warm-up; the base is a
+        # traced per-member value so that a learning-rate sweep is one vmapped program.
+        return optim.make_optimizer("adafactor", optim.rsqrt_schedule(base_lr, warmup), specs)
+
+    def init(seed):
+        key = jax.random.key(seed)
+        init_key, train_key = jax.random.split(key)
+        params = nn.unbox(network.init_variables(config, init_key)["params"])
+        opt_state = make_opt(1.0).tx.init(params)
+        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, train_key)
+
+    states = [init(1000 * seed + 17) for _, seed in members]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(states[0].params))
+
+    def step(state, batch, base_lr):
+        return trainer.train_step(
+            state, batch, module=module, optimizer=make_opt(base_lr), loss_config=loss_config
+        )
+
+    def evaluate(params, batch):
+        return trainer.eval_step(params, batch, module=module, loss_config=loss_config)
+
+    with partitioning.axis_rules():
+        train_fn = jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=0)
+        eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
+
+    def eval_loss(state):
+        ce, w = 0.0, 0.0
+        for i in range(evals["encoder_input_tokens"].shape[0]):
+            with partitioning.axis_rules():
+                out = eval_fn(state.params, {k: v[i] for k, v in evals.items()})
+            out = jax.device_get(out)
+            ce, w = ce + out["cross_entropy_sum"], w + out["weight_sum"]
+        return (ce / np.maximum(w, 1.0)).tolist()
+
+    curve_steps, curves, train_stats = [], [], []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        with partitioning.axis_rules():
+            state, metrics = train_fn(state, {k: v[i] for k, v in train.items()}, lr_arr)
+        if i == 0:
+            jax.block_until_ready(metrics)
+            t_first = time.perf_counter() - t0
+        if (i + 1) % eval_every == 0 or i + 1 == steps:
+            m = jax.device_get(metrics)
+            curve_steps.append(i + 1)
+            curves.append(eval_loss(state))
+            usage = np.asarray(m["expert_usage"])
+            train_stats.append(
+                {
+                    "step": i + 1,
+                    "train_loss": np.asarray(m["cross_entropy"]).tolist(),
+                    "fraction_dropped": np.asarray(m["fraction_dropped"]).tolist(),
+                    "load_balancing_loss": np.asarray(m["load_balancing_loss"]).tolist(),
+                    "router_confidence": np.asarray(m["router_confidence"]).tolist(),
+                    # Collapse check: the busiest expert's share over a uniform share (1 = even).
+                    "max_expert_share": (
+                        (usage.max(axis=-1).mean(axis=-1) * config.num_experts).tolist()
+                        if usage.size
+                        else None
+                    ),
+                }
+            )
+    seconds = time.perf_counter() - t0
+    curves_np = np.asarray(curves)  # [evals, members]
+    print(
+        f"{label:>10}: {n_params:>10,} params, {len(members)} members (lr x seed) trained "
+        f"{steps} steps in {seconds:.0f} s (first step with compilation {t_first:.0f} s); "
+        "final eval loss "
+        + ", ".join(
+            f"lr {lr:g}/s{seed}: {curves_np[-1, j]:.3f}" for j, (lr, seed) in enumerate(members)
+        ),
+        flush=True,
+    )
+    return {
+        "label": label,
+        "params": n_params,
+        "members": members,
+        "steps": curve_steps,
+        "eval_loss": curves_np.tolist(),
+        "train_stats": train_stats,
+        "seconds": seconds,
+    }
+
+
+def _smooth(y):
+    import numpy as np
+
+    y = np.asarray(y, float)
+    if len(y) < 3:
+        return y
+    out = y.copy()
+    out[1:-1] = (y[:-2] + y[1:-1] + y[2:]) / 3.0
+    return out
+
+
+def steps_to_reach(steps, losses, target: float) -> float | None:
+    """First step (linear interpolation between evals) where `losses` falls to `target`."""
+    prev_s, prev_l = 0, None
+    for s, val in zip(steps, losses):
+        if val <= target:
+            if prev_l is None or prev_l == val:
+                return float(s)
+            return prev_s + (s - prev_s) * (prev_l - target) / (prev_l - val)
+        prev_s, prev_l = s, val
+    return None
+
+
+def _mean_curve(result, lr):
+    import numpy as np
+
+    cols = [j for j, (m_lr, _) in enumerate(result["members"]) if m_lr == lr]
+    curves = np.asarray(result["eval_loss"])[:, cols]
+    return curves.mean(axis=1), curves.min(axis=1), curves.max(axis=1)
+
+
+def _plot(path, results, best_lr, dense_sweep):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lr in dense_sweep["lrs"]:
+        if lr != best_lr:
+            mean, _, _ = _mean_curve(dense_sweep["result"], lr)
+            ax.plot(dense_sweep["result"]["steps"], mean, lw=0.8, ls=":", label=f"dense lr {lr:g}")
+    for res in results:
+        mean, lo, hi = _mean_curve(res, best_lr)
+        line = ax.plot(res["steps"], _smooth(mean), label=f"{res['label']} (lr {best_lr:g})")[0]
+        ax.fill_between(res["steps"], lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("train step")
+    ax.set_ylabel("held-out eval loss (token cross-entropy)")
+    ax.set_title("Switch vs FLOP-matched dense (mean over seeds, range shaded)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, <= ~10 min on 2 CPUs")
+    parser.add_argument("--setting", default=None, choices=sorted(SETTINGS))
+    parser.add_argument("--out", default=os.path.join("/tmp", "switch_t5_bench_quality"))
+    parser.add_argument("--source", default=None, choices=("c4", "embedded"))
+    parser.add_argument("--heldout", type=float, default=0.05, help="C4 documents held out")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--lrs", default=None, help="comma-separated rsqrt base learning rates")
+    parser.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    setting = args.setting or ("quick" if args.quick else "full")
+    s = dict(SETTINGS[setting])
+    if args.steps:
+        s["steps"] = args.steps
+    if args.seeds:
+        s["seeds"] = args.seeds
+    if args.lrs:
+        s["lrs"] = tuple(float(v) for v in args.lrs.split(","))
+    source = args.source or ("c4" if os.path.exists(C4_SAMPLE) else "embedded")
+    if source == "c4" and not os.path.exists(C4_SAMPLE):
+        raise SystemExit(f"--source=c4 but {C4_SAMPLE} does not exist; use --source=embedded")
+    os.makedirs(args.out, exist_ok=True)
+    if args.prepare_only:
+        prepare_data(args.out, s, source, args.heldout)
+        return
+
+    t_start = time.perf_counter()
+    meta = _data(args.out, s, source, args.heldout, setting)
+    import jax
+    import numpy as np
+
+    # Reruns (other seeds, steps or learning rates) reuse the compiled programs.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_utils
+
+    from switch_t5.config import SwitchConfig, pad_vocab_size
+
+    data = np.load(os.path.join(args.out, "data.npz"))
+    train = {k: data[f"train/{k}"] for k in FEATURES}
+    # All held-out rows in one eval batch (or a few): fewer, larger calls.
+    evals = {k: data[f"eval/{k}"] for k in FEATURES}
+    rows = evals["encoder_input_tokens"].shape[0] * evals["encoder_input_tokens"].shape[1]
+    n_eval = -(-rows // 256)
+    while rows % n_eval:
+        n_eval += 1
+    evals = {k: v.reshape(n_eval, rows // n_eval, *v.shape[2:]) for k, v in evals.items()}
+    if s["steps"] > meta["train_batches"]:
+        raise SystemExit(
+            f"--steps={s['steps']} exceeds the {meta['train_batches']} batches of one epoch of "
+            f"the train data; use at most {meta['train_batches']} steps (the budget must stay "
+            "under one epoch)"
+        )
+    tokens_per_step = s["batch"] * (s["inputs"] + s["targets"])
+    print(
+        f"{bench_utils.backend_note()}; {bench_utils.load_note()}\n"
+        f"data: {meta['source']} ({meta['task']}, documents {meta['documents']}), vocabulary "
+        f"{meta['vocab_size']}, one epoch = {meta['train_batches']} batches of {s['batch']} x "
+        f"({s['inputs']} + {s['targets']}); training {s['steps']} steps = "
+        f"{s['steps'] / meta['train_batches']:.0%} of an epoch ({s['steps'] * tokens_per_step:,} "
+        f"tokens); eval on {meta['eval_batches']} held-out batches "
+        f"({meta['eval_target_tokens']:,} target tokens) every {s['eval_every']} steps"
+    )
+    base = SwitchConfig(
+        vocab_size=pad_vocab_size(meta["vocab_size"]),
+        **s["model"],
+        # Pretraining without dropout on a budget under one epoch (as T5.1.1 / ST-MoE).
+        dropout_rate=0.0,
+        num_experts=0,
+        dtype="float32",
+        group_size=s["batch"] * s["inputs"] // 4,
+        router_jitter_noise=0.0,
+    )
+    print(
+        f"models: d_model {base.d_model}, d_ff {base.d_ff}, heads {base.num_heads}x"
+        f"{base.head_dim}, layers {base.num_encoder_layers}+{base.num_decoder_layers}, MoE in "
+        f"layers {dataclasses.replace(base, num_experts=8).sparse_layers('encoder')} of each "
+        f"stack, groups of {base.group_size}, "
+        f"train cf {base.train_capacity_factor}, eval cf {base.eval_capacity_factor}, "
+        f"load-balancing weight {base.load_balancing_loss_weight}; Adafactor, rsqrt schedule "
+        f"(warm-up {s['warmup']}), {s['seeds']} seeds",
+        flush=True,
+    )
+    common = (s["warmup"], train, evals, s["steps"], s["eval_every"])
+    dense_res = _population(base, s["lrs"], s["seeds"], *common, "dense")
+    finals = {lr: float(_mean_curve(dense_res, lr)[0][-1]) for lr in s["lrs"]}
+    best_lr = min(finals, key=finals.get)
+    print(
+        "dense learning-rate sweep (final eval loss, seed mean): "
+        + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in finals.items())
+        + f" -> {best_lr:g}"
+        + (" (an end of the sweep: widen --lrs)" if best_lr in (s["lrs"][0], s["lrs"][-1]) else "")
+    )
+    results = [dense_res]
+    for experts in (8, 32):
+        cfg = dataclasses.replace(base, num_experts=experts)
+        results.append(_population(cfg, (best_lr,), s["seeds"], *common, f"switch-{experts}e"))
+
+    dense_mean = _smooth(_mean_curve(dense_res, best_lr)[0])
+    target = float(dense_mean[-1])
+    summary = {}
+    for res in results[1:]:
+        mean = _smooth(_mean_curve(res, best_lr)[0])
+        reach = steps_to_reach(res["steps"], mean, target)
+        speedup = s["steps"] / reach if reach else 0.0
+        last = res["train_stats"][-1]
+        summary[res["label"]] = {"steps_to_dense_final": reach, "speedup": speedup}
+        print(
+            f"{res['label']}: final eval loss {mean[-1]:.4f} vs dense {target:.4f}; reaches the "
+            f"dense final loss at step {reach if reach is None else round(reach)} -> speedup "
+            f"{speedup:.2f}x; last train step: dropped {np.mean(last['fraction_dropped']):.3f}, "
+            f"load-balancing loss {np.mean(last['load_balancing_loss']):.3f}, router confidence "
+            f"{np.mean(last['router_confidence']):.3f}, busiest expert "
+            f"{np.mean(last['max_expert_share']):.2f}x the uniform share"
+        )
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+        json.dump(
+            {
+                "setting": s,
+                "data": meta,
+                "best_lr": best_lr,
+                "dense_lr_sweep": finals,
+                "results": results,
+                "summary": summary,
+            },
+            f,
+        )
+    plot = os.path.join(args.out, "quality.png")
+    _plot(plot, results, best_lr, {"lrs": s["lrs"], "result": dense_res})
+    print(
+        f"plot {plot}, curves {os.path.join(args.out, 'quality.json')}; total "
+        f"{time.perf_counter() - t_start:.0f} s; {bench_utils.load_note()}"
+    )
+    print(f"steps_speedup_32e: {summary['switch-32e']['speedup']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
