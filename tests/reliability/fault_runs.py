@@ -143,6 +143,17 @@ def complete_steps(model_dir: str) -> list[int]:
     return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
+def committed_steps(model_dir: str) -> list[int]:
+    """The steps orbax lists (a Checkpointer opened and closed again)."""
+    from switch_t5 import checkpoints
+
+    ckpt = checkpoints.Checkpointer(model_dir)
+    try:
+        return ckpt.all_steps()
+    finally:
+        ckpt.close()
+
+
 def array_files(step_dir: str) -> list[str]:
     """The array data files (tensorstore/OCDBT chunks) of a checkpoint's state item."""
     return sorted(

@@ -41,14 +41,16 @@ def _chain(d: str) -> list[dict]:
         record(r, tmp=half)
     record(run(d, fault="after_save:4"))
     record(run(d, fault="after_restore:4"))
-    # Damage: truncate the largest array file of 4 (the newest), and leave a half-copied step 6
+    # Damage: truncate the array files of 4 (the newest; all of them: a chunk can be in more
+    # than one data file, per-process and merged OCDBT stores), and leave a half-copied step 6
     # (a `meta` item only), as a copy interrupted by hand would.
-    victim = max(array_files(os.path.join(ckpt_dir, "4")), key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
+    victims = array_files(os.path.join(ckpt_dir, "4"))
+    for victim in victims:
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
     os.makedirs(os.path.join(ckpt_dir, "6"))
     shutil.copytree(os.path.join(ckpt_dir, "4", "meta"), os.path.join(ckpt_dir, "6", "meta"))
-    record(run(d), victim=victim)
+    record(run(d), victims=victims)
     return out
 
 
