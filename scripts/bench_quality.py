@@ -69,7 +69,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         ),
         batch=16,
         steps=150,
-        eval_every=10,
+        eval_every=15,
         warmup=20,
         inputs=64,
         targets=14,
