@@ -240,7 +240,6 @@ def main() -> None:
     slots = batch * (inputs + targets)
     with jax.set_mesh(mesh), partitioning.axis_rules():
         impl = moe.resolve_dispatch(switch.dispatch)
-        looped = moe.loop_experts(impl)
 
     print(
         f"{bench_utils.backend_note()} mesh={dict(mesh.shape)} dtype={args.dtype} preset={preset}"
@@ -251,7 +250,7 @@ def main() -> None:
         f"vocab={switch.vocab_size}; Switch: {switch.num_experts} experts in layers "
         f"enc{switch.sparse_layers('encoder')} dec{switch.sparse_layers('decoder')}, "
         f"train cf {switch.train_capacity_factor}, groups of {switch.group_size}, dispatch "
-        f"{impl}{' (expert loop)' if looped else ''}"
+        f"{impl}"
     )
     print(
         f"batch {batch} x (inputs {inputs} + targets {targets}) = {slots} tokens/step; "
