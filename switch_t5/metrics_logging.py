@@ -67,11 +67,29 @@ def _to_json(value: Any) -> Any:
 
 
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
-    """All records of MODEL_DIR/metrics.jsonl (an empty list when there is none)."""
+    """All records of MODEL_DIR/metrics.jsonl (an empty list when there is none).
+
+    A last line without its newline is what a process killed mid-write leaves: it is dropped
+    (the resumed run logs that step again). Any other unreadable line is an error naming it.
+    """
     p = checkpoints.path(model_dir, METRICS_FILE)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    text = p.read_text()
+    lines = text.split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # the unterminated tail of an interrupted write
+                break
+            raise ValueError(
+                f"{p}, line {i + 1}: not a JSON record ({e}); fix or delete that line"
+            ) from e
+    return records
 
 
 def truncate_metrics(model_dir: str, last_step: int) -> None:
