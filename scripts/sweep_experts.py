@@ -15,7 +15,6 @@ OUT/eval_loss.png (eval loss vs step, one line per expert count).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -37,16 +36,10 @@ def commands(gin_files, bindings, experts, out, dense=True) -> list[tuple[str, l
     return out_cmds
 
 
-def _records(model_dir):
-    path = os.path.join(model_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def report(out: str, names: list[str]) -> str:
     import matplotlib
+
+    from switch_t5 import metrics_logging
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,7 +50,7 @@ def report(out: str, names: list[str]) -> str:
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        recs = _records(os.path.join(out, name))
+        recs = metrics_logging.read_metrics(os.path.join(out, name))
         evals = [(r["step"], r["loss"]) for r in recs if r["split"] == "eval"]
         trains = [r for r in recs if r["split"] == "train"]
         if not evals:
