@@ -202,6 +202,7 @@ def _data(out: str, s: dict[str, Any], source: str, heldout_fraction: float, set
             return meta
     cmd = [sys.executable, os.path.abspath(__file__), f"--out={out}", "--prepare_only"]
     cmd += [f"--setting={setting}", f"--source={source}", f"--heldout={heldout_fraction}"]
+    cmd += [f"--batch={s['batch']}"]
     env = dict(os.environ, PYTHONPATH=REPO)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -275,6 +276,7 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
 
     curve_steps, curves, train_stats = [], [], []
     t0 = time.perf_counter()
+    t_eval = 0.0
     for i in range(steps):
         with partitioning.axis_rules():
             state, metrics = train_fn(state, {k: v[i] for k, v in train.items()}, lr_arr)
@@ -284,7 +286,9 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             m = jax.device_get(metrics)
             curve_steps.append(i + 1)
+            t1 = time.perf_counter()
             curves.append(eval_loss(state))
+            t_eval += time.perf_counter() - t1
             usage = np.asarray(m["expert_usage"])
             train_stats.append(
                 {
@@ -305,7 +309,8 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     curves_np = np.asarray(curves)  # [evals, members]
     print(
         f"{label:>10}: {n_params:>10,} params, {len(members)} members (lr x seed) trained "
-        f"{steps} steps in {seconds:.0f} s (first step with compilation {t_first:.0f} s); "
+        f"{steps} steps in {seconds:.0f} s (first step with compilation {t_first:.0f} s, evals "
+        f"{t_eval:.0f} s); "
         "final eval loss "
         + ", ".join(
             f"lr {lr:g}/s{seed}: {curves_np[-1, j]:.3f}" for j, (lr, seed) in enumerate(members)
@@ -314,6 +319,7 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     )
     return {
         "label": label,
+        "num_experts": config.num_experts,
         "params": n_params,
         "members": members,
         "steps": curve_steps,
@@ -378,6 +384,56 @@ def _plot(path, results, best_lr, dense_sweep):
     fig.savefig(path, dpi=120)
 
 
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> SwitchConfig field values, typed like the field's default."""
+    from switch_t5.config import SwitchConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SwitchConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(
+                f"--switch={item!r}: use KEY=VALUE with KEY a SwitchConfig field, e.g. "
+                "--switch=train_capacity_factor=2.0"
+            )
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _cached_population(out_dir: str, reuse: bool, key: dict[str, Any], train_fn):
+    """Runs `train_fn()` or, with `reuse`, loads its result saved under the same settings."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    path = os.path.join(out_dir, f"population_{digest[:16]}.json")
+    if reuse and os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+        res["members"] = [tuple(m) for m in res["members"]]
+        print(f"{res['label']:>10}: reused {path} (same data, model and schedule)", flush=True)
+        return res
+    res = train_fn()
+    with open(path, "w") as f:
+        json.dump(res, f)
+    return res
+
+
+def _speedup(dense_res, res, lr_dense: float, lr_switch: float, steps: int):
+    """(steps the Switch model needs to reach the dense final loss, speedup, final losses)."""
+    dense_mean = _smooth(_mean_curve(dense_res, lr_dense)[0])
+    target = float(dense_mean[-1])
+    mean = _smooth(_mean_curve(res, lr_switch)[0])
+    reach = steps_to_reach(res["steps"], mean, target)
+    return reach, (steps / reach if reach else 0.0), float(mean[-1]), target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, <= ~10 min on 2 CPUs")
@@ -386,17 +442,37 @@ def main() -> None:
     parser.add_argument("--source", default=None, choices=("c4", "embedded"))
     parser.add_argument("--heldout", type=float, default=0.05, help="C4 documents held out")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
+    parser.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--lrs", default=None, help="comma-separated rsqrt base learning rates")
+    parser.add_argument("--experts", default="8,32", help="comma-separated Switch expert counts")
+    parser.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SwitchConfig field for the Switch models only (routing experiments), repeatable",
+    )
+    parser.add_argument(
+        "--switch_lrs",
+        default=None,
+        help="also train the Switch models at these base learning rates (an extra figure; the "
+        "headline always uses the dense model's best)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="load populations already trained under the same settings from --out",
+    )
     parser.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     setting = args.setting or ("quick" if args.quick else "full")
     s = dict(SETTINGS[setting])
-    if args.steps:
-        s["steps"] = args.steps
-    if args.seeds:
-        s["seeds"] = args.seeds
+    for name in ("steps", "seeds", "batch", "eval_every"):
+        if getattr(args, name):
+            s[name] = getattr(args, name)
     if args.lrs:
         s["lrs"] = tuple(float(v) for v in args.lrs.split(","))
     source = args.source or ("c4" if os.path.exists(C4_SAMPLE) else "embedded")
@@ -406,6 +482,8 @@ def main() -> None:
     if args.prepare_only:
         prepare_data(args.out, s, source, args.heldout)
         return
+    expert_counts = tuple(int(v) for v in args.experts.split(","))
+    switch_overrides = _parse_overrides(args.switch)
 
     t_start = time.perf_counter()
     meta = _data(args.out, s, source, args.heldout, setting)
@@ -445,62 +523,104 @@ def main() -> None:
         f"tokens); eval on {meta['eval_batches']} held-out batches "
         f"({meta['eval_target_tokens']:,} target tokens) every {s['eval_every']} steps"
     )
-    base = SwitchConfig(
-        vocab_size=pad_vocab_size(meta["vocab_size"]),
+    model_fields = {
+        "vocab_size": pad_vocab_size(meta["vocab_size"]),
         **s["model"],
         # Pretraining without dropout on a budget under one epoch (as T5.1.1 / ST-MoE).
-        dropout_rate=0.0,
-        num_experts=0,
-        dtype="float32",
-        group_size=s["batch"] * s["inputs"] // 4,
-        router_jitter_noise=0.0,
-    )
+        "dropout_rate": 0.0,
+        "dtype": "float32",
+        "group_size": s["batch"] * s["inputs"] // 4,
+        "router_jitter_noise": 0.0,
+        **s.get("routing", {}),
+    }
+    dense_cfg = SwitchConfig(**model_fields, num_experts=0)
+    switch_cfgs = {
+        e: SwitchConfig(**{**model_fields, **switch_overrides}, num_experts=e)
+        for e in expert_counts
+    }
+    some = switch_cfgs[expert_counts[-1]]
     print(
-        f"models: d_model {base.d_model}, d_ff {base.d_ff}, heads {base.num_heads}x"
-        f"{base.head_dim}, layers {base.num_encoder_layers}+{base.num_decoder_layers}, MoE in "
-        f"layers {dataclasses.replace(base, num_experts=8).sparse_layers('encoder')} of each "
-        f"stack, groups of {base.group_size}, "
-        f"train cf {base.train_capacity_factor}, eval cf {base.eval_capacity_factor}, "
-        f"load-balancing weight {base.load_balancing_loss_weight}; Adafactor, rsqrt schedule "
-        f"(warm-up {s['warmup']}), {s['seeds']} seeds",
+        f"models: d_model {dense_cfg.d_model}, d_ff {dense_cfg.d_ff}, heads "
+        f"{dense_cfg.num_heads}x{dense_cfg.head_dim}, layers {dense_cfg.num_encoder_layers}+"
+        f"{dense_cfg.num_decoder_layers}; Switch: MoE in layers {some.sparse_layers('encoder')} "
+        f"of the encoder and {some.sparse_layers('decoder')} of the decoder, groups of "
+        f"{some.group_size} tokens, train cf {some.train_capacity_factor}, eval cf "
+        f"{some.eval_capacity_factor}, load-balancing weight {some.load_balancing_loss_weight}, "
+        f"router z-loss weight {some.router_z_loss_weight}, jitter {some.router_jitter_noise}, "
+        f"router init stddev {some.router_init_stddev}"
+        + (f" (overrides {switch_overrides})" if switch_overrides else "")
+        + f"; Adafactor, rsqrt schedule (warm-up {s['warmup']}), {s['seeds']} seeds",
         flush=True,
     )
     common = (s["warmup"], train, evals, s["steps"], s["eval_every"])
-    dense_res = _population(base, s["lrs"], s["seeds"], *common, "dense")
+    run_key = {
+        "data": meta,
+        "steps": s["steps"],
+        "eval_every": s["eval_every"],
+        "warmup": s["warmup"],
+        "seeds": s["seeds"],
+    }
+
+    def population(cfg, lrs, label):
+        key = {**run_key, "config": dataclasses.asdict(cfg), "lrs": list(lrs)}
+        return _cached_population(
+            args.out,
+            args.reuse,
+            key,
+            lambda: _population(cfg, lrs, s["seeds"], *common, label),
+        )
+
+    dense_res = population(dense_cfg, s["lrs"], "dense")
     finals = {lr: float(_mean_curve(dense_res, lr)[0][-1]) for lr in s["lrs"]}
     best_lr = min(finals, key=finals.get)
     print(
         "dense learning-rate sweep (final eval loss, seed mean): "
         + ", ".join(f"{lr:g}: {v:.4f}" for lr, v in finals.items())
         + f" -> {best_lr:g}"
-        + (" (an end of the sweep: widen --lrs)" if best_lr in (s["lrs"][0], s["lrs"][-1]) else "")
+        + (
+            " (an end of the sweep: widen --lrs)"
+            if len(s["lrs"]) > 1 and best_lr in (s["lrs"][0], s["lrs"][-1])
+            else ""
+        )
     )
+    switch_lrs = [best_lr]
+    if args.switch_lrs:
+        switch_lrs += [float(v) for v in args.switch_lrs.split(",") if float(v) != best_lr]
     results = [dense_res]
-    for experts in (8, 32):
-        cfg = dataclasses.replace(base, num_experts=experts)
-        results.append(_population(cfg, (best_lr,), s["seeds"], *common, f"switch-{experts}e"))
+    for experts, cfg in switch_cfgs.items():
+        results.append(population(cfg, tuple(switch_lrs), f"switch-{experts}e"))
 
-    dense_mean = _smooth(_mean_curve(dense_res, best_lr)[0])
-    target = float(dense_mean[-1])
     summary = {}
     for res in results[1:]:
-        mean = _smooth(_mean_curve(res, best_lr)[0])
-        reach = steps_to_reach(res["steps"], mean, target)
-        speedup = s["steps"] / reach if reach else 0.0
+        reach, speedup, final, target = _speedup(dense_res, res, best_lr, best_lr, s["steps"])
         last = res["train_stats"][-1]
+        cols = [j for j, (m_lr, _) in enumerate(res["members"]) if m_lr == best_lr]
+
+        def at_best(name, last=last, cols=cols):
+            return float(np.mean(np.asarray(last[name])[cols]))
+
         summary[res["label"]] = {"steps_to_dense_final": reach, "speedup": speedup}
         print(
-            f"{res['label']}: final eval loss {mean[-1]:.4f} vs dense {target:.4f}; reaches the "
+            f"{res['label']}: final eval loss {final:.4f} vs dense {target:.4f}; reaches the "
             f"dense final loss at step {reach if reach is None else round(reach)} -> speedup "
-            f"{speedup:.2f}x; last train step: dropped {np.mean(last['fraction_dropped']):.3f}, "
-            f"load-balancing loss {np.mean(last['load_balancing_loss']):.3f}, router confidence "
-            f"{np.mean(last['router_confidence']):.3f}, busiest expert "
-            f"{np.mean(last['max_expert_share']):.2f}x the uniform share"
+            f"{speedup:.2f}x; last train step: dropped {at_best('fraction_dropped'):.3f}, "
+            f"load-balancing loss {at_best('load_balancing_loss'):.3f}, router confidence "
+            f"{at_best('router_confidence'):.3f} (uniform {1 / res['num_experts']:.3f}), busiest "
+            f"expert {at_best('max_expert_share'):.2f}x the uniform share"
         )
+        for lr in switch_lrs[1:]:
+            reach_lr, speedup_lr, final_lr, _ = _speedup(dense_res, res, best_lr, lr, s["steps"])
+            summary[res["label"]][f"speedup_at_lr_{lr:g}"] = speedup_lr
+            print(
+                f"  extra: {res['label']} at its own lr {lr:g}: final eval loss {final_lr:.4f}, "
+                f"reaches the dense final loss at step "
+                f"{reach_lr if reach_lr is None else round(reach_lr)} -> {speedup_lr:.2f}x"
+            )
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(
             {
                 "setting": s,
+                "switch_overrides": switch_overrides,
                 "data": meta,
                 "best_lr": best_lr,
                 "dense_lr_sweep": finals,
@@ -515,7 +635,9 @@ def main() -> None:
         f"plot {plot}, curves {os.path.join(args.out, 'quality.json')}; total "
         f"{time.perf_counter() - t_start:.0f} s; {bench_utils.load_note()}"
     )
-    print(f"steps_speedup_32e: {summary['switch-32e']['speedup']:.1f}")
+    for res in results[1:]:
+        experts = res["label"].split("-")[1]
+        print(f"steps_speedup_{experts}: {summary[res['label']]['speedup']:.1f}")
 
 
 if __name__ == "__main__":
