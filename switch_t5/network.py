@@ -68,6 +68,16 @@ def _moe_layer(config: SwitchConfig, is_encoder: bool) -> nn.Module:
     return moe.MoeLayer(config=config, is_encoder=is_encoder, name="mlp")
 
 
+def _residual(dropout: nn.Module, x: jax.Array, y: jax.Array, enable_dropout: bool) -> jax.Array:
+    """x + dropout(y), constrained to [batch, length, embed]: every sublayer's residual.
+
+    The caller passes its own Dropout module (one per layer body, called once per sublayer), so
+    that each module's dropout rng stream is drawn in sublayer order.
+    """
+    x = x + dropout(y, deterministic=not enable_dropout)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
 def _feed_forward(
     config: SwitchConfig,
     x: jax.Array,
@@ -85,14 +95,12 @@ def _feed_forward(
         y = _moe_layer(config, is_encoder)(y, padding_mask, enable_dropout=enable_dropout)
     else:
         y = layers.MlpBlock(config, name="mlp")(y, enable_dropout=enable_dropout)
-    x = x + dropout(y.astype(dtype), deterministic=not enable_dropout)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = _residual(dropout, x, y.astype(dtype), enable_dropout)
     if sparse and config.sparse_extra_mlp:
         # ST-MoE (arXiv 2202.08906 sec. 3.1): a dense FFN right after each sparse one.
         y = layers.RMSNorm(config, name="pre_extra_mlp_layer_norm")(x)
         y = layers.MlpBlock(config, name="extra_mlp")(y, enable_dropout=enable_dropout)
-        x = x + dropout(y, deterministic=not enable_dropout)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _residual(dropout, x, y, enable_dropout)
     return x
 
 
@@ -128,8 +136,8 @@ def _check_same_shape(name: str, x: jax.Array | None, ref_name: str, ref: jax.Ar
         )
 
 
-class EncoderLayer(nn.Module):
-    """Pre-norm self-attention then a dense MLP or an MoE layer, each with a residual.
+class _StackLayer(nn.Module):
+    """The fields of every encoder and decoder layer.
 
     Attributes:
       config: the network config.
@@ -138,6 +146,10 @@ class EncoderLayer(nn.Module):
 
     config: SwitchConfig
     sparse: bool = False
+
+
+class EncoderLayer(_StackLayer):
+    """Pre-norm self-attention then a dense MLP or an MoE layer, each with a residual."""
 
     @nn.compact
     def __call__(
@@ -158,21 +170,12 @@ class EncoderLayer(nn.Module):
         y = layers.MultiHeadAttention(cfg, name="attention")(
             y, y, mask, bias, enable_dropout=enable_dropout
         )
-        x = x + dropout(y, deterministic=not enable_dropout)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _residual(dropout, x, y, enable_dropout)
         return _feed_forward(cfg, x, padding_mask, self.sparse, True, enable_dropout)
 
 
-class DecoderLayer(nn.Module):
-    """Causal self-attention, cross-attention to the encoder, then a dense MLP or an MoE layer.
-
-    Attributes:
-      config: the network config.
-      sparse: use the MoE layer instead of the dense MLP.
-    """
-
-    config: SwitchConfig
-    sparse: bool = False
+class DecoderLayer(_StackLayer):
+    """Causal self-attention, cross-attention to the encoder, then a dense MLP or an MoE layer."""
 
     @nn.compact
     def __call__(
@@ -197,16 +200,14 @@ class DecoderLayer(nn.Module):
         y = layers.MultiHeadAttention(cfg, name="self_attention")(
             y, y, self_mask, self_bias, enable_dropout=enable_dropout, decode=decode
         )
-        x = x + dropout(y, deterministic=not enable_dropout)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _residual(dropout, x, y, enable_dropout)
 
         y = layers.RMSNorm(cfg, name="pre_cross_attention_layer_norm")(x)
         # No relative position bias across encoder and decoder positions (T5).
         y = layers.MultiHeadAttention(cfg, name="encoder_decoder_attention")(
             y, encoded, cross_mask, None, enable_dropout=enable_dropout
         )
-        x = x + dropout(y, deterministic=not enable_dropout)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = _residual(dropout, x, y, enable_dropout)
         return _feed_forward(cfg, x, padding_mask, self.sparse, False, enable_dropout)
 
 
@@ -217,62 +218,42 @@ def _block_pattern(config: SwitchConfig, stack: str) -> tuple[bool, ...]:
     return tuple(j in sparse for j in range(period))
 
 
-class EncoderBlock(nn.Module):
-    """One period of the encoder's dense/sparse pattern: the unit `nn.scan` repeats.
+class LayerBlock(nn.Module):
+    """One period of a stack's dense/sparse pattern: the unit `nn.scan` repeats.
 
     Attributes:
       config: the network config.
+      layer: the layer class (`EncoderLayer` or `DecoderLayer`).
       pattern: per layer of the block, whether it is sparse.
       enable_dropout: training mode (an attribute, not an argument, so scan/remat keep it
         static).
     """
 
     config: SwitchConfig
+    layer: type[nn.Module]
     pattern: tuple[bool, ...]
     enable_dropout: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, bias, padding_mask):
-        """(carry x: [batch, length, embed], broadcast args) -> (x, None), as nn.scan wants."""
+    def __call__(self, x, *args):
+        """(carry x: [batch, length, embed], broadcast args of the layer) -> (x, None), as
+        nn.scan wants."""
         for j, sparse in enumerate(self.pattern):
-            x = EncoderLayer(self.config, sparse=sparse, name=f"subblock_{j}")(
-                x, mask, bias, padding_mask, self.enable_dropout
+            x = self.layer(self.config, sparse=sparse, name=f"subblock_{j}")(
+                x, *args, self.enable_dropout
             )
         return x, None
 
 
-class DecoderBlock(nn.Module):
-    """One period of the decoder's dense/sparse pattern: the unit `nn.scan` repeats.
-
-    Attributes:
-      config: the network config.
-      pattern: per layer of the block, whether it is sparse.
-      enable_dropout: training mode (static under scan/remat).
-    """
-
-    config: SwitchConfig
-    pattern: tuple[bool, ...]
-    enable_dropout: bool = False
-
-    @nn.compact
-    def __call__(self, y, encoded, self_mask, self_bias, cross_mask, padding_mask):
-        """(carry y: [batch, length, embed], broadcast args) -> (y, None)."""
-        for j, sparse in enumerate(self.pattern):
-            y = DecoderLayer(self.config, sparse=sparse, name=f"subblock_{j}")(
-                y, encoded, self_mask, self_bias, cross_mask, padding_mask, self.enable_dropout
-            )
-        return y, None
-
-
-def _scanned(block_cls: type[nn.Module], config: SwitchConfig, stack: str, num_args: int):
-    """`block_cls` rematerialised per `config.remat_policy` and scanned over the stack's blocks.
+def _scanned(config: SwitchConfig, stack: str, num_args: int):
+    """`LayerBlock` rematerialised per `config.remat_policy` and scanned over the stack's blocks.
 
     Params (and sown MoE metrics) get a leading axis of `num_layers / period` blocks, named
     "layers" for the partitioner and the optimizer (per-layer Adafactor factoring).
     """
     n_blocks = config.num_layers(stack) // config.scan_period(stack)
     # Inside scan, CSE across iterations cannot defeat remat, so prevent_cse is not needed.
-    block_cls = _maybe_remat(block_cls, config, prevent_cse=False)
+    block_cls = _maybe_remat(LayerBlock, config, prevent_cse=False)
     return nn.scan(
         block_cls,
         variable_axes={"params": 0, "intermediates": 0},
@@ -281,6 +262,39 @@ def _scanned(block_cls: type[nn.Module], config: SwitchConfig, stack: str, num_a
         length=n_blocks,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+def _layer_stack(
+    config: SwitchConfig,
+    stack: str,
+    layer_cls: type[nn.Module],
+    x: jax.Array,
+    args: tuple[Any, ...],
+    static_args: tuple[bool, ...],
+) -> jax.Array:
+    """Runs x: [batch, length, embed] through the stack's layers; returns the same shape.
+
+    `args` are the layer's array arguments after x (shared by every layer), `static_args` its
+    trailing flags (`enable_dropout`, then the decoder's `decode`). Scanned: one `LayerBlock`
+    per period, params under "layers" (decode mode is refused before this). Unscanned: modules
+    `layers_{i}`. Must be called inside a compact module.
+    """
+    if config.scan_layers:
+        blocks = _scanned(config, stack, len(args))
+        pattern = _block_pattern(config, stack)
+        x, _ = blocks(config, layer_cls, pattern, static_args[0], name="layers")(x, *args)
+        return x
+    # Static argument positions under nn.remat count the module itself, then x and `args`.
+    first_static = 2 + len(args)
+    layer_cls = _maybe_remat(
+        layer_cls,
+        config,
+        static_argnums=tuple(range(first_static, first_static + len(static_args))),
+    )
+    sparse = set(config.sparse_layers(stack))
+    for i in range(config.num_layers(stack)):
+        x = layer_cls(config, sparse=i in sparse, name=f"layers_{i}")(x, *args, *static_args)
+    return x
 
 
 class Encoder(nn.Module):
@@ -319,18 +333,7 @@ class Encoder(nn.Module):
 
         x = self.shared_embedding(encoder_input_tokens)
         x = dropout(x, deterministic=not enable_dropout)
-        if cfg.scan_layers:
-            stack = _scanned(EncoderBlock, cfg, "encoder", 3)
-            x, _ = stack(cfg, _block_pattern(cfg, "encoder"), enable_dropout, name="layers")(
-                x, mask, bias, real
-            )
-        else:
-            layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(5,))
-            sparse = set(cfg.sparse_layers("encoder"))
-            for i in range(cfg.num_encoder_layers):
-                x = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
-                    x, mask, bias, real, enable_dropout
-                )
+        x = _layer_stack(cfg, "encoder", EncoderLayer, x, (mask, bias, real), (enable_dropout,))
         x = layers.RMSNorm(cfg, name="encoder_norm")(x)
         return dropout(x, deterministic=not enable_dropout)
 
@@ -416,18 +419,14 @@ class Decoder(nn.Module):
 
         y = self.shared_embedding(decoder_input_tokens)
         y = dropout(y, deterministic=not enable_dropout)
-        if cfg.scan_layers:
-            stack = _scanned(DecoderBlock, cfg, "decoder", 5)
-            y, _ = stack(cfg, _block_pattern(cfg, "decoder"), enable_dropout, name="layers")(
-                y, encoded, self_mask, bias, cross_mask, padding_mask
-            )
-        else:
-            layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(7, 8))
-            sparse = set(cfg.sparse_layers("decoder"))
-            for i in range(cfg.num_decoder_layers):
-                y = layer_cls(cfg, sparse=i in sparse, name=f"layers_{i}")(
-                    y, encoded, self_mask, bias, cross_mask, padding_mask, enable_dropout, decode
-                )
+        y = _layer_stack(
+            cfg,
+            "decoder",
+            DecoderLayer,
+            y,
+            (encoded, self_mask, bias, cross_mask, padding_mask),
+            (enable_dropout, decode),
+        )
         y = layers.RMSNorm(cfg, name="decoder_norm")(y)
         y = dropout(y, deterministic=not enable_dropout)
 
