@@ -19,6 +19,7 @@ import ast
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from switch_t5.interop import streaming
 
@@ -112,33 +113,22 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
     from switch_t5 import interop
     from switch_t5.interop import t5x, upcycle
 
-    if args.command == "hf-to-orbax":
-        stats = interop.hf_to_orbax(
-            args.src,
-            args.dst,
-            budget_bytes=args.memory_budget,
-            dtype=args.dtype,
-            **_overrides(args.set),
-        )
-    elif args.command == "t5x-to-orbax":
-        stats = t5x.t5x_to_orbax(
-            args.src,
-            args.dst,
-            step=args.step,
-            budget_bytes=args.memory_budget,
-            dtype=args.dtype,
-            **_overrides(args.set),
-        )
+    # Every conversion streams under --memory_budget; all but hf-to-orbax read a source step.
+    common: dict[str, Any] = {"budget_bytes": args.memory_budget}
+    if args.command != "hf-to-orbax":
+        common["step"] = args.step
+    if args.command in ("hf-to-orbax", "t5x-to-orbax"):
+        importer = interop.hf_to_orbax if args.command == "hf-to-orbax" else t5x.t5x_to_orbax
+        stats = importer(args.src, args.dst, dtype=args.dtype, **common, **_overrides(args.set))
     elif args.command == "orbax-to-hf":
         stats = interop.orbax_to_hf(
             args.src,
             args.dst,
-            step=args.step,
-            budget_bytes=args.memory_budget,
             vocab_size=args.vocab_size,
             expert_capacity=args.expert_capacity,
             dtype=args.weights_dtype,
             max_shard_bytes=args.max_shard_size,
+            **common,
         )
     else:
         from switch_t5 import gin_utils
@@ -149,14 +139,7 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
             import dataclasses
 
             config = dataclasses.replace(config, dtype=args.dtype)
-        stats = upcycle.upcycle(
-            args.src,
-            args.dst,
-            config,
-            step=args.step,
-            seed=args.seed,
-            budget_bytes=args.memory_budget,
-        )
+        stats = upcycle.upcycle(args.src, args.dst, config, seed=args.seed, **common)
     peak = peak_rss_bytes()
     print(
         f"{args.command}: {stats.tensors} tensors, {stats.bytes_written / 2**20:.1f} MiB written "
