@@ -16,7 +16,10 @@ Nothing damaged is ever restored, and nothing is silently skipped:
     that step is not refused by orbax, and the previous step is tried. With checkpoints present
     and none readable it raises `CheckpointCorruptError`; it never starts from scratch over them.
   - A checkpoint of another architecture (meta or array shapes) is a configuration error
-    (`CheckpointMismatchError`): nothing is moved.
+    (`CheckpointMismatchError`): nothing is moved. Settings that leave the arrays' names and
+    shapes alone (`RUNTIME_FIELDS`: compute and param dtypes, remat, dispatch, capacity, dropout)
+    may change on resume; arrays are cast to the dtypes the run asks for (float32 <-> bfloat16
+    params and optimizer state).
   - Bit flips inside array data pass every structural check; the optional per-checkpoint SHA-256
     checksums (`checksums=True`, off by default: they re-read every file after each save) catch
     them.
@@ -189,15 +192,46 @@ def make_meta(model_config: Any, vocabulary: dict[str, Any] | None = None) -> di
     return {"model_config": cfg, "vocabulary": dict(vocabulary or {})}
 
 
+# SwitchConfig fields that may change when a run resumes: they change neither the names nor the
+# shapes of the stored arrays, only how the step computes (dtypes, rematerialisation, dispatch,
+# capacity, regularisation). `param_dtype` is cast on restore. Every other field (layer and
+# expert counts, sizes, routing type, layout) must match.
+RUNTIME_FIELDS = frozenset(
+    {
+        "dtype",
+        "param_dtype",
+        "moe_dtype",
+        "remat_policy",
+        "dispatch",
+        "train_capacity_factor",
+        "eval_capacity_factor",
+        "min_expert_capacity",
+        "group_size",
+        "dropout_rate",
+        "expert_dropout_rate",
+        "router_jitter_noise",
+        "load_balancing_loss_weight",
+        "router_z_loss_weight",
+        "init_scale",
+        "router_init_stddev",
+    }
+)
+
+
 def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
-    """Raises CheckpointMismatchError naming every field that differs."""
-    problems = []
+    """Raises CheckpointMismatchError naming every architecture field that differs.
+
+    Fields in `RUNTIME_FIELDS` may differ (logged): a run can resume with bfloat16 params or
+    another remat policy, capacity factor or dispatch. A different `scan_layers` is refused with
+    the way to convert (fine-tuning from the checkpoint converts the layout on load).
+    """
+    problems, changed = [], []
     s_cfg, c_cfg = saved.get("model_config", {}), current.get("model_config", {})
     for key in sorted(set(s_cfg) | set(c_cfg)):
-        if s_cfg.get(key) != c_cfg.get(key):
-            problems.append(
-                f"model_config.{key}: checkpoint {s_cfg.get(key)!r} != now {c_cfg.get(key)!r}"
-            )
+        if s_cfg.get(key) == c_cfg.get(key):
+            continue
+        line = f"model_config.{key}: checkpoint {s_cfg.get(key)!r} != now {c_cfg.get(key)!r}"
+        (changed if key in RUNTIME_FIELDS else problems).append(line)
     s_voc, c_voc = saved.get("vocabulary", {}), current.get("vocabulary", {})
     if s_voc.get("hash") != c_voc.get("hash"):
         problems.append(
@@ -205,11 +239,21 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
             f"{c_voc.get('path')!r} (hash {c_voc.get('hash')!r})"
         )
     if problems:
+        fix = "Use the model gin file and vocabulary it was trained with, or a new MODEL_DIR."
+        if s_cfg.get("scan_layers") != c_cfg.get("scan_layers"):
+            fix += (
+                " To change the layer layout (scan_layers), start a new MODEL_DIR with "
+                f"INITIAL_CHECKPOINT_PATH={where!r}: the params are converted on load (the "
+                "optimizer state starts fresh)."
+            )
         raise CheckpointMismatchError(
             f"the checkpoint in {where} does not match this run: "
             + "; ".join(problems)
-            + ". Use the model gin file and vocabulary it was trained with, or a new MODEL_DIR."
+            + ". "
+            + fix
         )
+    if changed:
+        log.warning("resuming %s with changed settings: %s", where, "; ".join(changed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,17 +504,22 @@ class Checkpointer:
         if not saved:
             raise _DamagedError("state metadata lists no arrays")
         wanted = _array_signature(abstract_state)
-        if saved != wanted:
+        # Shapes must match; dtypes may differ (bfloat16 <-> float32 params or optimizer state):
+        # orbax casts each array to the dtype `abstract_state` asks for while reading it.
+        if {k: v[0] for k, v in saved.items()} != {k: v[0] for k, v in wanted.items()}:
             diffs = [
                 f"{k}: checkpoint {saved.get(k)} != now {wanted.get(k)}"
                 for k in sorted(set(saved) | set(wanted))
-                if saved.get(k) != wanted.get(k)
+                if (saved.get(k) or (None,))[0] != (wanted.get(k) or (None,))[0]
             ]
             raise CheckpointMismatchError(
                 f"the checkpoint in {where} holds other arrays than this run's train state "
                 f"({len(diffs)} differ: {'; '.join(diffs[:5])}). Use the model and optimizer "
                 "settings it was trained with, or a new MODEL_DIR."
             )
+        casts = sorted({f"{saved[k][1]} -> {wanted[k][1]}" for k in saved if saved[k] != wanted[k]})
+        if casts:
+            log.warning("restoring %s with dtype casts: %s", where, ", ".join(casts))
         try:
             out = self._manager.restore(
                 step,

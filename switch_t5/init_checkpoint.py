@@ -22,11 +22,19 @@ count).
 
 A parameter whose shape differs from the checkpoint's is always an error, naming the first one
 (sorted by name) and both shapes, since it means the model config is not the checkpoint's.
+
+Layer layouts and dtypes convert on load. A checkpoint of the scanned layout
+(`{encoder,decoder}/layers/subblock_{j}/...` with a leading blocks axis, `SwitchConfig.scan_layers`)
+loads into an unscanned model and vice versa: names and assignment-map rules are those of the
+model's layout, and each array is read whole-layer-stack onto the matching sharding, then sliced
+or stacked on device (see `switch_t5.scan_utils` for the layout). Arrays are cast to the model's
+`param_dtype` (e.g. the released bfloat16 Switch-XXL/C weights into float32 params).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -37,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from switch_t5 import partitioning, train_state
 
@@ -204,6 +213,107 @@ def saved_params(ref: CheckpointRef) -> dict[str, tuple[tuple[int, ...], np.dtyp
     }
 
 
+_SCANNED = re.compile(r"^(encoder|decoder)/layers/subblock_(\d+)/(.+)$")
+_UNSCANNED = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """How one param name of the model's layout is made from the checkpoint's arrays.
+
+    kind "same": `sources[0]` as is; "index": block `index` of the scanned `sources[0]`;
+    "stack": the unscanned layers `sources`, stacked along a new leading blocks axis.
+    """
+
+    kind: str
+    sources: tuple[str, ...]
+    index: int = 0
+
+
+def _scanned_stacks(names) -> dict[str, int]:
+    """{stack: number of subblocks} of the stacks stored in the scanned layout."""
+    out: dict[str, set[str]] = {}
+    for name in names:
+        m = _SCANNED.match(name)
+        if m:
+            out.setdefault(m.group(1), set()).add(m.group(2))
+    return {stack: len(subs) for stack, subs in out.items()}
+
+
+def layout_view(
+    saved: Mapping[str, tuple[tuple[int, ...], Any]], target: Mapping[str, Any]
+) -> tuple[dict[str, tuple[tuple[int, ...], Any]], dict[str, _Piece]]:
+    """The checkpoint's params as they would be named and shaped in the model's layer layout.
+
+    Args:
+      saved: {name: (shape, dtype)} of the checkpoint's params.
+      target: {name: leaf with .shape} of the model's params.
+
+    Returns:
+      ({name in the model's layout: (shape, dtype)}, {that name: its `_Piece`}). Identity when
+      both use the same layout. A scanned block with period P holds layer b * P + j of the
+      unscanned stack at index b of subblock_j (`switch_t5.scan_utils`).
+    """
+    saved_scanned, target_scanned = _scanned_stacks(saved), _scanned_stacks(target)
+    view: dict[str, tuple[tuple[int, ...], Any]] = {}
+    pieces: dict[str, _Piece] = {}
+    for name, (shape, dtype) in saved.items():
+        m = _SCANNED.match(name)
+        stack = m.group(1) if m else None
+        if m and stack not in target_scanned:
+            # Scanned checkpoint, unscanned model: one view name per block.
+            period, j, rest = saved_scanned[stack], int(m.group(2)), m.group(3)
+            for b in range(shape[0]):
+                layer = f"{stack}/layers_{b * period + j}/{rest}"
+                view[layer] = (tuple(shape[1:]), dtype)
+                pieces[layer] = _Piece("index", (name,), b)
+            continue
+        u = _UNSCANNED.match(name)
+        if u and u.group(1) in target_scanned:
+            continue  # stacked below, from the model's side
+        view[name] = (tuple(shape), dtype)
+        pieces[name] = _Piece("same", (name,))
+    for name, leaf in target.items():
+        m = _SCANNED.match(name)
+        if not m or m.group(1) in saved_scanned:
+            continue
+        # Unscanned checkpoint, scanned model: stack the layers of this subblock.
+        stack, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        period = target_scanned[stack]
+        sources = tuple(f"{stack}/layers_{b * period + j}/{rest}" for b in range(leaf.shape[0]))
+        shapes = {saved[src][0] for src in sources if src in saved}
+        if len(shapes) != 1 or any(src not in saved for src in sources):
+            continue  # missing (or inconsistent) layers: reported as missing by plan_restore
+        view[name] = ((len(sources), *shapes.pop()), saved[sources[0]][1])
+        pieces[name] = _Piece("stack", sources)
+    return view, pieces
+
+
+def _source_sharding(sharding: Any, kind: str) -> Any:
+    """The sharding to read a checkpoint array with, from the model param's `sharding`: the
+    scanned blocks axis is replicated (as the rules table does for `layers`)."""
+    if kind == "same" or not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    spec = (None, *spec) if kind == "index" else spec[1:]
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _take_block(x: jax.Array, index: jax.Array, dtype: Any) -> jax.Array:
+    # [blocks, ...] -> [...]
+    return jax.lax.dynamic_index_in_dim(x, index, keepdims=False).astype(dtype)
+
+
+def _assemble(piece: _Piece, read: Mapping[str, Any], t: Any) -> jax.Array:
+    """One model param from the arrays read for it, on `t.sharding` in `t.dtype`."""
+    if piece.kind == "index":
+        x = _take_block(read[piece.sources[0]], jnp.int32(piece.index), jnp.dtype(t.dtype))
+    else:  # "stack": [...] x blocks -> [blocks, ...]
+        x = jnp.stack([read[src] for src in piece.sources]).astype(t.dtype)
+    return jax.device_put(x, t.sharding)
+
+
 def _compile_map(assignment_map: AssignmentMap) -> list[tuple[re.Pattern, str | None]]:
     rules = []
     for rule in assignment_map:
@@ -339,27 +449,32 @@ def load_initial_params(
     check_vocabulary(ref, expected_vocabulary)
     saved = saved_params(ref)
     target = flatten(abstract_params)
+    # The checkpoint in the model's layer layout (identity unless scanned <-> unscanned).
+    view, pieces = layout_view(saved, target)
     restored, fresh = plan_restore(
         target,
-        saved,
+        view,
         strict=strict,
         assignment_map=assignment_map,
         where=f"checkpoint {ref.step_dir}",
     )
-    # One read per source array (several targets may share a source), on the first target's
-    # sharding; orbax reshards on read and casts to the requested dtype.
-    first_target: dict[str, str] = {}
+    # One read per checkpoint array (several targets may share one), on the sharding the first
+    # target that needs it asks for; orbax reshards on read and casts to the requested dtype.
+    first_target: dict[str, tuple[str, str]] = {}
     for name, source in restored.items():
-        first_target.setdefault(source, name)
+        for real in pieces[source].sources:
+            first_target.setdefault(real, (name, pieces[source].kind))
     item: dict[str, Any] = {}
-    for source, name in first_target.items():
+    for real, (name, kind) in first_target.items():
         node = item
-        *parents, leaf = source.split("/")
+        *parents, leaf = real.split("/")
         for part in parents:
             node = node.setdefault(part, {})
         t = target[name]
         node[leaf] = ocp.ArrayRestoreArgs(
-            sharding=t.sharding, global_shape=tuple(t.shape), dtype=t.dtype
+            sharding=_source_sharding(t.sharding, kind),
+            global_shape=tuple(saved[real][0]),
+            dtype=t.dtype,
         )
     abstract_item = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.global_shape, a.dtype, sharding=a.sharding),
@@ -375,15 +490,19 @@ def load_initial_params(
     read = flatten(out["params"])
     values: dict[str, Any] = {}
     for name, source in restored.items():
+        piece, t = pieces[source], target[name]
+        if piece.kind != "same":
+            values[name] = _assemble(piece, read, t)
+            continue
         x = read[source]
-        t = target[name]
-        if first_target[source] != name:
+        if first_target[source][0] != name:
             # A separate buffer: the same one twice in a tree cannot be donated.
             x = jax.device_put(jnp.copy(x).astype(t.dtype), t.sharding)
         values[name] = x
+    del read, out
     leaves = [values.get(name) for name in flatten(abstract_params)]
     params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
-    used = set(restored.values())
+    used = {real for source in restored.values() for real in pieces[source].sources}
     unused = sorted(n for n in saved if n not in used)
     if unused:
         log.info("%d checkpoint params are not used, e.g. %s", len(unused), unused[0])

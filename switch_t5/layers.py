@@ -318,9 +318,13 @@ class MultiHeadAttention(nn.Module):
         dtype = compute_dtype(cfg)
         heads, head_dim = cfg.num_heads, cfg.head_dim
         init = kernel_init(cfg.init_scale)
+
         # No 1/sqrt(head_dim) on the logits: T5/Mesh-TF fold it into the query init, std
         # (d_model * head_dim)**-0.5 at init_scale 1 (equivalent under Adafactor).
-        query_init = lambda *a: init(*a) / np.sqrt(head_dim).astype(np.float32)
+        # (The scale is cast to the param dtype so bfloat16 params stay bfloat16.)
+        def query_init(key, shape, dtype=jnp.float32):
+            return init(key, shape, dtype) / jnp.asarray(np.sqrt(head_dim), dtype)
+
         qkv_axes = ("embed", "joined_kv")
 
         def project(name, init_fn, x):

@@ -112,6 +112,8 @@ _ARG_TYPES: dict[str, tuple[type, ...]] = {
     "warmup_steps": (int,),
     "z_loss": (int, float),
     "infer_eval_period": (int,),
+    "optimizer": (str,),
+    "optimizer_state_dtype": (str,),
 }
 
 
@@ -149,6 +151,12 @@ def _check_args(args: Mapping[str, Any]) -> None:
         problems.append(
             f"batch_size={args['batch_size']} is not divisible by "
             f"num_microbatches={args['num_microbatches']}"
+        )
+    if args["optimizer"] not in ("adafactor", "adamw"):
+        problems.append(f"optimizer={args['optimizer']!r}: use 'adafactor' or 'adamw'")
+    if args["optimizer_state_dtype"] not in ("float32", "bfloat16"):
+        problems.append(
+            f"optimizer_state_dtype={args['optimizer_state_dtype']!r}: use 'float32' or 'bfloat16'"
         )
     profile = args["profile_steps"]
     if profile is not None and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
@@ -439,6 +447,7 @@ def train(
     mesh_expert: int | None = None,
     mesh_model: int = 1,
     optimizer: str = "adafactor",
+    optimizer_state_dtype: str = "float32",
     lr_schedule: str = "rsqrt",
     base_learning_rate: float = 1.0,
     warmup_steps: int = 10_000,
@@ -483,6 +492,9 @@ def train(
       mesh_expert: expert mesh axis size; None = as many partitions as the experts allow.
       mesh_model: model (tensor) parallel axis size.
       optimizer: "adafactor" (T5X: factored, decay 0.8, param scaling, clipping 1.0) or "adamw".
+      optimizer_state_dtype: "float32" or "bfloat16": the storage dtype of Adafactor's second
+        moments (AdamW: first moment); updates are computed in float32. May change on resume
+        (the state is cast), as may `SwitchConfig.param_dtype`.
       lr_schedule: "rsqrt" (T5), "constant", "linear_rsqrt" or "cosine" (`optim.make_schedule`).
       base_learning_rate: see the schedule (rsqrt: lr = base / sqrt(max(step, warmup))).
       warmup_steps: see the schedule (T5: 10k steps at 0.01).
@@ -572,7 +584,11 @@ def train(
         setup = train_state.setup_train_state(
             lambda rng: network.init_variables(config, rng),
             lambda specs: optim.make_optimizer(
-                optimizer, schedule, specs, weight_decay=weight_decay
+                optimizer,
+                schedule,
+                specs,
+                weight_decay=weight_decay,
+                state_dtype=optimizer_state_dtype,
             ),
             mesh,
             random_seed,
