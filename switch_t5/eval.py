@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -659,26 +658,27 @@ def main(argv: Sequence[str]) -> EvalResult:
     return result
 
 
-def console_main() -> None:
-    """The `python -m switch_t5.eval` command."""
+def entry_point_errors() -> tuple[type[Exception], ...]:
+    """The setting errors (wrong flags, gin, checkpoint, vocabulary or missing files) that the
+    decoding commands (`switch_t5.eval`, `switch_t5.infer`) report as `error: ...`."""
     from switch_t5 import data_gin
-    from switch_t5.data import readers
     from switch_t5.data import vocab as vocab_lib
 
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        main(sys.argv[1:])
-    except (
+    return (
         gin_utils.GinConfigError,
         EvalConfigError,
         init_checkpoint.InitialCheckpointError,
         data_gin.MissingMacroError,
         vocab_lib.VocabularyMismatchError,
-        readers.DataFileError,
         FileNotFoundError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    )
+
+
+def console_main() -> None:
+    """The `python -m switch_t5.eval` command."""
+    from switch_t5.data import readers
+
+    gin_utils.run_console_main(main, (*entry_point_errors(), readers.DataFileError))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import gin
@@ -150,3 +152,16 @@ def make_model_config() -> config_lib.SwitchConfig:
     """The SwitchConfig as the parsed gin files and bindings configure it."""
     register_configurables()
     return gin.get_configurable("switch_t5.SwitchConfig")()
+
+
+def run_console_main(
+    main: Callable[[Sequence[str]], object], errors: tuple[type[BaseException], ...]
+) -> None:
+    """Runs an entry point's `main(sys.argv[1:])` as a command: one of `errors` (a user's
+    setting error, whose message names the fix) prints `error: ...` and exits with status 1."""
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        main(sys.argv[1:])
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -254,23 +253,7 @@ def main(argv: Sequence[str]) -> list[Prediction]:
 
 def console_main() -> None:
     """The `python -m switch_t5.infer` command."""
-    from switch_t5 import data_gin
-    from switch_t5.data import vocab as vocab_lib
-
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        main(sys.argv[1:])
-    except (
-        gin_utils.GinConfigError,
-        eval_lib.EvalConfigError,
-        init_checkpoint.InitialCheckpointError,
-        data_gin.MissingMacroError,
-        vocab_lib.VocabularyMismatchError,
-        FileNotFoundError,
-        ValueError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    gin_utils.run_console_main(main, (*eval_lib.entry_point_errors(), ValueError))
 
 
 if __name__ == "__main__":
