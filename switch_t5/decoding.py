@@ -175,17 +175,16 @@ def greedy_decode(
       sequences: <int32>[b, l] decoded tokens, PAD after EOS.
       log_probs: <float32>[b] the model's log-probability of each sequence (through its EOS).
     """
-    choose = lambda logits, rng: jnp.argmax(logits, axis=-1)
-    rng = jax.random.PRNGKey(0)  # unused
-    return _sample_loop(
+    # Sampling at temperature 0 takes the argmax and draws nothing from the key.
+    return temperature_sample(
         tokens_to_logits,
         cache,
-        batch_size,
-        max_decode_length,
-        choose,
-        rng,
-        eos_id,
-        cache_batch_axis,
+        jax.random.PRNGKey(0),
+        batch_size=batch_size,
+        max_decode_length=max_decode_length,
+        temperature=0.0,
+        eos_id=eos_id,
+        cache_batch_axis=cache_batch_axis,
     )
 
 
