@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from switch_t5 import partitioning
 
@@ -151,11 +151,7 @@ def make_hybrid_mesh(
         process_is_granule=granule_is_process,
         allow_split_physical_axes=True,
     )
-    return Mesh(
-        device_array,
-        partitioning.MESH_AXES,
-        axis_types=(AxisType.Auto,) * len(partitioning.MESH_AXES),
-    )
+    return partitioning.mesh_of(device_array)
 
 
 def _granules(devices: Sequence[jax.Device]) -> list[list[jax.Device]]:

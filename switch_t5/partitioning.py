@@ -78,6 +78,12 @@ def default_expert_size(num_devices: int, num_experts: int, model: int = 1) -> i
     return math.gcd(num_devices // max(model, 1), num_experts)
 
 
+def mesh_of(device_array: np.ndarray) -> Mesh:
+    """A (data, expert, model) Mesh over a device array of that shape, with classic (auto)
+    GSPMD axis types: jax 0.10's default explicit types reject einsums over sharded dims."""
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def make_mesh(
     data: int = -1,
     expert: int | None = None,
@@ -118,7 +124,7 @@ def make_mesh(
     except (ValueError, NotImplementedError, AssertionError):
         # Simulated or irregular device sets have no physical topology to follow.
         device_array = np.asarray(devices).reshape(sizes)
-    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return mesh_of(device_array)
 
 
 def logical_to_sharding(logical_spec, mesh: Mesh):
