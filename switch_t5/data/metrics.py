@@ -82,26 +82,30 @@ def matthews_corrcoef(targets: Sequence[Any], predictions: Sequence[Any]) -> dic
     return {"matthews_corrcoef": 100.0 * float(value)}
 
 
-def pearson_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
-    """Pearson correlation (STS-B), times 100; NaN when either side is constant."""
-    _check_pairs(targets, predictions, "pearson_corrcoef")
+def _correlation(
+    name: str,
+    correlate: Callable[[np.ndarray, np.ndarray], Any],
+    targets: Sequence[float],
+    predictions: Sequence[float],
+) -> dict[str, float]:
+    """{name: 100 * correlate(targets, predictions)[0]}; NaN when either side is constant."""
+    _check_pairs(targets, predictions, name)
     if len(targets) < 2:
-        raise ValueError("pearson_corrcoef: needs at least 2 examples.")
+        raise ValueError(f"{name}: needs at least 2 examples.")
     t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
     if np.ptp(t) == 0 or np.ptp(p) == 0:
-        return {"pearson_corrcoef": float("nan")}
-    return {"pearson_corrcoef": 100.0 * float(scipy.stats.pearsonr(t, p)[0])}
+        return {name: float("nan")}
+    return {name: 100.0 * float(correlate(t, p)[0])}
+
+
+def pearson_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
+    """Pearson correlation (STS-B), times 100; NaN when either side is constant."""
+    return _correlation("pearson_corrcoef", scipy.stats.pearsonr, targets, predictions)
 
 
 def spearman_corrcoef(targets: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
     """Spearman rank correlation (STS-B), times 100; NaN when either side is constant."""
-    _check_pairs(targets, predictions, "spearman_corrcoef")
-    if len(targets) < 2:
-        raise ValueError("spearman_corrcoef: needs at least 2 examples.")
-    t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
-    if np.ptp(t) == 0 or np.ptp(p) == 0:
-        return {"spearman_corrcoef": float("nan")}
-    return {"spearman_corrcoef": 100.0 * float(scipy.stats.spearmanr(t, p)[0])}
+    return _correlation("spearman_corrcoef", scipy.stats.spearmanr, targets, predictions)
 
 
 def mean_multiclass_f1(num_classes: int) -> MetricFn:
