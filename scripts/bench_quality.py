@@ -232,7 +232,9 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     from switch_t5.train_state import TrainState
 
     module = network.EncoderDecoder(config)
-    loss_config = trainer.LossConfig(1e-4, config.load_balancing_loss_weight, 0.0)
+    loss_config = trainer.LossConfig(
+        1e-4, config.load_balancing_loss_weight, config.router_z_loss_weight
+    )
     members = [(lr, seed) for lr in lrs for seed in range(seeds)]
     lr_arr = jnp.asarray([lr for lr, _ in members], jnp.float32)
     specs = nn.get_partition_spec(network.init_abstract(config)["params"])
@@ -266,13 +268,16 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
         eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
 
     def eval_loss(state):
-        ce, w = 0.0, 0.0
-        for i in range(evals["encoder_input_tokens"].shape[0]):
+        """Per member: held-out token cross-entropy, and the fraction of tokens dropped."""
+        ce, w, dropped = 0.0, 0.0, 0.0
+        n = evals["encoder_input_tokens"].shape[0]
+        for i in range(n):
             with partitioning.axis_rules():
                 out = eval_fn(state.params, {k: v[i] for k, v in evals.items()})
             out = jax.device_get(out)
             ce, w = ce + out["cross_entropy_sum"], w + out["weight_sum"]
-        return (ce / np.maximum(w, 1.0)).tolist()
+            dropped = dropped + np.asarray(out["fraction_dropped"]) / n
+        return (ce / np.maximum(w, 1.0)).tolist(), np.broadcast_to(dropped, w.shape).tolist()
 
     curve_steps, curves, train_stats = [], [], []
     t0 = time.perf_counter()
@@ -287,7 +292,8 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
             m = jax.device_get(metrics)
             curve_steps.append(i + 1)
             t1 = time.perf_counter()
-            curves.append(eval_loss(state))
+            loss, eval_dropped = eval_loss(state)
+            curves.append(loss)
             t_eval += time.perf_counter() - t1
             usage = np.asarray(m["expert_usage"])
             train_stats.append(
@@ -295,6 +301,7 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
                     "step": i + 1,
                     "train_loss": np.asarray(m["cross_entropy"]).tolist(),
                     "fraction_dropped": np.asarray(m["fraction_dropped"]).tolist(),
+                    "eval_fraction_dropped": eval_dropped,
                     "load_balancing_loss": np.asarray(m["load_balancing_loss"]).tolist(),
                     "router_confidence": np.asarray(m["router_confidence"]).tolist(),
                     # Collapse check: the busiest expert's share over a uniform share (1 = even).
@@ -421,7 +428,7 @@ def _cached_population(out_dir: str, reuse: bool, key: dict[str, Any], train_fn)
         return res
     res = train_fn()
     with open(path, "w") as f:
-        json.dump(res, f)
+        json.dump({**res, "key": key}, f, default=str)
     return res
 
 
@@ -432,6 +439,20 @@ def _speedup(dense_res, res, lr_dense: float, lr_switch: float, steps: int):
     mean = _smooth(_mean_curve(res, lr_switch)[0])
     reach = steps_to_reach(res["steps"], mean, target)
     return reach, (steps / reach if reach else 0.0), float(mean[-1]), target
+
+
+def speedup_by_horizon(dense_steps, dense_curve, switch_steps, switch_curve):
+    """Per dense eval step T: (T, Switch steps to reach the dense loss at T, T / those steps).
+
+    The rsqrt schedule does not depend on the total step count, so a run of S steps holds the
+    same comparison for every shorter budget T <= S (the learning rate was swept for S only).
+    The curves are the smoothed seed means; None when the Switch curve never gets there.
+    """
+    out = []
+    for t, target in zip(dense_steps, dense_curve):
+        reach = steps_to_reach(switch_steps, switch_curve, float(target))
+        out.append((int(t), reach, t / reach if reach else None))
+    return out
 
 
 def main() -> None:
@@ -597,16 +618,29 @@ def main() -> None:
         cols = [j for j, (m_lr, _) in enumerate(res["members"]) if m_lr == best_lr]
 
         def at_best(name, last=last, cols=cols):
-            return float(np.mean(np.asarray(last[name])[cols]))
+            # nan for statistics a population saved by an older version of this script lacks.
+            return float(np.mean(np.asarray(last[name])[cols])) if name in last else float("nan")
 
         summary[res["label"]] = {"steps_to_dense_final": reach, "speedup": speedup}
         print(
             f"{res['label']}: final eval loss {final:.4f} vs dense {target:.4f}; reaches the "
             f"dense final loss at step {reach if reach is None else round(reach)} -> speedup "
-            f"{speedup:.2f}x; last train step: dropped {at_best('fraction_dropped'):.3f}, "
+            f"{speedup:.2f}x; dropped at the last eval {at_best('eval_fraction_dropped'):.3f}; "
+            f"last train step: dropped {at_best('fraction_dropped'):.3f}, "
             f"load-balancing loss {at_best('load_balancing_loss'):.3f}, router confidence "
             f"{at_best('router_confidence'):.3f} (uniform {1 / res['num_experts']:.3f}), busiest "
             f"expert {at_best('max_expert_share'):.2f}x the uniform share"
+        )
+        horizon = speedup_by_horizon(
+            dense_res["steps"],
+            _smooth(_mean_curve(dense_res, best_lr)[0]),
+            res["steps"],
+            _smooth(_mean_curve(res, best_lr)[0]),
+        )
+        summary[res["label"]]["speedup_by_horizon"] = horizon
+        print(
+            f"  {res['label']} speedup if the budget ended at step T (T: speedup): "
+            + ", ".join(f"{t}: {r:.2f}" if r else f"{t}: -" for t, _, r in horizon)
         )
         for lr in switch_lrs[1:]:
             reach_lr, speedup_lr, final_lr, _ = _speedup(dense_res, res, best_lr, lr, s["steps"])

@@ -91,3 +91,16 @@ def test_overrides_are_typed_like_the_config_field():
 def test_bad_overrides_name_the_fix(bad):
     with pytest.raises(SystemExit, match="KEY=VALUE with KEY a SwitchConfig field"):
         bq._parse_overrides([bad])
+
+
+def test_speedup_by_horizon_reads_every_shorter_budget():
+    dense_steps, dense = [10, 20, 30, 40], [5.0, 4.0, 3.0, 2.5]
+    switch_steps, switch = [10, 20, 30, 40], [4.0, 3.0, 2.5, 2.4]
+    got = bq.speedup_by_horizon(dense_steps, dense, switch_steps, switch)
+    # Dense loss 5.0 at T=10: the Switch model is already below it at its first eval (step 10).
+    # 4.0 at T=20: Switch step 10; 3.0 at T=30: step 20; 2.5 at T=40: step 30.
+    assert [t for t, _, _ in got] == [10, 20, 30, 40]
+    np.testing.assert_allclose([r for _, r, _ in got], [10.0, 10.0, 20.0, 30.0], rtol=1e-12)
+    np.testing.assert_allclose([s for _, _, s in got], [1.0, 2.0, 1.5, 40.0 / 30.0], rtol=1e-12)
+    # A dense loss the Switch curve never reaches gives (T, None, None).
+    assert bq.speedup_by_horizon([10], [2.0], switch_steps, switch) == [(10, None, None)]
