@@ -7,43 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
+from tiny import toy_setup
 
-from switch_t5 import checkpoints, config, optim, partitioning, train_state
-
-
-class _Toy(nn.Module):
-    """Params with the logical names the real model uses (expert kernel, dense kernel, embed)."""
-
-    @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.normal(0.1)
-        wi = self.param(
-            "expert_wi", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (4, 8, 16)
-        )
-        emb = self.param(
-            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")), (128, 8)
-        )
-        dense = self.param("dense", nn.with_logical_partitioning(init, ("embed", "mlp")), (8, 16))
-        return jnp.einsum("bd,edf->bef", emb[x], wi).sum() + dense.sum()
-
-
-def _setup(mesh):
-    model = _Toy()
-    return train_state.setup_train_state(
-        lambda rng: model.init(rng, jnp.zeros((2,), jnp.int32)),
-        lambda specs: optim.make_optimizer(
-            "adafactor", optim.rsqrt_schedule(), specs, min_dim_size_to_factor=4
-        ),
-        mesh,
-        seed=3,
-    )
+from switch_t5 import checkpoints, config, partitioning
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, mesh_222):
     model_dir = str(tmp_path_factory.mktemp("ckpt"))
-    setup = _setup(mesh_222)
+    setup = toy_setup(mesh_222)
     state = setup.init_fn()
     # Make the optimizer state non-trivial.
     grads = jax.tree.map(lambda p: jnp.cos(p * 7.0), state.params)
@@ -61,7 +33,7 @@ def test_restore_same_mesh_is_bitwise_and_keeps_last_k(saved, mesh_222):
     ckpt = checkpoints.Checkpointer(model_dir, max_to_keep=2)
     assert ckpt.all_steps() == [2, 3]
     assert ckpt.latest_step() == 3
-    restored = ckpt.restore(_setup(mesh_222).abstract_state, expected_meta=meta)
+    restored = ckpt.restore(toy_setup(mesh_222).abstract_state, expected_meta=meta)
     assert restored.step == 3 and restored.data_state == {"position": 30}
     assert checkpoints.tree_equal(restored.state, state)
     wi = restored.state.params["expert_wi"]
@@ -73,7 +45,7 @@ def test_restore_same_mesh_is_bitwise_and_keeps_last_k(saved, mesh_222):
 def test_restore_onto_another_mesh(saved, sizes):
     model_dir, state, meta = saved
     mesh = partitioning.make_mesh(*sizes, num_experts=4)
-    setup = _setup(mesh)
+    setup = toy_setup(mesh)
     ckpt = checkpoints.Checkpointer(model_dir)
     restored = ckpt.restore(setup.abstract_state, step=3, expected_meta=meta)
     ckpt.close()
@@ -93,7 +65,7 @@ def test_mismatched_config_or_vocabulary_fails_clearly(saved, mesh_222):
     )
     ckpt = checkpoints.Checkpointer(model_dir)
     with pytest.raises(checkpoints.CheckpointMismatchError) as e:
-        ckpt.restore(_setup(mesh_222).abstract_state, expected_meta=other)
+        ckpt.restore(toy_setup(mesh_222).abstract_state, expected_meta=other)
     ckpt.close()
     msg = str(e.value)
     assert "model_config.num_experts: checkpoint 8 != now 16" in msg

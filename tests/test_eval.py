@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 from flax import linen as nn
+from tiny import tiny_config
 
 seqio = pytest.importorskip("seqio")
 
 from switch_t5 import checkpoints, decoding, network, partitioning  # noqa: E402
 from switch_t5 import eval as eval_lib  # noqa: E402
-from switch_t5.config import SwitchConfig  # noqa: E402
 from switch_t5.data import glue, user_tasks, vocab  # noqa: E402
 from switch_t5.data import metrics as metrics_lib  # noqa: E402
 
@@ -23,19 +23,8 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"
 def _config(vocab_size):
     # Odd sizes; eval capacity factor 4 with 4 experts: no token is ever dropped, so a row's
     # output cannot depend on the other rows of its batch.
-    return SwitchConfig(
-        vocab_size=vocab_size,
-        d_model=8,
-        num_heads=2,
-        head_dim=3,
-        d_ff=16,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        num_experts=4,
-        moe_layer_interval=2,
-        group_size=16,
-        eval_capacity_factor=4.0,
-        dtype="float32",
+    return tiny_config(
+        vocab_size=vocab_size, moe_layer_interval=2, group_size=16, eval_capacity_factor=4.0
     )
 
 

@@ -9,26 +9,11 @@ import re
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 from switch_t5 import checkpoints, init_checkpoint, network, optim, train_state
-from switch_t5.config import SwitchConfig
 
-# Odd sizes so that a swapped axis fails loudly.
-TINY = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    num_experts=4,
-    moe_layer_interval=2,
-    dropout_rate=0.0,
-    router_jitter_noise=0.0,
-    group_size=8,
-    dtype="float32",
-)
+TINY = tiny_config(moe_layer_interval=2, dropout_rate=0.0, router_jitter_noise=0.0, group_size=8)
 VOCAB = {"path": "/vocab/a.model", "hash": "aaaa"}
 
 

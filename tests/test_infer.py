@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 from flax import linen as nn
+from tiny import tiny_config
 
 from switch_t5 import checkpoints, decoding, infer, network
 from switch_t5 import eval as eval_lib
-from switch_t5.config import SwitchConfig
 from switch_t5.data import vocab
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
@@ -29,18 +29,10 @@ def ckpt(tmp_path_factory):
     docs = [" ".join(rng.choice(WORDS, 5)) for _ in range(200)] + ["yes no maybe"] * 20
     spm = vocab.train_sentencepiece(docs, str(root / "spm.model"), 100 + 32)
     vocabulary = vocab.get_vocabulary(spm)
-    config = SwitchConfig(
+    config = tiny_config(
         vocab_size=256,  # pad_vocab_size(132)
-        d_model=8,
-        num_heads=2,
-        head_dim=3,
-        d_ff=16,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        num_experts=4,
         group_size=16,
         eval_capacity_factor=4.0,  # no drops: a row's output is independent of the others
-        dtype="float32",
     )
     params = jax.device_get(
         nn.unbox(network.init_variables(config, jax.random.PRNGKey(3))["params"])

@@ -22,21 +22,10 @@ FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_toke
 
 
 def _config():
-    from switch_t5.config import SwitchConfig
+    from tiny import tiny_config
 
-    # Odd sizes; groups of 16 tokens: 4 groups per stack over the 4 batch shards.
-    return SwitchConfig(
-        vocab_size=128,
-        d_model=8,
-        num_heads=2,
-        head_dim=3,
-        d_ff=16,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-        num_experts=4,
-        group_size=16,
-        dtype="float32",
-    )
+    # Groups of 16 tokens: 4 groups per stack over the 4 batch shards.
+    return tiny_config(group_size=16)
 
 
 def _global_batch(step: int) -> dict[str, np.ndarray]:

@@ -8,24 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from tiny import tiny_config
 
 from switch_t5 import network
 from switch_t5.config import SwitchConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
-# Odd sizes so that swapped axes fail loudly; float32 for exact comparisons.
-DENSE = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    num_experts=0,
-    dtype="float32",
-)
+DENSE = tiny_config(num_experts=0)
 # Gated GELU and untied logits exercise the other param names; eval capacity factor 8 >= the 4
 # experts, so no token is ever dropped (capacity >= tokens per group).
 SPARSE = dataclasses.replace(
@@ -163,6 +153,21 @@ def test_packed_equals_unpacked(dense_variables):
     assert np.abs(crosstalk[0, 2:5] - unpacked_logits[1, 0:3]).max() > 1e-3
 
 
+def _decode_step(model, params, cache, encoded, enc, tokens, max_decode_length):
+    """One KV-cache decoding call of `model.decode`: (logits, {"cache": the updated cache})."""
+    return model.apply(
+        {**params, "cache": cache},
+        encoded,
+        enc,
+        tokens,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_decode_length,
+        mutable=["cache"],
+        method=model.decode,
+    )
+
+
 def test_kv_cache_decode_equals_full_forward(sparse_variables):
     model = network.EncoderDecoder(SPARSE)
     enc = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 9, 10, 11, 12]])
@@ -183,17 +188,7 @@ def test_kv_cache_decode_equals_full_forward(sparse_variables):
 
     @jax.jit
     def step(cache, token):
-        logits, new_vars = model.apply(
-            {**params, "cache": cache},
-            encoded,
-            enc,
-            token,
-            enable_dropout=False,
-            decode=True,
-            max_decode_length=length,
-            mutable=["cache"],
-            method=model.decode,
-        )
+        logits, new_vars = _decode_step(model, params, cache, encoded, enc, token, length)
         return logits, new_vars["cache"]
 
     for i in range(length):
@@ -214,17 +209,7 @@ def test_decode_errors_name_the_fix(sparse_variables):
 
     def run(tokens, max_decode_length):
         return jax.eval_shape(
-            lambda: model.apply(
-                {**params, "cache": cache},
-                encoded,
-                enc,
-                tokens,
-                enable_dropout=False,
-                decode=True,
-                max_decode_length=max_decode_length,
-                mutable=["cache"],
-                method=model.decode,
-            )
+            lambda: _decode_step(model, params, cache, encoded, enc, tokens, max_decode_length)
         )
 
     with pytest.raises(ValueError, match="max_decode_length=5"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from tiny import tiny_config
 
 from switch_t5 import network, partitioning
-from switch_t5.config import SwitchConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -18,19 +18,10 @@ RTOL, ATOL = 1e-5, 1e-6
 # experts 4), while the sizes stay distinct so that swapped axes fail. Capacity factor 1.0 with a
 # floor of 1 slot and 6-token groups make tokens drop, so the test also checks that the sharded
 # model drops the same ones.
-CFG = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    num_experts=4,
+CFG = tiny_config(
     moe_layer_interval=2,
     mlp_activations=("gelu", "linear"),
     logits_via_embedding=False,
-    dtype="float32",
     eval_capacity_factor=1.0,
     min_expert_capacity=1,
     group_size=6,

@@ -8,37 +8,17 @@ import sys
 import gin
 import numpy as np
 import pytest
+from tiny import TINY_FIELDS, tiny_config
 
 from switch_t5 import gin_utils, network, plan
-from switch_t5.config import SwitchConfig
 
 # Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis changes the bytes.
-TINY = SwitchConfig(
-    vocab_size=256,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=4,
-    num_decoder_layers=4,
-    num_experts=4,
-    group_size=16,
-    dtype="float32",
-)
+_SIZES = dict(vocab_size=256, num_encoder_layers=4, num_decoder_layers=4, group_size=16)
+TINY = tiny_config(**_SIZES)
+# The same sizes over configs/models/tiny.gin, MoE in bfloat16.
 TINY_BINDINGS = [
-    f"--gin.switch_t5.SwitchConfig.{k}={v}"
-    for k, v in dict(
-        vocab_size=256,
-        d_model=8,
-        num_heads=2,
-        head_dim=3,
-        d_ff=16,
-        num_encoder_layers=4,
-        num_decoder_layers=4,
-        group_size=16,
-        dtype="'float32'",
-        moe_dtype="'bfloat16'",
-    ).items()
+    f"--gin.switch_t5.SwitchConfig.{k}={v!r}"
+    for k, v in {**TINY_FIELDS, **_SIZES, "moe_dtype": "bfloat16"}.items()
 ]
 SPEC = plan.StepSpec(batch=16, inputs_length=16, targets_length=8)
 

@@ -7,23 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from tiny import tiny_config
 
 from switch_t5 import moe, network, scan_utils
-from switch_t5.config import SwitchConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
 # 4 layers per stack, sparse layers 1 and 3: two dense/sparse blocks per stack. Top-2 routing and
 # the ST-MoE extra MLP exercise every param kind; eval capacity 8 >= 4 experts drops nothing.
-UNSCANNED = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
+UNSCANNED = tiny_config(
     num_encoder_layers=4,
     num_decoder_layers=4,
-    num_experts=4,
     moe_layer_interval=2,
     mlp_activations=("gelu", "linear"),
     logits_via_embedding=False,
@@ -31,7 +25,6 @@ UNSCANNED = SwitchConfig(
     num_selected_experts=2,
     sparse_extra_mlp=True,
     eval_capacity_factor=8.0,
-    dtype="float32",
 )
 SCANNED = dataclasses.replace(UNSCANNED, scan_layers=True)
 

@@ -5,31 +5,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny import tiny_config
 
 from switch_t5 import network, optim, partitioning, train_state, trainer
-from switch_t5.config import SwitchConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
-# Odd sizes so that a swapped axis fails loudly. float32 compute and no dropout/jitter, so that
-# microbatched and full-batch gradients can be compared. group_size 8 = one decoder example (and
-# half an encoder example) per routing group, so groups are the same with or without microbatches.
-TINY = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    num_experts=4,
+# No dropout/jitter, so that microbatched and full-batch gradients can be compared. group_size 8 =
+# one decoder example (and half an encoder example) per routing group, so groups are the same
+# with or without microbatches.
+TINY = tiny_config(
     moe_layer_interval=2,
     dropout_rate=0.0,
     router_jitter_noise=0.0,
     train_capacity_factor=4.0,
     eval_capacity_factor=4.0,
     group_size=8,
-    dtype="float32",
     load_balancing_loss_weight=0.01,
     router_z_loss_weight=0.001,
 )

@@ -11,41 +11,12 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from fault_runs import array_files, committed_steps
-from flax import linen as nn
+from tiny import toy_setup
 
-from switch_t5 import checkpoints, config, optim, train_state
-
-
-class _Toy(nn.Module):
-    vocab: int = 128
-
-    @nn.compact
-    def __call__(self, x):
-        init = nn.initializers.normal(0.1)
-        wi = self.param(
-            "expert_wi", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (4, 8, 16)
-        )
-        emb = self.param(
-            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")), (self.vocab, 8)
-        )
-        return jnp.einsum("bd,edf->bef", emb[x], wi).sum()
-
-
-def _setup(mesh, vocab=128):
-    model = _Toy(vocab)
-    return train_state.setup_train_state(
-        lambda rng: model.init(rng, jnp.zeros((2,), jnp.int32)),
-        lambda specs: optim.make_optimizer(
-            "adafactor", optim.rsqrt_schedule(), specs, min_dim_size_to_factor=4
-        ),
-        mesh,
-        seed=3,
-    )
-
+from switch_t5 import checkpoints, config
 
 META = checkpoints.make_meta(config.SwitchConfig(), {"path": "v.model", "hash": "abc"})
 
@@ -57,7 +28,7 @@ def _state_at(state, step):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, mesh_222):
-    setup = _setup(mesh_222)
+    setup = toy_setup(mesh_222, dense=False)
     state = setup.init_fn()
     out = {}
     for sums in (False, True):
@@ -168,7 +139,7 @@ def test_all_damaged_is_a_clear_error_also_on_the_next_start(saved, model_dir):
 
 def test_other_architecture_is_a_mismatch_and_nothing_is_moved(saved, model_dir, mesh_222):
     """Same meta, other array shapes (e.g. another vocabulary padding): a config error."""
-    other = _setup(mesh_222, vocab=256)
+    other = toy_setup(mesh_222, vocab=256, dense=False)
     ckpt = checkpoints.Checkpointer(model_dir)
     with pytest.raises(
         checkpoints.CheckpointMismatchError, match=r"params.embedding: .*\(128, 8\)"

@@ -1,0 +1,74 @@
+"""What many tests share: the tiny network config `tiny_config(**overrides)`, and a toy train
+state with the real model's logical param names (`toy_setup`) for the checkpoint tests.
+
+Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis fails loudly, float32
+for exact comparisons. Each test module overrides what it exercises (layers, routing groups,
+capacity) and says why next to its overrides.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from switch_t5 import optim, train_state
+from switch_t5.config import SwitchConfig
+
+TINY_FIELDS = dict(
+    vocab_size=128,
+    d_model=8,
+    num_heads=2,
+    head_dim=3,
+    d_ff=16,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    num_experts=4,
+    dtype="float32",
+)
+
+
+def tiny_config(**overrides) -> SwitchConfig:
+    """`SwitchConfig(**TINY_FIELDS)` with `overrides` applied (any SwitchConfig field)."""
+    return SwitchConfig(**{**TINY_FIELDS, **overrides})
+
+
+class ToyModel(nn.Module):
+    """Params with the logical names the real model uses: an expert kernel [4, 8, 16], an
+    embedding [vocab, 8] and (with `dense`) a dense kernel [8, 16]. Small train states for the
+    checkpoint tests.
+
+    Attributes:
+      vocab: rows of the embedding.
+      dense: whether to add the dense kernel.
+    """
+
+    vocab: int = 128
+    dense: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(0.1)
+        wi = self.param(
+            "expert_wi", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (4, 8, 16)
+        )
+        emb = self.param(
+            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")), (self.vocab, 8)
+        )
+        out = jnp.einsum("bd,edf->bef", emb[x], wi).sum()
+        if self.dense:
+            kernel = nn.with_logical_partitioning(init, ("embed", "mlp"))
+            out = out + self.param("dense", kernel, (8, 16)).sum()
+        return out
+
+
+def toy_setup(mesh: Mesh, *, vocab: int = 128, dense: bool = True) -> train_state.StateSetup:
+    """The `ToyModel` train state (Adafactor, factored from dim 4) on `mesh`, seed 3."""
+    model = ToyModel(vocab, dense)
+    return train_state.setup_train_state(
+        lambda rng: model.init(rng, jnp.zeros((2,), jnp.int32)),
+        lambda specs: optim.make_optimizer(
+            "adafactor", optim.rsqrt_schedule(), specs, min_dim_size_to_factor=4
+        ),
+        mesh,
+        seed=3,
+    )
