@@ -609,33 +609,11 @@ def train(
         ckpt = checkpoints.Checkpointer(
             model_dir, keep_checkpoints, async_checkpointing, checkpoint_checksums
         )
-        # The newest readable checkpoint; damaged newer ones are moved aside with a warning.
-        restored = ckpt.restore_latest(setup.abstract_state, expected_meta=meta)
-        latest = restored.step if restored is not None else None
-        init_message = ""
-        if restored is not None:
-            state = restored.state
-            train_pipe.set_state(restored.data_state)
-            if is_main:
-                metrics_logging.truncate_metrics(model_dir, latest)
-        elif initial_checkpoint is not None:
-            state, loaded = init_checkpoint.initial_train_state(
-                setup,
-                initial_checkpoint.path,
-                seed=random_seed,
-                step=initial_checkpoint.step,
-                strict=initial_checkpoint.strict,
-                assignment_map=initial_checkpoint.assignment_map,
-                fallback_to_scratch=initial_checkpoint.fallback_to_scratch,
-                expected_vocabulary=vocab_meta,
-            )
-            init_message = (
-                f", params from {loaded.source.step_dir} ({len(loaded.fresh)} fresh)"
-                if loaded.source is not None
-                else f", from scratch (no checkpoint under {initial_checkpoint.path})"
-            )
-        else:
-            state = setup.init_fn()
+        state, latest, init_message = _starting_state(
+            ckpt, setup, meta, train_pipe, initial_checkpoint, random_seed, vocab_meta
+        )
+        if is_main and latest is not None:
+            metrics_logging.truncate_metrics(model_dir, latest)
         start_step = int(jax.device_get(state.step))
         if is_main and latest is None:
             # Killed before its first checkpoint committed, a run logged steps that it now redoes.
@@ -739,23 +717,9 @@ def train(
 
         plots = {}
         if make_plots and is_main and not preempted:
-            layer_names = trainer.moe_layer_names(
-                module,
-                abstract_params,
-                {
-                    k: jax.ShapeDtypeStruct(
-                        (
-                            batch_size,
-                            task_feature_lengths[
-                                "inputs" if k.startswith("encoder") else "targets"
-                            ],
-                        ),
-                        np.int32,
-                    )
-                    for k in _feature_keys()
-                },
+            plots = _make_plots(
+                module, abstract_params, model_dir, batch_size, task_feature_lengths
             )
-            plots = metrics_logging.make_plots(model_dir, layer_names)
         samples = []
         if num_samples and not preempted:
             samples = decode_samples(
@@ -788,6 +752,46 @@ def train(
                 log.warning("closing the metrics logs failed too: %s", e)
         if lock is not None:
             lock.release()
+
+
+def _starting_state(ckpt, setup, meta, train_pipe, initial_checkpoint, seed: int, vocab_meta):
+    """(state, restored step or None, log text): the newest readable checkpoint in MODEL_DIR
+    (damaged newer ones are moved aside with a warning; the data position is restored too), else
+    the fine-tuning initial checkpoint, else a fresh initialisation."""
+    restored = ckpt.restore_latest(setup.abstract_state, expected_meta=meta)
+    if restored is not None:
+        train_pipe.set_state(restored.data_state)
+        return restored.state, restored.step, ""
+    if initial_checkpoint is None:
+        return setup.init_fn(), None, ""
+    state, loaded = init_checkpoint.initial_train_state(
+        setup,
+        initial_checkpoint.path,
+        seed=seed,
+        step=initial_checkpoint.step,
+        strict=initial_checkpoint.strict,
+        assignment_map=initial_checkpoint.assignment_map,
+        fallback_to_scratch=initial_checkpoint.fallback_to_scratch,
+        expected_vocabulary=vocab_meta,
+    )
+    message = (
+        f", params from {loaded.source.step_dir} ({len(loaded.fresh)} fresh)"
+        if loaded.source is not None
+        else f", from scratch (no checkpoint under {initial_checkpoint.path})"
+    )
+    return state, None, message
+
+
+def _make_plots(module, abstract_params, model_dir: str, batch_size: int, lengths) -> dict:
+    """MODEL_DIR/plots/{loss,expert_load}.png from metrics.jsonl."""
+    shapes = {
+        k: jax.ShapeDtypeStruct(
+            (batch_size, lengths["inputs" if k.startswith("encoder") else "targets"]), np.int32
+        )
+        for k in _feature_keys()
+    }
+    layer_names = trainer.moe_layer_names(module, abstract_params, shapes)
+    return metrics_logging.make_plots(model_dir, layer_names)
 
 
 def _feature_keys() -> tuple[str, ...]:
