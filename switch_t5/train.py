@@ -1005,12 +1005,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def console_main() -> None:
     """The `switch-t5-train` console script."""
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        main(sys.argv[1:])
-    except _user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    gin_utils.run_console_main(main, _user_errors())
 
 
 if __name__ == "__main__":

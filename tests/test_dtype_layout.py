@@ -7,23 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 from switch_t5 import checkpoints, init_checkpoint, network, optim, scan_utils, train_state
-from switch_t5.config import SwitchConfig
 
 # 4 layers per stack, sparse layers 1 and 3: two dense/sparse blocks per stack when scanned.
-UNSCANNED = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=4,
-    num_decoder_layers=4,
-    num_experts=4,
-    moe_layer_interval=2,
-    dtype="float32",
-)
+UNSCANNED = tiny_config(num_encoder_layers=4, num_decoder_layers=4, moe_layer_interval=2)
 SCANNED = dataclasses.replace(UNSCANNED, scan_layers=True)
 VOCAB = {"path": "v.model", "hash": "abc"}
 
