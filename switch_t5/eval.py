@@ -535,7 +535,11 @@ def load_model(
         raise init_checkpoint.InitialCheckpointError(
             f"{ref.step_dir}/meta has no model_config: not a checkpoint of this project"
         )
-    config = config_with_gin_overrides(ref.meta["model_config"])
+    # Decoding runs unscanned layers (the KV cache is per layer): a checkpoint of the scanned
+    # layout is converted while it is read (`init_checkpoint.layout_view`).
+    config = dataclasses.replace(
+        config_with_gin_overrides(ref.meta["model_config"]), scan_layers=False
+    )
     if vocabulary is not None:
         init_checkpoint.check_vocabulary(ref, vocabulary_record(vocabulary))
         from switch_t5.data import vocab as vocab_lib

@@ -41,6 +41,7 @@ from switch_t5 import (
     network,
     optim,
     partitioning,
+    scan_utils,
     train_state,
     trainer,
 )
@@ -375,6 +376,15 @@ def _pad_rows(ids: Sequence[int], length: int) -> np.ndarray:
     return out
 
 
+def _for_decoding(module: network.EncoderDecoder, config: SwitchConfig):
+    """(module, params converter) for decoding: the KV cache is per layer, so a scanned model
+    decodes as its unscanned twin with converted params (a copy, made per evaluation)."""
+    if not config.scan_layers:
+        return module, lambda params: params
+    unscanned = network.EncoderDecoder(dataclasses.replace(config, scan_layers=False))
+    return unscanned, lambda params: scan_utils.unscan_params(params, config)
+
+
 def decode_samples(
     module, params, task: str, lengths: Mapping[str, int], num: int, mesh
 ) -> list[dict[str, str]]:
@@ -662,16 +672,17 @@ def train(
             + (f", compilation cache {cache_dir}" if cache_dir else "")
         )
 
+        decode_module, decode_params = _for_decoding(module, config)
         infer_eval_fn, best_keeper = None, None
         if infer_eval_period:
             evaluator = eval_lib.Evaluator(
-                module, mixture_or_task_name, task_feature_lengths, batch_size, mesh
+                decode_module, mixture_or_task_name, task_feature_lengths, batch_size, mesh
             )
             best_keeper = eval_lib.BestCheckpointKeeper(model_dir, keep_best_by)
 
             def infer_eval_fn(state, at: int) -> dict[str, float]:
                 out = evaluator.evaluate(
-                    state.params,
+                    decode_params(state.params),
                     step=at,
                     output_dir=str(checkpoints.path(model_dir, "eval", f"step_{at}")),
                 )
@@ -723,7 +734,12 @@ def train(
         samples = []
         if num_samples and not preempted:
             samples = decode_samples(
-                module, state.params, mixture_or_task_name, task_feature_lengths, num_samples, mesh
+                decode_module,
+                decode_params(state.params),
+                mixture_or_task_name,
+                task_feature_lengths,
+                num_samples,
+                mesh,
             )
         return TrainResult(
             step=step,

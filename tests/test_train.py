@@ -190,6 +190,42 @@ def test_resume_in_bfloat16_with_other_runtime_settings(run_a, tmp_path):
         assert got[step] != ref[step]  # the run really computed in bfloat16
 
 
+@pytest.mark.slow
+def test_scanned_run_decodes_and_serves_unscanned(tmp_path):
+    """A scan_layers run decodes its samples through the unscanned twin; eval/infer load its
+    scanned checkpoint into unscanned params (the KV cache is per layer)."""
+    from switch_t5 import eval as eval_lib
+    from switch_t5 import init_checkpoint, scan_utils
+
+    d = str(tmp_path / "scanned")
+    result = _train(
+        d,
+        2,
+        config_overrides={"scan_layers": True, "remat_policy": "full"},
+        eval_period=0,
+        checkpoint_period=2,
+        num_samples=2,
+        make_plots=False,
+    )
+    assert result.step == 2 and len(result.samples) == 2
+    assert all(s["prediction"] for s in result.samples)
+    ref = init_checkpoint.find_checkpoint(d)
+    assert any("/layers/subblock_1/" in n for n in init_checkpoint.saved_params(ref))
+    _, params, cfg, _ = eval_lib.load_model(ref, (2, 2, 2))
+    assert not cfg.scan_layers and "layers_1" in params["encoder"]
+    scanned = SwitchConfig(**{**TINY, "scan_layers": True, "remat_policy": "full"})
+    setup = train_state.setup_train_state(
+        lambda rng: network.init_variables(scanned, rng),
+        lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
+        partitioning.make_mesh(2, 2, 2, num_experts=4),
+        0,
+    )
+    ckpt = checkpoints.Checkpointer(d)
+    saved = ckpt.restore(setup.abstract_state, 2).state.params
+    ckpt.close()
+    assert checkpoints.tree_equal(params, scan_utils.unscan_params(saved, scanned))
+
+
 def _tiny_bindings():
     out = [f"switch_t5.SwitchConfig.{k} = {v!r}" for k, v in TINY.items() if k != "num_experts"]
     return [*out, "NUM_EXPERTS = 4"]
