@@ -186,6 +186,7 @@ def prepare_data(out: str, s: dict[str, Any], source: str, heldout_fraction: flo
         "batch": s["batch"],
         "lengths": lengths,
         "heldout_fraction": heldout_fraction,
+        "vocab": s["vocab"],
     }
     with open(os.path.join(out, "data.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -194,6 +195,7 @@ def prepare_data(out: str, s: dict[str, Any], source: str, heldout_fraction: flo
 def _data(out: str, s: dict[str, Any], source: str, heldout_fraction: float, setting: str):
     meta_path = os.path.join(out, "data.json")
     key = {"source": source, "batch": s["batch"], "heldout_fraction": heldout_fraction}
+    key["vocab"] = s["vocab"]
     key["lengths"] = {"inputs": s["inputs"], "targets": s["targets"]}
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -202,7 +204,7 @@ def _data(out: str, s: dict[str, Any], source: str, heldout_fraction: float, set
             return meta
     cmd = [sys.executable, os.path.abspath(__file__), f"--out={out}", "--prepare_only"]
     cmd += [f"--setting={setting}", f"--source={source}", f"--heldout={heldout_fraction}"]
-    cmd += [f"--batch={s['batch']}"]
+    cmd += [f"--batch={s['batch']}", f"--vocab={s['vocab']}"]
     env = dict(os.environ, PYTHONPATH=REPO)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -391,7 +393,7 @@ def _plot(path, results, best_lr, dense_sweep):
     fig.savefig(path, dpi=120)
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
+def _parse_overrides(items: list[str], flag: str = "--switch") -> dict[str, Any]:
     """`KEY=VALUE` strings -> SwitchConfig field values, typed like the field's default."""
     from switch_t5.config import SwitchConfig
 
@@ -401,8 +403,8 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(
-                f"--switch={item!r}: use KEY=VALUE with KEY a SwitchConfig field, e.g. "
-                "--switch=train_capacity_factor=2.0"
+                f"{flag}={item!r}: use KEY=VALUE with KEY a SwitchConfig field, e.g. "
+                f"{flag}=train_capacity_factor=2.0"
             )
         default = fields[key].default
         if isinstance(default, bool):
@@ -464,6 +466,14 @@ def main() -> None:
     parser.add_argument("--heldout", type=float, default=0.05, help="C4 documents held out")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
+    parser.add_argument("--vocab", type=int, default=None, help="SentencePiece vocabulary size")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SwitchConfig size field for every model (dense and Switch), repeatable",
+    )
     parser.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--lrs", default=None, help="comma-separated rsqrt base learning rates")
@@ -486,12 +496,20 @@ def main() -> None:
         action="store_true",
         help="load populations already trained under the same settings from --out",
     )
+    parser.add_argument(
+        "--dense_variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also train a dense model with this SwitchConfig change at the dense best learning "
+        "rate (a diagnostic, e.g. d_ff=1024: do more parameters help at this budget at all?)",
+    )
     parser.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     setting = args.setting or ("quick" if args.quick else "full")
     s = dict(SETTINGS[setting])
-    for name in ("steps", "seeds", "batch", "eval_every"):
+    for name in ("steps", "seeds", "batch", "eval_every", "vocab"):
         if getattr(args, name):
             s[name] = getattr(args, name)
     if args.lrs:
@@ -504,6 +522,7 @@ def main() -> None:
         prepare_data(args.out, s, source, args.heldout)
         return
     expert_counts = tuple(int(v) for v in args.experts.split(","))
+    s["model"] = {**s["model"], **_parse_overrides(args.model, "--model")}
     switch_overrides = _parse_overrides(args.switch)
 
     t_start = time.perf_counter()
@@ -610,6 +629,11 @@ def main() -> None:
     results = [dense_res]
     for experts, cfg in switch_cfgs.items():
         results.append(population(cfg, tuple(switch_lrs), f"switch-{experts}e"))
+    if args.dense_variant:
+        variant = _parse_overrides(args.dense_variant, "--dense_variant")
+        label = "dense[" + ",".join(f"{k}={v}" for k, v in variant.items()) + "]"
+        cfg = dataclasses.replace(dense_cfg, **variant)
+        results.append(population(cfg, (best_lr,), label))
 
     summary = {}
     for res in results[1:]:
@@ -622,15 +646,31 @@ def main() -> None:
             return float(np.mean(np.asarray(last[name])[cols])) if name in last else float("nan")
 
         summary[res["label"]] = {"steps_to_dense_final": reach, "speedup": speedup}
-        print(
-            f"{res['label']}: final eval loss {final:.4f} vs dense {target:.4f}; reaches the "
-            f"dense final loss at step {reach if reach is None else round(reach)} -> speedup "
-            f"{speedup:.2f}x; dropped at the last eval {at_best('eval_fraction_dropped'):.3f}; "
-            f"last train step: dropped {at_best('fraction_dropped'):.3f}, "
-            f"load-balancing loss {at_best('load_balancing_loss'):.3f}, router confidence "
-            f"{at_best('router_confidence'):.3f} (uniform {1 / res['num_experts']:.3f}), busiest "
-            f"expert {at_best('max_expert_share'):.2f}x the uniform share"
+        line = (
+            f"{res['label']}: {res['params']:,} params, final eval loss {final:.4f} vs dense "
+            f"{target:.4f}; reaches the dense final loss at step "
+            f"{reach if reach is None else round(reach)} -> speedup {speedup:.2f}x"
         )
+        if res["num_experts"]:
+            line += (
+                f"; dropped at the last eval {at_best('eval_fraction_dropped'):.3f}; last train "
+                f"step: dropped {at_best('fraction_dropped'):.3f}, load-balancing loss "
+                f"{at_best('load_balancing_loss'):.3f}, router confidence "
+                f"{at_best('router_confidence'):.3f} (uniform {1 / res['num_experts']:.3f}), "
+                f"busiest expert {at_best('max_expert_share'):.2f}x the uniform share"
+            )
+        print(line)
+        # Run-to-run spread: dense seed i against Switch seed i, each curve smoothed alone.
+        per_seed = []
+        for seed in range(s["seeds"]):
+            d_col = dense_res["members"].index((best_lr, seed))
+            s_col = res["members"].index((best_lr, seed))
+            d_curve = _smooth(np.asarray(dense_res["eval_loss"])[:, d_col])
+            s_curve = _smooth(np.asarray(res["eval_loss"])[:, s_col])
+            got = steps_to_reach(res["steps"], s_curve, float(d_curve[-1]))
+            per_seed.append(s["steps"] / got if got else 0.0)
+        summary[res["label"]]["speedup_per_seed"] = per_seed
+        print(f"  {res['label']} speedup per seed pair: " + ", ".join(f"{v:.2f}" for v in per_seed))
         horizon = speedup_by_horizon(
             dense_res["steps"],
             _smooth(_mean_curve(dense_res, best_lr)[0]),
@@ -669,9 +709,8 @@ def main() -> None:
         f"plot {plot}, curves {os.path.join(args.out, 'quality.json')}; total "
         f"{time.perf_counter() - t_start:.0f} s; {bench_utils.load_note()}"
     )
-    for res in results[1:]:
-        experts = res["label"].split("-")[1]
-        print(f"steps_speedup_{experts}: {summary[res['label']]['speedup']:.1f}")
+    for experts in expert_counts:
+        print(f"steps_speedup_{experts}e: {summary[f'switch-{experts}e']['speedup']:.1f}")
 
 
 if __name__ == "__main__":
