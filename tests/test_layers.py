@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_config
 
 from switch_t5 import layers
 from switch_t5.config import SwitchConfig
@@ -14,18 +15,7 @@ from switch_t5.config import SwitchConfig
 RTOL, ATOL = 1e-5, 1e-6
 
 # Odd sizes so that swapped axes fail loudly.
-CFG = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    num_experts=0,
-    dtype="float32",
-    dropout_rate=0.0,
-)
+CFG = tiny_config(num_encoder_layers=1, num_decoder_layers=1, num_experts=0, dropout_rate=0.0)
 
 
 def test_rms_norm_matches_formula():

@@ -14,20 +14,14 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny import tiny_config
 
 from switch_t5 import layers, moe, partitioning
 from switch_t5.config import SwitchConfig
 
 IMPLS = ("einsum", "scatter", "dropless")
 
-BASE = SwitchConfig(
-    vocab_size=128,
-    d_model=8,
-    num_heads=2,
-    head_dim=3,
-    d_ff=16,
-    num_experts=4,
-    dtype="float32",
+BASE = tiny_config(
     group_size=6,
     train_capacity_factor=1.0,
     eval_capacity_factor=1.0,
