@@ -399,7 +399,7 @@ def _plot(path, results, best_lr, dense_sweep):
         ax.fill_between(res["steps"], lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("train step")
     ax.set_ylabel("held-out eval loss (token cross-entropy)")
-    ax.set_title("Switch vs FLOP-matched dense (mean over seeds, range shaded)")
+    ax.set_title("Switch vs FLOP-matched dense (seed mean, 3-point smoothed; seed range shaded)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
