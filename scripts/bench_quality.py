@@ -419,13 +419,15 @@ def _parse_overrides(items: list[str], flag: str = "--switch") -> dict[str, Any]
                 f"{flag}={item!r}: use KEY=VALUE with KEY a SwitchConfig field, e.g. "
                 f"{flag}=train_capacity_factor=2.0"
             )
-        default = fields[key].default
+        default, annotation = fields[key].default, str(fields[key].type)
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
         elif isinstance(default, int):
             out[key] = int(value)
-        elif isinstance(default, float):
+        elif isinstance(default, float) or annotation.startswith("float"):
             out[key] = float(value)
+        elif annotation.startswith("tuple[int"):
+            out[key] = tuple(int(v) for v in value.split(",") if v)
         else:
             out[key] = value
     return out

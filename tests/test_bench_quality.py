@@ -75,6 +75,9 @@ def test_overrides_are_typed_like_the_config_field():
             "moe_layer_interval=1",
             "batch_prioritized_routing=true",
             "router_z_loss_weight=1e-3",
+            "expert_dropout_rate=0.1",
+            "encoder_sparse_layers=0,1",
+            "dispatch=dropless",
         ]
     )
     assert got == {
@@ -82,6 +85,10 @@ def test_overrides_are_typed_like_the_config_field():
         "moe_layer_interval": 1,
         "batch_prioritized_routing": True,
         "router_z_loss_weight": 1e-3,
+        # Optional fields (default None) are typed by their annotation.
+        "expert_dropout_rate": 0.1,
+        "encoder_sparse_layers": (0, 1),
+        "dispatch": "dropless",
     }
     assert isinstance(got["train_capacity_factor"], float)
     assert isinstance(got["moe_layer_interval"], int)
