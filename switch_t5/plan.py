@@ -769,11 +769,23 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
         )
         print(f"usable_hbm_gib: {_gib(usable)}  ({where})")
         if step.total_bytes > usable:
+            # Suggest only what this plan does not already use.
+            fixes = ["more devices or model parallelism (--mesh ...,model:M)"]
+            if config.param_dtype != "bfloat16":
+                fixes.append(
+                    "bfloat16 params (--gin.switch_t5.SwitchConfig.param_dtype='bfloat16')"
+                )
+            if spec.optimizer_state_dtype != "bfloat16":
+                fixes.append("bfloat16 optimizer state (--optimizer_state_dtype=bfloat16)")
+            if config.remat_policy != "full":
+                fixes.append("a remat policy (--remat=full)")
+            fixes.append(
+                f"more microbatches (--num_microbatches={2 * spec.num_microbatches}; the batch "
+                "per microbatch must still split over the data x expert shards)"
+            )
             raise PlanError(
                 f"per_device_gib {_gib(step.total_bytes)} exceeds the usable {_gib(usable)} GiB "
-                f"({where}); use more devices or model parallelism (--mesh ...,model:M), "
-                "bfloat16 params (--gin.switch_t5.SwitchConfig.param_dtype='bfloat16'), a remat "
-                "policy (--remat=full) or microbatches (--num_microbatches=N)"
+                f"({where}); use " + ", ".join(fixes[:-1]) + " or " + fixes[-1]
             )
         print("fits: yes")
 

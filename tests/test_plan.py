@@ -153,6 +153,10 @@ def test_planner_compiles_the_real_train_step_and_enforces_the_budget():
     assert "exceeds the usable 0.00 GiB (0.0004 GiB x XLA's GPU preallocation 0.75)" in (
         result.stderr
     )
+    # The fixes it names are the ones this plan does not use yet.
+    for fix in ("param_dtype='bfloat16'", "--optimizer_state_dtype=bfloat16", "--remat=full"):
+        assert fix in result.stderr, fix
+    assert "--num_microbatches=2" in result.stderr
     out = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert out["devices"] == "8"
     assert "scan_layers=True" in out["compiled"] and "moe_dtype=bfloat16" in out["compiled"]
