@@ -446,6 +446,34 @@ def test_hlo_all_to_all_and_no_expert_kernel_gather(mesh_222, variables, impl):
     assert "f32[2,8,8]" in hlo
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_partitioned_all_to_all_runs_in_the_moe_dtype(mesh_222, variables, tmp_path, dtype):
+    """The SPMD partitioner emits the dispatch/combine all-to-alls in the MoE's compute dtype
+    (the network passes `moe_dtype` here). XLA:CPU widens bfloat16 collectives to float32 in a
+    later pass (float-normalization-bf16), which is why the final CPU program, and the
+    planner's `all_to_all_dtypes`, show f32; TPU/GPU keep bfloat16."""
+    c = cfg(dispatch="scatter", dtype=dtype, eval_capacity_factor=2.0)
+    layer = moe.MoeLayer(c)
+    x = _x((8, 6, 8), seed=12)
+    p_shard, x_shard = _shardings(mesh_222, layer, x)
+    with jax.set_mesh(mesh_222), partitioning.axis_rules():
+        jf = jax.jit(
+            lambda v, x: layer.apply(v, x, mutable=["intermediates"])[0],
+            in_shardings=(p_shard, x_shard),
+            out_shardings=x_shard,
+        )
+        jf.lower(variables, x).compile(
+            compiler_options={
+                "xla_backend_optimization_level": 0,
+                "xla_dump_to": str(tmp_path),
+                "xla_dump_hlo_pass_re": "spmd-partitioning",
+            }
+        )
+    (partitioned,) = tmp_path.glob("*after_spmd-partitioning*.txt")
+    types = re.findall(r"= \(?(\w+)\[[^\]]*\][^\n]*? all-to-all\(", partitioned.read_text())
+    assert types and set(types) == {"bf16" if dtype == "bfloat16" else "f32"}, types
+
+
 def test_decode_step_on_the_mesh(mesh_222, variables):
     # One decoding step of 4 sequences: a single group of 4 tokens spans the 4 batch shards.
     x = _x((4, 1, 8), seed=15)
