@@ -676,7 +676,12 @@ def format_step_plan(
         "collectives_per_step: "
         + ", ".join(f"{k} {v}" for k, v in step.collectives.items() if k != "collective-permute")
         + f" (collective-permute {step.collectives.get('collective-permute', 0)})",
-        f"all_to_all_dtypes: {','.join(step.all_to_all_dtypes) or '-'}",
+        f"all_to_all_dtypes: {','.join(step.all_to_all_dtypes) or '-'}"
+        + (
+            "  (XLA:CPU widens bfloat16 collectives; the partitioned program's are bf16)"
+            if "f32" in step.all_to_all_dtypes and (config.moe_dtype or config.dtype) == "bfloat16"
+            else ""
+        ),
     ]
 
 

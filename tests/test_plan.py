@@ -160,6 +160,8 @@ def test_planner_compiles_the_real_train_step_and_enforces_the_budget():
     out = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert out["devices"] == "8"
     assert "scan_layers=True" in out["compiled"] and "moe_dtype=bfloat16" in out["compiled"]
+    # CPU runs the bfloat16 all-to-alls in float32, and the line says so.
+    assert out["all_to_all_dtypes"].startswith("f32  (XLA:CPU widens bfloat16 collectives")
     # Per device (data 2, expert 2, model 2), in float32 values: embedding 256 x 8 / 2 = 1024;
     # 48 attention kernels of 8 x 6 / 2 = 24 -> 1152; relpos 2 x (2 x 32 / 2) = 64; 22 norms of
     # 8 -> 176; 4 dense MLPs of 2 x 8 x 16 / 2 -> 512; 4 sparse layers of a replicated 8 x 4
