@@ -5,7 +5,10 @@ Tiny odd sizes (embed 8, mlp 16, 4 experts, groups of 6 tokens), float32 unless 
 
 import dataclasses
 import functools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,8 @@ from tiny import tiny_config
 
 from switch_t5 import layers, moe, partitioning
 from switch_t5.config import SwitchConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMPLS = ("einsum", "scatter", "dropless")
 
@@ -446,30 +451,58 @@ def test_hlo_all_to_all_and_no_expert_kernel_gather(mesh_222, variables, impl):
     assert "f32[2,8,8]" in hlo
 
 
+# Compiles the sharded MoE layer in a fresh process (no persistent compilation cache, whose hit
+# would skip the compiler and its dump) and dumps the SPMD partitioner's output.
+_PARTITION_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, "tests")
+from tiny import tiny_config
+from switch_t5 import moe, partitioning
+config = tiny_config(group_size=6, dispatch="scatter", eval_capacity_factor=2.0, dtype=sys.argv[1])
+layer = moe.MoeLayer(config)
+mesh = partitioning.make_mesh(2, 2, 2, num_experts=4)
+x = jax.ShapeDtypeStruct((8, 6, 8), jnp.float32)
+with jax.set_mesh(mesh), partitioning.axis_rules():
+    abstract = jax.eval_shape(layer.init, jax.random.key(0), x)
+shardings = partitioning.params_shardings(abstract, mesh)
+params = nn.unbox(abstract)
+x_sharding = NamedSharding(mesh, P(("data", "expert"), None, None))
+jf = jax.jit(
+    lambda v, x: layer.apply(v, x, mutable=["intermediates"])[0],
+    in_shardings=(shardings, x_sharding),
+    out_shardings=x_sharding,
+)
+with jax.set_mesh(mesh), partitioning.axis_rules():
+    jf.lower(params, x).compile()
+"""
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_partitioned_all_to_all_runs_in_the_moe_dtype(mesh_222, variables, tmp_path, dtype):
+def test_partitioned_all_to_all_runs_in_the_moe_dtype(tmp_path, dtype):
     """The SPMD partitioner emits the dispatch/combine all-to-alls in the MoE's compute dtype
     (the network passes `moe_dtype` here). XLA:CPU widens bfloat16 collectives to float32 in a
     later pass (float-normalization-bf16), which is why the final CPU program, and the
     planner's `all_to_all_dtypes`, show f32; TPU/GPU keep bfloat16."""
-    c = cfg(dispatch="scatter", dtype=dtype, eval_capacity_factor=2.0)
-    layer = moe.MoeLayer(c)
-    x = _x((8, 6, 8), seed=12)
-    p_shard, x_shard = _shardings(mesh_222, layer, x)
-    with jax.set_mesh(mesh_222), partitioning.axis_rules():
-        jf = jax.jit(
-            lambda v, x: layer.apply(v, x, mutable=["intermediates"])[0],
-            in_shardings=(p_shard, x_shard),
-            out_shardings=x_shard,
-        )
-        jf.lower(variables, x).compile(
-            compiler_options={
-                "xla_backend_optimization_level": 0,
-                "xla_dump_to": str(tmp_path),
-                "xla_dump_hlo_pass_re": "spmd-partitioning",
-            }
-        )
-    (partitioned,) = tmp_path.glob("*after_spmd-partitioning*.txt")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        f"--xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=spmd-partitioning",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": REPO,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _PARTITION_SCRIPT, dtype],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (partitioned,) = tmp_path.glob("*jit__lambda*after_spmd-partitioning*.txt")
     types = re.findall(r"= \(?(\w+)\[[^\]]*\][^\n]*? all-to-all\(", partitioned.read_text())
     assert types and set(types) == {"bf16" if dtype == "bfloat16" else "f32"}, types
 
