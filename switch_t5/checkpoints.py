@@ -506,11 +506,13 @@ class Checkpointer:
         wanted = _array_signature(abstract_state)
         # Shapes must match; dtypes may differ (bfloat16 <-> float32 params or optimizer state):
         # orbax casts each array to the dtype `abstract_state` asks for while reading it.
-        if {k: v[0] for k, v in saved.items()} != {k: v[0] for k, v in wanted.items()}:
+        saved_shapes = {k: shape for k, (shape, _) in saved.items()}
+        wanted_shapes = {k: shape for k, (shape, _) in wanted.items()}
+        if saved_shapes != wanted_shapes:
             diffs = [
                 f"{k}: checkpoint {saved.get(k)} != now {wanted.get(k)}"
                 for k in sorted(set(saved) | set(wanted))
-                if (saved.get(k) or (None,))[0] != (wanted.get(k) or (None,))[0]
+                if saved_shapes.get(k) != wanted_shapes.get(k)
             ]
             raise CheckpointMismatchError(
                 f"the checkpoint in {where} holds other arrays than this run's train state "

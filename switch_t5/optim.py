@@ -362,6 +362,11 @@ class Optimizer:
     state_shardings: Callable[[Any, Any], Any]
 
 
+# What `make_optimizer` accepts (entry points validate against these before compiling).
+OPTIMIZERS = ("adafactor", "adamw")
+STATE_DTYPES = ("float32", "bfloat16")
+
+
 def make_optimizer(
     name: str,
     schedule: Schedule,

@@ -604,6 +604,8 @@ def compile_in_subprocess(
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    from switch_t5 import optim
+
     parser.add_argument("--devices", type=int, default=None, help="simulated devices N")
     parser.add_argument("--mesh", default=None, help="data:D,expert:E,model:M (default: recommend)")
     parser.add_argument("--hbm_gib", type=float, default=None, help="memory per device, GiB")
@@ -618,10 +620,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inputs_length", type=int, default=PAPER_INPUTS_LENGTH)
     parser.add_argument("--targets_length", type=int, default=PAPER_TARGETS_LENGTH)
     parser.add_argument("--num_microbatches", type=int, default=1)
-    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
-    parser.add_argument(
-        "--optimizer_state_dtype", choices=("float32", "bfloat16"), default="float32"
-    )
+    parser.add_argument("--optimizer", choices=optim.OPTIMIZERS, default="adafactor")
+    parser.add_argument("--optimizer_state_dtype", choices=optim.STATE_DTYPES, default="float32")
     parser.add_argument(
         "--scan", choices=("auto", "on", "off"), default="auto", help="scan_layers for compiling"
     )

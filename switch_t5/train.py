@@ -153,12 +153,12 @@ def _check_args(args: Mapping[str, Any]) -> None:
             f"batch_size={args['batch_size']} is not divisible by "
             f"num_microbatches={args['num_microbatches']}"
         )
-    if args["optimizer"] not in ("adafactor", "adamw"):
-        problems.append(f"optimizer={args['optimizer']!r}: use 'adafactor' or 'adamw'")
-    if args["optimizer_state_dtype"] not in ("float32", "bfloat16"):
-        problems.append(
-            f"optimizer_state_dtype={args['optimizer_state_dtype']!r}: use 'float32' or 'bfloat16'"
-        )
+    for name, allowed in (
+        ("optimizer", optim.OPTIMIZERS),
+        ("optimizer_state_dtype", optim.STATE_DTYPES),
+    ):
+        if args[name] not in allowed:
+            problems.append(f"{name}={args[name]!r}: use {' or '.join(map(repr, allowed))}")
     profile = args["profile_steps"]
     if profile is not None and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
         problems.append(f"profile_steps={profile!r}: give (first_step, last_step), first < last")
@@ -622,11 +622,10 @@ def train(
         state, latest, init_message = _starting_state(
             ckpt, setup, meta, train_pipe, initial_checkpoint, random_seed, vocab_meta
         )
-        if is_main and latest is not None:
-            metrics_logging.truncate_metrics(model_dir, latest)
-        start_step = int(jax.device_get(state.step))
-        if is_main and latest is None:
-            # Killed before its first checkpoint committed, a run logged steps that it now redoes.
+        start_step = int(jax.device_get(state.step))  # the restored checkpoint's step, or 0
+        if is_main:
+            # Steps logged after the checkpoint (or, killed before the first one committed,
+            # after the start) are redone now.
             metrics_logging.truncate_metrics(model_dir, start_step)
 
         b_shardings = trainer.batch_shardings({k: None for k in _feature_keys()}, mesh)
