@@ -57,15 +57,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C4_SAMPLE = os.path.join(
     os.path.dirname(REPO), "shared", "data", "c4", "c4-sample.00000-of-00001.json.gz"
 )
-FEATURES = (
-    "encoder_input_tokens",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "encoder_segment_ids",
-    "decoder_segment_ids",
-    "encoder_positions",
-    "decoder_positions",
-)
 
 # name -> SwitchConfig fields shared by the three models, batch, steps, eval every, lengths.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -129,6 +120,7 @@ def prepare_data(out: str, s: dict[str, Any], source: str, heldout_fraction: flo
     from switch_t5 import data_gin, gin_utils
     from switch_t5.data import pipeline
     from switch_t5.data import vocab as vocab_lib
+    from switch_t5.trainer import MODEL_FEATURES
 
     lengths = {"inputs": s["inputs"], "targets": s["targets"]}
     bindings = []
@@ -179,7 +171,7 @@ def prepare_data(out: str, s: dict[str, Any], source: str, heldout_fraction: flo
             num_hosts=1,
         )
         batches = list(p)
-        return {k: np.stack([b[k] for b in batches]) for k in FEATURES}
+        return {k: np.stack([b[k] for b in batches]) for k in MODEL_FEATURES}
 
     train = one_pass("train", True)
     evals = one_pass("validation", False)
@@ -552,11 +544,12 @@ def main() -> None:
     import bench_utils
 
     from switch_t5.config import SwitchConfig, pad_vocab_size
+    from switch_t5.trainer import MODEL_FEATURES
 
     data = np.load(os.path.join(args.out, "data.npz"))
-    train = {k: data[f"train/{k}"] for k in FEATURES}
+    train = {k: data[f"train/{k}"] for k in MODEL_FEATURES}
     # All held-out rows in one eval batch (or a few): fewer, larger calls.
-    evals = {k: data[f"eval/{k}"] for k in FEATURES}
+    evals = {k: data[f"eval/{k}"] for k in MODEL_FEATURES}
     rows = evals["encoder_input_tokens"].shape[0] * evals["encoder_input_tokens"].shape[1]
     n_eval = -(-rows // 256)
     while rows % n_eval:
