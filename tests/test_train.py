@@ -17,6 +17,7 @@ import gin
 import jax
 import numpy as np
 import pytest
+from tiny import TINY_FIELDS
 
 from switch_t5 import checkpoints, gin_utils, network, optim, partitioning, train_state
 from switch_t5 import train as train_lib
@@ -25,19 +26,7 @@ from switch_t5.config import SwitchConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The embedded corpus's vocabulary has 4096 ids; the rest is the house tiny model.
-TINY = {
-    "vocab_size": 4096,
-    "d_model": 8,
-    "num_heads": 2,
-    "head_dim": 3,
-    "d_ff": 16,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 2,
-    "num_experts": 4,
-    "moe_layer_interval": 2,
-    "group_size": 64,
-    "dtype": "float32",
-}
+TINY = {**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 64}
 RUN = {
     "mixture_or_task_name": "embedded_span_corruption",
     "task_feature_lengths": {"inputs": 32, "targets": 8},
