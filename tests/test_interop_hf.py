@@ -324,7 +324,9 @@ def test_import_rejects_router_bias_and_mismatched_layout(tmp_path):
     kwargs = CONFIGS["e2_steps1and2"]
     make_hf_model(kwargs).save_pretrained(str(tmp_path))
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["num_sparse_decoder_layers"] = 2  # weights have a router in decoder block 1 only
+    # The weights have a router in decoder block 1 only; transformers reads the explicit step
+    # (not num_sparse_decoder_layers) and would build routers in both blocks.
+    cfg["decoder_sparse_step"] = 1
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="decoder: the weights have routers in blocks"):
         hf.load_hf(str(tmp_path))

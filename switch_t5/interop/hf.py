@@ -2,9 +2,12 @@
 
 HF's conventions and how they map (transformers' `modeling_switch_transformers.py`):
 
-- Sparse layers: block i of a stack is sparse when `i % sparse_step == 1` (every block when the
-  step is 1), with `sparse_step = num_layers // num_sparse_layers` per stack; the import reads
-  which blocks hold a router from the weights and checks that against the config.
+- Sparse layers (`hf_sparse_layers`): block i of a stack is sparse when `i % sparse_step == 1`
+  (every block when the step is 1, none when it is 0). `sparse_step` is config.json's
+  `encoder_sparse_step` / `decoder_sparse_step` when present (transformers keeps an explicit
+  step), else `num_layers // num_sparse_layers` (`num_layers` when there are 0 sparse layers,
+  which still makes block 1 sparse). The import reads which blocks hold a router from the
+  weights and checks that against the config; the export writes both the count and the step.
 - torch `nn.Linear` weights are [out, in]; our kernels are [in, out] (transposed on the way).
 - Experts are separate tensors `mlp.experts.expert_{e}.{wi,wo}.weight`; ours are stacked
   `mlp/expert/{wi,wo}/kernel` [experts, ...]; the router `mlp.router.classifier.weight`
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from switch_t5.config import SwitchConfig, pad_vocab_size, sparse_layers_hf
+from switch_t5.errors import UserError
 from switch_t5.interop import streaming
 
 _ACT_TO_OURS = {
@@ -40,13 +44,43 @@ _ACT_TO_OURS = {
 }
 
 
-class UnsupportedFeatureError(ValueError):
+class UnsupportedFeatureError(UserError):
     """A model feature the target format cannot represent (the message names it)."""
+
+
+# SwitchTransformersConfig's defaults for keys a config.json may lack.
+_HF_DEFAULT_NUM_SPARSE_LAYERS = 3
 
 
 def hf_sparse_step(num_layers: int, num_sparse_layers: int) -> int:
     """HF's `sparse_step` of a stack (`SwitchTransformersConfig.__post_init__`)."""
     return num_layers // num_sparse_layers if num_sparse_layers > 0 else num_layers
+
+
+def hf_stack_sparse_step(hf: dict[str, Any], stack: str) -> tuple[int, str]:
+    """(sparse_step, where it comes from) of one stack of an HF config.json, as transformers
+    builds it: an explicit `{stack}_sparse_step` wins over `num_layers // num_sparse_layers`
+    (`__post_init__` computes the step, then the config's own keys are set over it)."""
+    key = f"num_sparse_{stack}_layers"
+    explicit = hf.get(f"{stack}_sparse_step")
+    if explicit is not None:
+        return int(explicit), f"{stack}_sparse_step={explicit}"
+    count = int(hf.get(key, _HF_DEFAULT_NUM_SPARSE_LAYERS))
+    n = hf_num_layers(hf, stack)
+    return hf_sparse_step(n, count), f"{key}={count}, so sparse_step={n} // {count}"
+
+
+def hf_num_layers(hf: dict[str, Any], stack: str) -> int:
+    """Blocks of one stack of an HF config.json."""
+    n_enc = int(hf["num_layers"])
+    return n_enc if stack == "encoder" else int(hf.get("num_decoder_layers") or n_enc)
+
+
+def hf_sparse_layers(hf: dict[str, Any], stack: str) -> tuple[int, ...]:
+    """The sparse blocks of one stack of an HF config.json (transformers' rule exactly:
+    `is_sparse = (i % step == 1 or step == 1) if step > 0 else False`)."""
+    step, _ = hf_stack_sparse_step(hf, stack)
+    return sparse_layers_hf(hf_num_layers(hf, stack), step)
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -78,8 +112,9 @@ def config_from_hf(
     """Our SwitchConfig for an HF SwitchTransformers config.json (and its weight names).
 
     Raises:
-      UnsupportedFeatureError: router bias, an activation we do not implement, or weights whose
-        sparse blocks disagree with HF's own `i % sparse_step == 1` rule.
+      UnsupportedFeatureError: router bias or an activation we do not implement.
+      UserError: weights whose sparse blocks differ from the blocks transformers makes sparse
+        for this config.json (`hf_sparse_layers`).
     """
     if hf.get("router_bias"):
         raise UnsupportedFeatureError(
@@ -91,21 +126,18 @@ def config_from_hf(
         raise UnsupportedFeatureError(
             f"dense_act_fn={act!r} is not supported; use one of {sorted(_ACT_TO_OURS)}"
         )
-    n_enc = int(hf["num_layers"])
-    n_dec = int(hf.get("num_decoder_layers") or n_enc)
+    n_enc = hf_num_layers(hf, "encoder")
+    n_dec = hf_num_layers(hf, "decoder")
     sparse = {}
-    for stack, n, key in (
-        ("encoder", n_enc, "num_sparse_encoder_layers"),
-        ("decoder", n_dec, "num_sparse_decoder_layers"),
-    ):
-        step = hf_sparse_step(n, int(hf.get(key, 0)))
-        rule = sparse_layers_hf(n, step)
+    for stack in ("encoder", "decoder"):
+        rule = hf_sparse_layers(hf, stack)
         found = _sparse_blocks(weight_names, stack)
         if found != rule:
-            raise ValueError(
-                f"{stack}: the weights have routers in blocks {found} but config.json "
-                f"({key}={hf.get(key)}, sparse_step={step}) puts sparse layers at {rule}; the "
-                "config and the weights do not belong together"
+            _, why = hf_stack_sparse_step(hf, stack)
+            raise UserError(
+                f"{stack}: the weights have routers in blocks {found} but config.json ({why}) "
+                f"puts sparse layers at {rule}, as transformers builds the model; the config and "
+                "the weights do not belong together"
             )
         sparse[stack] = found
     fields: dict[str, Any] = dict(
@@ -281,6 +313,32 @@ def import_plan(config: SwitchConfig, source: streaming.Source, hf_vocab: int) -
     return streaming.Plan(targets, pieces)
 
 
+def hf_layout(num_layers: int, sparse: tuple[int, ...], stack: str) -> tuple[int, int]:
+    """(num_sparse_layers, sparse_step) that make transformers build exactly `sparse`.
+
+    The step is what transformers uses (it is written explicitly); the count is chosen so that
+    `num_layers // count` gives the same step where one exists (else the number of sparse
+    layers), for readers that recompute the step from the count.
+
+    Raises:
+      UnsupportedFeatureError: no step gives `sparse` (HF makes block i sparse when
+        i % sparse_step == 1).
+    """
+    sparse = tuple(sorted(sparse))
+    steps = [s for s in (*range(1, num_layers + 2), 0) if sparse_layers_hf(num_layers, s) == sparse]
+    for step in steps:
+        counts = [k for k in range(num_layers + 1) if hf_sparse_step(num_layers, k) == step]
+        if counts:
+            return counts[-1], step
+    if steps:
+        return len(sparse), steps[0]
+    raise UnsupportedFeatureError(
+        f"the {stack} sparse layer layout {sparse} cannot be expressed in HF SwitchTransformers, "
+        "which makes block i sparse when i % sparse_step == 1 (every block when the step is 1, "
+        "none when it is 0)"
+    )
+
+
 def hf_config_from_ours(
     config: SwitchConfig, *, vocab_size: int | None = None, expert_capacity: int = 64
 ) -> dict[str, Any]:
@@ -307,20 +365,15 @@ def hf_config_from_ours(
         raise UnsupportedFeatureError(
             f"mlp_activations={config.mlp_activations} has no HF SwitchTransformers equivalent"
         )
-    counts = {}
-    for stack, n in (
-        ("encoder", config.num_encoder_layers),
-        ("decoder", config.num_decoder_layers),
+    if config.num_experts == 0 or not (
+        config.sparse_layers("encoder") or config.sparse_layers("decoder")
     ):
-        ours = config.sparse_layers(stack)
-        match = [k for k in range(1, n + 1) if sparse_layers_hf(n, n // k) == ours]
-        if not ours or not match or config.num_experts == 0:
-            raise UnsupportedFeatureError(
-                f"the {stack} sparse layer layout {ours} cannot be expressed in HF "
-                f"SwitchTransformers, which makes block i sparse when i % sparse_step == 1 "
-                f"(sparse_step = {n} // num_sparse_{stack}_layers)"
-            )
-        counts[stack] = match[0]
+        raise UnsupportedFeatureError(
+            "a model without sparse layers cannot be exported as HF SwitchTransformers"
+        )
+    layout = {}
+    for stack in ("encoder", "decoder"):
+        layout[stack] = hf_layout(config.num_layers(stack), config.sparse_layers(stack), stack)
     vocab = int(vocab_size or config.vocab_size)
     return {
         "architectures": ["SwitchTransformersForConditionalGeneration"],
@@ -333,10 +386,10 @@ def hf_config_from_ours(
         "num_decoder_layers": config.num_decoder_layers,
         "num_heads": config.num_heads,
         "num_experts": config.num_experts,
-        "num_sparse_encoder_layers": counts["encoder"],
-        "num_sparse_decoder_layers": counts["decoder"],
-        "encoder_sparse_step": hf_sparse_step(config.num_encoder_layers, counts["encoder"]),
-        "decoder_sparse_step": hf_sparse_step(config.num_decoder_layers, counts["decoder"]),
+        "num_sparse_encoder_layers": layout["encoder"][0],
+        "num_sparse_decoder_layers": layout["decoder"][0],
+        "encoder_sparse_step": layout["encoder"][1],
+        "decoder_sparse_step": layout["decoder"][1],
         "expert_capacity": int(expert_capacity),
         "router_bias": False,
         "router_jitter_noise": config.router_jitter_noise,
