@@ -7,9 +7,18 @@
         --gin_file=configs/models/switch_base_8.gin
 
 Imports write a checkpoint of this project (`MODEL_DIR/checkpoints/0`) plus `MODEL_DIR/model.gin`
-(pass it as `--gin_file` to train, fine-tune or infer). Every conversion streams tensors in chunks
-under `--memory_budget` (default 1GiB). `--set FIELD=VALUE` overrides SwitchConfig fields of an
-import (e.g. `--set eval_capacity_factor=4.0`).
+(pass it as `--gin_file` to train, fine-tune or infer); hf-to-orbax also records the HF folder's
+`spiece.model` as the run's vocabulary (copied to `MODEL_DIR/spiece.model`). orbax-to-hf writes
+the weights, config.json and the tokenizer (spiece.model, tokenizer_config.json, tokenizer.json)
+of the vocabulary the checkpoint records (`--vocabulary_path` to give it, `--no_tokenizer` to
+export the weights alone). Every conversion streams tensors in chunks under `--memory_budget`
+(default 1GiB). `--set FIELD=VALUE` overrides SwitchConfig fields of an import (e.g.
+`--set eval_capacity_factor=4.0`).
+
+`--dst` must be a new or empty directory: old weights or checkpoints beside the new ones would be
+loaded instead of them. `--overwrite` removes them first (HF: weights, index, config and tokenizer
+files; MODEL_DIR: checkpoints/, best/, config.gin, model.gin, metrics and the other run files);
+other files stay.
 """
 
 from __future__ import annotations
@@ -73,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--src", required=True)
         p.add_argument("--dst", required=True)
         p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="convert into a non-empty --dst, removing what the conversion replaces first",
+        )
+        p.add_argument(
             "--memory_budget",
             type=parse_bytes,
             default=streaming.DEFAULT_BUDGET_BYTES,
@@ -94,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--weights_dtype", default="float32")
             p.add_argument("--max_shard_size", type=parse_bytes, default=None)
+            p.add_argument(
+                "--vocabulary_path",
+                default=None,
+                help="SentencePiece model to export as the tokenizer (default: the checkpoint's)",
+            )
+            p.add_argument(
+                "--no_tokenizer",
+                action="store_true",
+                help="export the weights without a tokenizer",
+            )
         if name == "upcycle":
             p.add_argument("--gin_file", action="append", default=[], required=True)
             p.add_argument(
@@ -114,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
     from switch_t5.interop import t5x, upcycle
 
     # Every conversion streams under --memory_budget; all but hf-to-orbax read a source step.
-    common: dict[str, Any] = {"budget_bytes": args.memory_budget}
+    common: dict[str, Any] = {"budget_bytes": args.memory_budget, "overwrite": args.overwrite}
     if args.command != "hf-to-orbax":
         common["step"] = args.step
     if args.command in ("hf-to-orbax", "t5x-to-orbax"):
@@ -128,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
             expert_capacity=args.expert_capacity,
             dtype=args.weights_dtype,
             max_shard_bytes=args.max_shard_size,
+            tokenizer=not args.no_tokenizer,
+            vocabulary_path=args.vocabulary_path,
             **common,
         )
     else:
@@ -147,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
         f"{stats.chunk_budget_bytes / 2**20:.1f} MiB)"
         + (f", peak RSS {peak / 2**20:.0f} MiB" if peak else "")
     )
+    for note in stats.notes:
+        print(f"  {note}")
     return stats
 
 

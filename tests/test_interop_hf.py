@@ -183,7 +183,7 @@ def test_hf_orbax_hf_round_trip_is_bit_exact(converted, tmp_path):
     hf.hf_to_orbax(path, str(tmp_path / "ckpt"), dtype="float32")
     gin_text = (tmp_path / "ckpt" / "model.gin").read_text()
     assert f"switch_t5.SwitchConfig.num_experts = {kwargs['num_experts']}" in gin_text
-    hf.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    hf.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"), tokenizer=False)
     a, b = _safetensors(path), _safetensors(str(tmp_path / "back"))
     a = {k: v for k, v in a.items() if not k.endswith("embed_tokens.weight")}
     if kwargs.get("tie_word_embeddings", True):
@@ -235,7 +235,7 @@ def _flat(tree, prefix=""):
 
 def test_orbax_hf_orbax_round_trip_is_bit_exact(trained_style_checkpoint, tmp_path):
     model_dir, params = trained_style_checkpoint
-    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"), max_shard_bytes=20_000)
+    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"), max_shard_bytes=20_000, tokenizer=False)
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()  # sharded
     hf.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "back"), dtype="float32",
                    eval_capacity_factor=4.0)  # fmt: skip
@@ -250,7 +250,7 @@ def test_orbax_hf_orbax_round_trip_is_bit_exact(trained_style_checkpoint, tmp_pa
 
 def test_exported_model_loads_in_transformers_with_same_logits(trained_style_checkpoint, tmp_path):
     model_dir, params = trained_style_checkpoint
-    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"))
+    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"), tokenizer=False)
     model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
         str(tmp_path / "hf")
     ).eval()
@@ -269,7 +269,7 @@ def test_converted_checkpoint_restores_as_training_state(
 ):
     """train/fine-tuning restore it: the TrainState `setup_train_state` plans, fresh optimizer."""
     model_dir, params = trained_style_checkpoint
-    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"))
+    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"), tokenizer=False)
     hf.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="float32",
                    eval_capacity_factor=4.0)  # fmt: skip
     config = checkpoint_io.open_checkpoint(str(tmp_path / "ckpt")).config

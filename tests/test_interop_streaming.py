@@ -98,12 +98,13 @@ _MEASURE = textwrap.dedent(
     src, ckpt, back, budget, warm = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5]]
     # A tiny conversion first: imports, TensorStore/orbax thread pools and caches are then in
     # place, and the peak below is what the data adds.
+    # (The synthetic HF folders have no spiece.model: the weights are exported alone.)
     hf.orbax_to_hf(hf.hf_to_orbax(warm, warm + "_ckpt", budget_bytes=budget) and warm + "_ckpt",
-                   warm + "_back", budget_bytes=budget)
+                   warm + "_back", budget_bytes=budget, tokenizer=False)
     out = {}
     for name, fn in (
         ("hf_to_orbax", lambda: hf.hf_to_orbax(src, ckpt, budget_bytes=budget, dtype="float32")),
-        ("orbax_to_hf", lambda: hf.orbax_to_hf(ckpt, back, budget_bytes=budget)),
+        ("orbax_to_hf", lambda: hf.orbax_to_hf(ckpt, back, budget_bytes=budget, tokenizer=False)),
     ):
         base = rss("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:

@@ -8,6 +8,10 @@ training, fine-tuning and inference start from it like from any checkpoint of th
   DST/checkpoints/0/data    {} (no input pipeline position)
   DST/checkpoints/0/meta    make_meta(config, vocabulary) plus a "converted_from" record
   DST/model.gin             every SwitchConfig field of the converted model
+  DST/spiece.model          the vocabulary the meta records, when the source has one (HF)
+
+DST must be new or empty; with `overwrite` an old run's checkpoints and run files are removed
+first (`destination`), while the MODEL_DIR lock is held, so no training run writes there.
 
 The state item is written without OCDBT (one zarr directory per array, which orbax restores like
 its default layout): orbax first saves the tree with placeholder arrays, then every large array
@@ -31,7 +35,8 @@ from flax import linen as nn
 
 from switch_t5 import checkpoints, network
 from switch_t5.config import SwitchConfig
-from switch_t5.interop import streaming
+from switch_t5.errors import UserError
+from switch_t5.interop import destination, streaming
 
 # Arrays up to this size are saved directly by orbax; larger ones are streamed.
 _INLINE_BYTES = 1 << 20
@@ -122,12 +127,14 @@ def write_checkpoint(
     optimizer: str = "adafactor",
     seed: int = 0,
     vocabulary: dict[str, Any] | None = None,
+    vocabulary_file: str | None = None,
     converted_from: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> streaming.RunStats:
     """Writes a project checkpoint (step 0) of `config` whose params come from `plan`.
 
     Args:
-      dst: the new MODEL_DIR (local path); must not hold a checkpoint yet.
+      dst: the new MODEL_DIR (local path): new or empty, unless `overwrite`.
       config: the model config (params must match `network.init_abstract(config)`).
       plan: targets named like the params ("encoder/layers_0/attention/query/kernel").
       source: where the plan's Copy pieces read.
@@ -135,19 +142,78 @@ def write_checkpoint(
       optimizer: the optimizer whose fresh state is written ("adafactor" or "adamw").
       seed: the training rng is split(PRNGKey(seed))[1], as `train` derives it.
       vocabulary: the meta's vocabulary record (path, hash), when known.
-      converted_from: provenance stored in the meta (format, path, HF vocab size, ...).
+      vocabulary_file: a SentencePiece model (T5 ids, 100 extra ids) to copy into
+        `dst/spiece.model` and record as the run's vocabulary (instead of `vocabulary`).
+      converted_from: provenance stored in the meta (format, path, HF vocab size, ...); its
+        "path" (the source) is never removed by `overwrite`.
+      overwrite: remove an old run's checkpoints and run files from `dst` first
+        (`destination.prepare`) instead of refusing a non-empty `dst`.
+
+    Returns:
+      The copy's RunStats; `notes` says what was removed from `dst`.
 
     Raises:
-      FileExistsError: dst already holds a checkpoint.
+      UserError: `dst` is not empty (without `overwrite`), is a file or the source, or a
+        training run holds it.
       ValueError: the plan's tensors do not match the model's params (names the first).
     """
+    src = (converted_from or {}).get("path")
+    destination.check_path(dst, src)
+    try:
+        lock = checkpoints.ModelDirLock(dst).acquire()
+    except checkpoints.ModelDirLockedError as e:
+        raise UserError(str(e)) from e
+    try:
+        removed = destination.prepare(dst, "orbax", overwrite=overwrite, src=src)
+        if vocabulary_file is not None:
+            vocabulary = copy_vocabulary(vocabulary_file, dst)
+        stats = _write_step_0(
+            dst, config, plan, source, budget_bytes, optimizer, seed, vocabulary, converted_from
+        )
+    finally:
+        lock.release()
+    if removed:
+        stats.notes.append(f"removed from {dst} (--overwrite): {', '.join(removed)}")
+    if vocabulary_file is not None:
+        stats.notes.append(
+            f"vocabulary: {vocabulary['path']} (copied from {vocabulary_file}), recorded in the "
+            "checkpoint; infer uses it, eval and train check their task's vocabulary against it"
+        )
+    return stats
+
+
+def copy_vocabulary(path: str, dst: str, extra_ids: int = 100) -> dict[str, Any]:
+    """Copies a SentencePiece model to `dst/spiece.model`; returns its vocabulary record
+    (the record training writes: path, hash, fingerprint, size)."""
+    import types
+
+    import sentencepiece as spm
+
+    from switch_t5 import eval as eval_lib
+
+    target = os.path.abspath(os.path.join(dst, destination.VOCABULARY_FILE))
+    shutil.copyfile(path, target)
+    pieces = spm.SentencePieceProcessor(model_file=target).get_piece_size()
+    vocab = types.SimpleNamespace(
+        sentencepiece_model_file=target, extra_ids=extra_ids, vocab_size=pieces + extra_ids
+    )
+    return eval_lib.vocabulary_record(vocab)
+
+
+def _write_step_0(
+    dst: str,
+    config: SwitchConfig,
+    plan: streaming.Plan,
+    source: streaming.Source | None,
+    budget_bytes: int,
+    optimizer: str,
+    seed: int,
+    vocabulary: dict[str, Any] | None,
+    converted_from: dict[str, Any] | None,
+) -> streaming.RunStats:
     import orbax.checkpoint as ocp
 
-    if checkpoints.is_remote(dst):
-        raise ValueError(f"{dst}: streamed conversion writes local directories only")
     final = os.path.join(dst, checkpoints.CHECKPOINT_SUBDIR, "0")
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} exists; choose an empty --dst")
     template = _state_template(config, optimizer, seed)
     flat_params, _ = abstract_params(config)
     expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat_params.items()}
@@ -186,7 +252,7 @@ def write_checkpoint(
     for piece in plan.pieces:
         pieces.append(dataclasses.replace(piece, dst="params/" + piece.dst))
 
-    staging = os.path.join(dst, ".convert-staging")
+    staging = os.path.join(dst, destination.STAGING_DIR)
     shutil.rmtree(staging, ignore_errors=True)
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR)),

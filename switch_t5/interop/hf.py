@@ -501,20 +501,30 @@ def hf_to_orbax(
     *,
     budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
     dtype: str = "bfloat16",
+    overwrite: bool = False,
     **overrides: Any,
 ) -> streaming.RunStats:
-    """Converts an HF SwitchTransformers directory into a project checkpoint + model gin."""
-    from switch_t5.interop import checkpoint_io
+    """Converts an HF SwitchTransformers directory into a project checkpoint + model gin.
+
+    The directory's `spiece.model` becomes the run's vocabulary (copied to `dst/spiece.model`
+    and recorded in the checkpoint), so infer and eval of the run use it
+    (`hf_tokenizer.hf_vocabulary` says when it cannot). `dst` must be new or empty unless
+    `overwrite` (`destination.prepare`).
+    """
+    from switch_t5.interop import checkpoint_io, hf_tokenizer
 
     hf, source = open_hf(src)
     config = config_from_hf(hf, source.names(), dtype=dtype, **overrides)
     plan = import_plan(config, source, int(hf["vocab_size"]))
-    return checkpoint_io.write_checkpoint(
+    vocabulary_file, note = hf_tokenizer.hf_vocabulary(src, int(hf["vocab_size"]))
+    stats = checkpoint_io.write_checkpoint(
         dst,
         config,
         plan,
         source,
         budget_bytes=budget_bytes,
+        vocabulary_file=vocabulary_file,
+        overwrite=overwrite,
         converted_from={
             "format": "huggingface",
             "path": os.path.abspath(src),
@@ -522,6 +532,9 @@ def hf_to_orbax(
             "hf_expert_capacity": hf.get("expert_capacity"),
         },
     )
+    if note:
+        stats.notes.append(note)
+    return stats
 
 
 def orbax_to_hf(
@@ -534,13 +547,16 @@ def orbax_to_hf(
     expert_capacity: int = 64,
     dtype: str = "float32",
     max_shard_bytes: int | None = None,
+    overwrite: bool = False,
+    tokenizer: bool = True,
+    vocabulary_path: str | None = None,
 ) -> streaming.RunStats:
     """Writes config.json + safetensors that `SwitchTransformersForConditionalGeneration`
-    loads, from a project checkpoint.
+    loads, and the tokenizer `AutoTokenizer` loads, from a project checkpoint.
 
     Args:
       src: MODEL_DIR, its checkpoints/ directory or one step directory.
-      dst: the HF model directory to write.
+      dst: the HF model directory to write: new or empty unless `overwrite`.
       step: the checkpoint step (None = latest).
       budget_bytes: memory budget of the streamed copy.
       vocab_size: HF vocab_size; default the original HF size recorded at import, else all
@@ -548,9 +564,21 @@ def orbax_to_hf(
       expert_capacity: HF's fixed per-sequence expert capacity (HF drops tokens beyond it).
       dtype: dtype of the written weights.
       max_shard_bytes: split the safetensors into shards with an index file above this size.
-    """
-    from switch_t5.interop import checkpoint_io
+      overwrite: remove old weights, index, config and tokenizer files from `dst` first.
+      tokenizer: write spiece.model, tokenizer_config.json and tokenizer.json
+        (`hf_tokenizer`) from the checkpoint's vocabulary; False exports the weights alone.
+      vocabulary_path: the SentencePiece model to export (default: the one the checkpoint
+        records; when both are known their hashes must agree).
 
+    Raises:
+      UserError: a non-empty `dst` without `overwrite`; no vocabulary known (or it cannot be
+        read) while `tokenizer` is set; a tokenizer transformers would load differently.
+    """
+    import tempfile
+
+    from switch_t5.interop import checkpoint_io, destination, hf_tokenizer
+
+    destination.check_path(dst, src)
     ckpt = checkpoint_io.open_checkpoint(src, step)
     config = ckpt.config
     hf_vocab = int(
@@ -559,10 +587,24 @@ def orbax_to_hf(
     hf_cfg = hf_config_from_ours(config, vocab_size=hf_vocab, expert_capacity=expert_capacity)
     hf_cfg["dtype"] = dtype
     plan = export_plan(config, hf_vocab, dtype)
-    os.makedirs(dst, exist_ok=True)
-    stats = streaming.run_plan(
-        plan, ckpt.params, streaming.SafetensorsSink(dst, max_shard_bytes), budget_bytes
-    )
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    with tempfile.TemporaryDirectory(prefix="switch_t5_tokenizer_") as tok_dir:
+        # The tokenizer is built and checked before the destination is touched.
+        if tokenizer:
+            model_bytes, extra_ids, vocab_name = hf_tokenizer.resolve_vocabulary(
+                ckpt.meta.get("vocabulary"), vocabulary_path, f"{src} (step {ckpt.step})"
+            )
+            hf_tokenizer.write_tokenizer(model_bytes, extra_ids, tok_dir, hf_vocab, vocab_name)
+        removed = destination.prepare(dst, "hf", overwrite=overwrite, src=src)
+        stats = streaming.run_plan(
+            plan, ckpt.params, streaming.SafetensorsSink(dst, max_shard_bytes), budget_bytes
+        )
+        with open(os.path.join(dst, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2, sort_keys=True)
+        if removed:
+            stats.notes.append(f"removed from {dst} (--overwrite): {', '.join(removed)}")
+        if tokenizer:
+            names = hf_tokenizer.copy_files(tok_dir, dst)
+            stats.notes.append(f"tokenizer: {', '.join(names)} from {vocab_name}")
+        else:
+            stats.notes.append("no tokenizer written (--no_tokenizer)")
     return stats

@@ -569,12 +569,14 @@ class Plan:
 
 @dataclasses.dataclass
 class RunStats:
-    """What `run_plan` moved: tensors, bytes written, the largest chunk it held."""
+    """What `run_plan` moved: tensors, bytes written, the largest chunk it held (and, from a
+    whole conversion, `notes`: lines for the user, e.g. what was removed or recorded)."""
 
     tensors: int = 0
     bytes_written: int = 0
     max_chunk_bytes: int = 0
     chunk_budget_bytes: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def _copy_geometry(piece: Copy, source: Source, chunk_bytes: int, dst_itemsize: int):

@@ -174,9 +174,13 @@ def t5x_to_orbax(
     step: int | None = None,
     budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
     dtype: str = "bfloat16",
+    overwrite: bool = False,
     **overrides: Any,
 ) -> streaming.RunStats:
-    """Converts a local T5X Switch checkpoint into a project checkpoint + model gin."""
+    """Converts a local T5X Switch checkpoint into a project checkpoint + model gin.
+
+    `dst` must be new or empty unless `overwrite` (`destination.prepare`).
+    """
     from switch_t5.interop import checkpoint_io, hf
 
     source = open_t5x(src, step)
@@ -195,6 +199,7 @@ def t5x_to_orbax(
         plan,
         source,
         budget_bytes=budget_bytes,
+        overwrite=overwrite,
         converted_from={"format": "t5x", "path": os.path.abspath(src)},
     )
 

@@ -78,8 +78,12 @@ def upcycle(
     step: int | None = None,
     seed: int = 0,
     budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
+    overwrite: bool = False,
 ) -> streaming.RunStats:
-    """Writes a project checkpoint of the sparse `config` upcycled from a dense checkpoint."""
+    """Writes a project checkpoint of the sparse `config` upcycled from a dense checkpoint.
+
+    `dst` must be new or empty unless `overwrite` (`destination.prepare`).
+    """
     dense = checkpoint_io.open_checkpoint(src, step)
     plan = upcycle_plan(dense, config, seed)
     return checkpoint_io.write_checkpoint(
@@ -89,6 +93,7 @@ def upcycle(
         dense.params,
         budget_bytes=budget_bytes,
         seed=seed,
+        overwrite=overwrite,
         vocabulary=dense.meta.get("vocabulary"),
         converted_from={
             "format": "upcycled",
