@@ -144,7 +144,7 @@ class SwitchConfig:
     load_balancing_loss_weight: float = 1e-2
     router_z_loss_weight: float = 0.0
     dispatch: DispatchImpl = "auto"
-    dropless_block_size: int = 128
+    dropless_block_size: int = 32
     moe_dtype: str | None = None
     sparse_extra_mlp: bool = False
     # Memory and compilation at scale.

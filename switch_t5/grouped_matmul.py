@@ -11,10 +11,12 @@ Static shapes: the padded buffer always holds the bound `num_blocks(rows, expert
 blocks; only the first `used_blocks` (a traced count) hold rows, the rest are zeros.
 
 Two implementations of `gmm` (forward and backward):
-  "loop"    a `fori_loop` over the used blocks only, each a 2-D matmul with the expert's weights
-            taken by a dynamic index (no gathered copy of the weights); the custom backward loops
-            again, accumulating each block's weight gradient into its expert's slice of one
-            [experts, in, out] buffer (never a [blocks, in, out] tensor). CPU default.
+  "loop"    `fori_loop`s over the used blocks only, each step a 2-D matmul of a chunk of one
+            expert's consecutive blocks (8, then at most one each of 4, 2, 1 blocks: bigger
+            matmuls, same padding) with that expert's weights taken by a dynamic index (no
+            gathered copy of the weights); the custom backward loops again, accumulating each
+            chunk's weight gradient into its expert's slice of one [experts, in, out] buffer
+            (never a [blocks, in, out] tensor). CPU default.
   "batched" one batched einsum over all blocks with the weights gathered per block
             ([blocks, in, out]); a single batched GEMM suits accelerators better than a loop of
             small ones (not measured here: no GPU/TPU at hand).
@@ -174,46 +176,110 @@ def combine_rows(y: jax.Array, layout: BlockLayout) -> jax.Array:
     return take_rows(y.reshape(-1, d), layout.slot_of_row, layout.row_of_slot[:, None])
 
 
-def _loop_fwd_products(x, w, block_expert, used_blocks):
-    n, b, _ = x.shape
+# Chunk sizes of the "loop" implementation, in blocks: each expert's blocks are covered by
+# chunks of 8 blocks, then at most one chunk of 4, 2 and 1 (the binary digits of the rest).
+# Bigger matmuls run closer to the dense MLP's speed on CPU than a loop of single blocks, while
+# the padding stays that of one block per expert.
+CHUNK_BLOCKS = (8, 4, 2, 1)
 
-    def body(i, y):
-        # [b, d] x [d, f] -> [b, f]
-        return y.at[i].set(x[i] @ w[block_expert[i]])
 
-    y = jnp.zeros((n, b, w.shape[-1]), x.dtype)
-    return jax.lax.fori_loop(0, used_blocks, body, y)
+class _Chunks(NamedTuple):
+    """Per chunk size: <int32>[cap] first block and expert of each chunk, <int32>[] count."""
+
+    starts: tuple[jax.Array, ...]
+    experts: tuple[jax.Array, ...]
+    counts: tuple[jax.Array, ...]
+
+
+def _chunk_sizes(n: int) -> tuple[int, ...]:
+    return tuple(c for c in CHUNK_BLOCKS if c <= n) or (1,)
+
+
+def _chunks(block_expert: jax.Array, used_blocks: jax.Array, num_experts: int) -> _Chunks:
+    """Covers each expert's (contiguous) blocks by chunks of `_chunk_sizes` blocks."""
+    (n,) = block_expert.shape
+    sizes = _chunk_sizes(n)
+    used = jnp.arange(n) < used_blocks
+    ids = jnp.where(used, block_expert, num_experts)
+    # [E] blocks of each expert and its first block.
+    blocks = jnp.zeros((num_experts + 1,), jnp.int32).at[ids].add(1)[:num_experts]
+    first = jnp.cumsum(blocks) - blocks
+    top = sizes[0]
+    full, rest = blocks // top, blocks % top
+    # Chunks of the top size: chunk c belongs to the expert whose range of them holds c.
+    cap = n // top
+    end = jnp.cumsum(full)
+    c = jnp.arange(cap, dtype=jnp.int32)
+    expert = jnp.minimum(
+        jnp.sum(end[None, :] <= c[:, None], axis=1, dtype=jnp.int32), num_experts - 1
+    )
+    starts = [first[expert] + top * (c - (end - full)[expert])]
+    experts, counts = [expert], [end[-1]]
+    for size in sizes[1:]:
+        # At most one chunk of each smaller size per expert: the binary digits of the rest.
+        has = (rest & size) != 0
+        begin = first + top * full + (rest // (2 * size)) * (2 * size)
+        order = jnp.argsort(~has, stable=True)[: min(num_experts, n // size)]
+        starts.append(begin[order].astype(jnp.int32))
+        experts.append(order.astype(jnp.int32))
+        counts.append(jnp.sum(has, dtype=jnp.int32))
+    return _Chunks(tuple(starts), tuple(experts), tuple(counts))
+
+
+def _loop_fwd_products(x, w, chunks):
+    n, b, d = x.shape
+    xf = x.reshape(n * b, d)
+    y = jnp.zeros((n * b, w.shape[-1]), x.dtype)
+    for size, starts, experts, count in zip(_chunk_sizes(n), *chunks):
+
+        def body(i, y, size=size, starts=starts, experts=experts):
+            row = starts[i] * b
+            xs = jax.lax.dynamic_slice_in_dim(xf, row, size * b)
+            w_e = jax.lax.dynamic_index_in_dim(w, experts[i], keepdims=False)
+            # [size * b, d] x [d, f] -> [size * b, f]
+            return jax.lax.dynamic_update_slice_in_dim(y, xs @ w_e, row, 0)
+
+        y = jax.lax.fori_loop(0, count, body, y)
+    return y.reshape(n, b, -1)
 
 
 @jax.custom_vjp
 def _gmm_loop(x, w, block_expert, used_blocks):
-    return _loop_fwd_products(x, w, block_expert, used_blocks)
+    chunks = _chunks(block_expert, used_blocks, w.shape[0])
+    return _loop_fwd_products(x, w, chunks)
 
 
 def _gmm_loop_fwd(x, w, block_expert, used_blocks):
-    return _loop_fwd_products(x, w, block_expert, used_blocks), (x, w, block_expert, used_blocks)
+    chunks = _chunks(block_expert, used_blocks, w.shape[0])
+    return _loop_fwd_products(x, w, chunks), (x, w, chunks)
 
 
 def _gmm_loop_bwd(res, dy):
-    x, w, block_expert, used_blocks = res
-    dy = dy.astype(x.dtype)
+    x, w, chunks = res
+    n, b, d = x.shape
+    xf = x.reshape(n * b, d)
+    dyf = dy.astype(x.dtype).reshape(n * b, -1)
+    # The weight gradient accumulates in float32 over an expert's chunks (bf16 would round
+    # every partial sum), in its own slice of one [E, d, f] buffer.
+    carry = (jnp.zeros_like(xf), jnp.zeros(w.shape, jnp.float32))
+    for size, starts, experts, count in zip(_chunk_sizes(n), *chunks):
 
-    def body(i, carry):
-        dx, dw = carry
-        e = block_expert[i]
-        w_e = w[e]
-        # [b, f] x [d, f] -> [b, d]
-        dx = dx.at[i].set(dy[i] @ w_e.T.astype(x.dtype))
-        # [b, d] x [b, f] -> [d, f], added into expert e's slice only.
-        dw_e = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False)
-        dw_e = dw_e + jnp.matmul(x[i].T, dy[i], preferred_element_type=jnp.float32)
-        return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
+        def body(i, carry, size=size, starts=starts, experts=experts):
+            dx, dw = carry
+            row, e = starts[i] * b, experts[i]
+            xs = jax.lax.dynamic_slice_in_dim(xf, row, size * b)
+            dys = jax.lax.dynamic_slice_in_dim(dyf, row, size * b)
+            w_e = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+            # [rows, f] x [d, f] -> [rows, d]
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dys @ w_e.T, row, 0)
+            # [rows, d] x [rows, f] -> [d, f], added into expert e's slice only.
+            dw_e = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False)
+            dw_e = dw_e + jnp.matmul(xs.T, dys, preferred_element_type=jnp.float32)
+            return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_e, e, 0)
 
-    # The weight gradient accumulates in float32 over an expert's blocks (bf16 would round
-    # every partial sum).
-    init = (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32))
-    dx, dw = jax.lax.fori_loop(0, used_blocks, body, init)
-    return dx, dw.astype(w.dtype), None, None
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    dx, dw = carry
+    return dx.reshape(x.shape), dw.astype(w.dtype), None, None
 
 
 _gmm_loop.defvjp(_gmm_loop_fwd, _gmm_loop_bwd)
