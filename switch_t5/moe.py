@@ -77,7 +77,7 @@ def resolve_dispatch(dispatch: str) -> str:
 
     "auto" is the masked einsum on TPU (dense one-hot matmuls suit the MXU, as Mesh-TF) and the
     index-based scatter elsewhere: on CPU it is the fastest measured by scripts/bench_moe.py
-    (32 experts, cf 1.0, 16k tokens: about the dense MLP's time, the einsum 3-4x, dropless 5-10x
+    (32 experts, cf 1.0, 16k tokens: about the dense MLP's time, the einsum 3-4x, "ragged" 5-10x
     as `ragged_dot` is a masked dense dot there). On GPU the scatter's forward and backward are
     row gathers (no scatter-add atomics); run scripts/bench_moe.py there to compare. Any other
     value ("einsum", "scatter", "dropless", "ragged") overrides the choice (gin:
@@ -337,11 +337,12 @@ class Experts(nn.Module):
         """Dropless experts: every (token, choice) row through its expert, block-sparse.
 
         Rows are sorted by expert and padded to blocks of `config.dropless_block_size`
-        (`grouped_matmul.block_layout`); each matmul is one product per used block with that
-        block's expert weights (`grouped_matmul.gmm`). On a mesh the experts run where their
-        kernels live (`jax.shard_map`): each expert x model shard takes the rows of its experts
-        from the tokens of its data shard and the partial outputs are summed over the expert
-        and model axes, so no expert kernel is ever gathered.
+        (`grouped_matmul.block_layout`); each matmul runs over the used blocks only, a chunk
+        of one expert's blocks at a time with that expert's weights (`grouped_matmul.gmm`).
+        On a mesh the experts run where their kernels live (`jax.shard_map`): each expert x
+        model shard takes the rows of its experts from the tokens of its data shard and the
+        partial outputs are summed over the expert and model axes, so no expert kernel is ever
+        gathered.
 
         Args:
           x: <dtype>[batch, length, embed].
