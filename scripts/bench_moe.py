@@ -1,6 +1,6 @@
 """Forward+backward time of the MoE layer over a dense MLP of the same width, side by side.
 
-    PYTHONPATH=. python scripts/bench_moe.py --quick      # about two minutes on 2 CPU cores
+    PYTHONPATH=. python scripts/bench_moe.py --quick      # about three minutes on 2 CPU cores
     PYTHONPATH=. python scripts/bench_moe.py              # more experts and capacity factors
     PYTHONPATH=. python scripts/bench_moe.py --dtype=bfloat16 --d_model=768 --d_ff=3072  # GPU
 
@@ -12,16 +12,24 @@ MoE time / dense time of the same round, in wall-clock seconds and in process CP
 work done; on a CPU shared with other jobs it is far less noisy than wall time).
 
 A capacity-based dispatch runs its experts on cf x tokens slots, so its FLOP ratio to the dense
-MLP is at least cf ("floor"); what lies above the floor is routing and data movement. Dropless
-processes exactly k x tokens rows (floor k), though on CPU `ragged_dot` lowers to a masked dense
-dot (about E times the work). The "scaling" rows time the auto dispatch at 1/4, 1/2 and all of
-the tokens with the same group size: cost grows linearly in tokens when ms/token stays flat.
+MLP is at least cf ("floor"); what lies above the floor is routing and data movement. "dropless"
+(block-sparse grouped matmul, `switch_t5.grouped_matmul`) processes k x tokens rows plus each
+expert's padding to a multiple of the block size (floor about 1 + E x (block - 1) / 2 / tokens
+on average, at most 1 + E x (block - 1) / tokens); one row per block size tried (impl
+"dropless/B"). "ragged" is the same no-drop routing through `jax.lax.ragged_dot`, which on CPU
+lowers to a masked dense dot (about E times the work). The "scaling" rows time the auto dispatch
+at 1/4, 1/2 and all of the tokens with the same group size: cost grows linearly in tokens when
+ms/token stays flat.
 
 The last line, `best_moe_over_dense`, is the wall-clock ratio of the implementation that
 `dispatch="auto"` picks on this backend (`moe.resolve_dispatch`), at 32 experts, capacity
 factor 1.0 and 16k tokens, timed again alone against the dense MLP over 3x the rounds (the
-"headline" line also gives its CPU-time ratio). Prints times; asserts nothing; imports no
-TensorFlow.
+"headline" line also gives its CPU-time ratio). `dropless_over_dense` is the CPU-time ratio of
+"dropless" (default block size) to the dense MLP at 32 experts and 16k tokens, timed in its own
+interleaved rounds together with the auto capacity dispatch (cf 1.0); the line gives the wall
+ratio beside it, and `dropless_over_capacity` compares it with that dispatch (`dispatch="auto"`
+would pick dropless on a platform where it is within 10%). Prints times; asserts nothing;
+imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -72,6 +80,11 @@ def main() -> None:
     parser.add_argument("--group_size", type=int, default=2048)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument(
+        "--block_sizes",
+        default="32,64,128",
+        help="comma-separated dropless block sizes, one row each",
+    )
     args = parser.parse_args()
 
     if args.quick:
@@ -87,6 +100,10 @@ def main() -> None:
             "(the scaling rows use a quarter of the tokens)"
         )
     auto = moe.resolve_dispatch("auto")
+    block_sizes = [int(b) for b in args.block_sizes.split(",") if b.strip()]
+    default_block = SwitchConfig.dropless_block_size
+    if default_block not in block_sizes:
+        block_sizes.append(default_block)
     base = SwitchConfig(
         d_model=d_model,
         d_ff=d_ff,
@@ -111,12 +128,23 @@ def main() -> None:
                     continue
                 fn = _fwd_bwd(moe.MoeLayer(cfg), x, cot)
                 rows[f"{num_experts}/{cf}/{impl}"] = (fn, num_experts, cf, impl, cf, slow)
-        # On CPU dropless costs about E dense MLPs: --quick times it at the smallest E only.
+        for block in block_sizes:
+            if args.quick and num_experts != 32 and block != default_block:
+                continue
+            cfg = dataclasses.replace(
+                base, num_experts=num_experts, dispatch="dropless", dropless_block_size=block
+            )
+            fn = _fwd_bwd(moe.MoeLayer(cfg), x, cot)
+            # The static buffer's bound (the loop skips unused blocks on CPU).
+            floor = 1.0 + num_experts * (min(block, args.tokens) - 1) / args.tokens
+            name = f"{num_experts}/-/dropless/{block}"
+            rows[name] = (fn, num_experts, None, f"dropless/{block}", floor, False)
+        # On CPU ragged_dot costs about E dense MLPs: --quick times it at the smallest E only.
         if not args.quick or num_experts == experts[0]:
-            cfg = dataclasses.replace(base, num_experts=num_experts, dispatch="dropless")
+            cfg = dataclasses.replace(base, num_experts=num_experts, dispatch="ragged")
             fn = _fwd_bwd(moe.MoeLayer(cfg), x, cot)
             slow = jax.default_backend() == "cpu"
-            rows[f"{num_experts}/-/dropless"] = (fn, num_experts, None, "dropless", 1.0, slow)
+            rows[f"{num_experts}/-/ragged"] = (fn, num_experts, None, "ragged", 1.0, slow)
 
     dense = _fwd_bwd(layers.MlpBlock(base), x, cot)
     fast = {"dense": dense, **{n: row[0] for n, row in rows.items() if not row[-1]}}
@@ -142,7 +170,7 @@ def main() -> None:
         f"{dense_flops / dense_t.wall_median / 1e9:.1f} GFLOP/s"
     )
     header = (
-        f"{'experts':>7} {'cf':>5} {'impl':>9} {'ms':>8} {'moe/dense':>10} {'cpu ratio':>10} "
+        f"{'experts':>7} {'cf':>5} {'impl':>12} {'ms':>8} {'moe/dense':>10} {'cpu ratio':>10} "
         f"{'flop floor':>10}"
     )
     print(header)
@@ -153,7 +181,7 @@ def main() -> None:
         cpu_ratio = bench_utils.ratio(t, ref, "cpu")
         cf_text = f"{cf:.2f}" if cf is not None else "-"
         print(
-            f"{num_experts:>7} {cf_text:>5} {impl + ('*' if is_slow else ''):>9} "
+            f"{num_experts:>7} {cf_text:>5} {impl + ('*' if is_slow else ''):>12} "
             f"{t.wall_median * 1e3:>8.1f} {wall_ratio:>10.2f} {cpu_ratio:>10.2f} {floor:>10.2f}"
         )
         if num_experts == 32 and cf == 1.0 and impl == auto and args.tokens == 16384:
@@ -193,9 +221,30 @@ def main() -> None:
             f"headline ({auto}, 32 experts, cf 1.0, {args.tokens} tokens, {3 * rounds} rounds): "
             f"wall {wall_ratio:.2f}, CPU {cpu_ratio:.2f}"
         )
+    dropless = f"32/-/dropless/{default_block}"
+    if dropless in rows and args.tokens == 16384:
+        # Dropless against the dense MLP and the capacity dispatch auto picks, in one set of
+        # interleaved rounds: the figures behind `resolve_dispatch`'s choice.
+        capacity = f"32/{factors[0]}/{auto if auto in ('einsum', 'scatter') else 'scatter'}"
+        trio = {"dense": dense, dropless: rows[dropless][0]}
+        if capacity in rows:
+            trio[capacity] = rows[capacity][0]
+        t3 = bench_utils.interleaved(trio, 3 * rounds)
+        dl_cpu = bench_utils.ratio(t3[dropless], t3["dense"], "cpu")
+        dl_wall = bench_utils.ratio(t3[dropless], t3["dense"], "wall")
+        print(
+            f"dropless (block {default_block}, 32 experts, {args.tokens} tokens, "
+            f"{3 * rounds} rounds) over dense: CPU {dl_cpu:.2f}, wall {dl_wall:.2f}"
+        )
+        if capacity in t3:
+            cap_cpu = bench_utils.ratio(t3[dropless], t3[capacity], "cpu")
+            cap_wall = bench_utils.ratio(t3[dropless], t3[capacity], "wall")
+            print(f"dropless_over_capacity: {cap_cpu:.2f} (wall {cap_wall:.2f}; vs {capacity})")
     print(f"after: {bench_utils.load_note()}")
     if best is not None:
         print(f"best_moe_over_dense: {wall_ratio:.2f}")
+    if dropless in rows and args.tokens == 16384:
+        print(f"dropless_over_dense: {dl_cpu:.2f} (wall {dl_wall:.2f})")
 
 
 if __name__ == "__main__":

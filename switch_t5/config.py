@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-DispatchImpl = Literal["auto", "einsum", "scatter", "dropless"]
+DispatchImpl = Literal["auto", "einsum", "scatter", "dropless", "ragged"]
 RouterType = Literal["switch", "topk"]
 # Rematerialisation (activation checkpointing) of each layer, or each scanned block:
 #   "none": keep every activation for the backward pass (fastest, most memory);
@@ -90,8 +90,12 @@ class SwitchConfig:
       router_init_stddev: router kernel init normal(0, stddev).
       load_balancing_loss_weight: alpha of the load-balancing loss.
       router_z_loss_weight: beta of the router z-loss (ST-MoE).
-      dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (ragged_dot) or
-        "auto" (picked per platform).
+      dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (no drops:
+        block-sparse grouped matmul, `switch_t5.grouped_matmul`), "ragged" (no drops through
+        `jax.lax.ragged_dot`, for backends that implement it well) or "auto" (picked per
+        platform, `moe.resolve_dispatch`).
+      dropless_block_size: rows per block of the "dropless" grouped matmul; each expert's rows
+        are padded to a multiple of it (at most num_experts x (block - 1) padding rows).
       moe_dtype: compute dtype of the MoE layer's dispatch, experts and combine, hence of its
         all-to-alls; None = `dtype`. "bfloat16" with float32 activations is T5X's truncated MoE
         dtype (halves the all-to-all bytes); the router stays float32 either way.
@@ -140,6 +144,7 @@ class SwitchConfig:
     load_balancing_loss_weight: float = 1e-2
     router_z_loss_weight: float = 0.0
     dispatch: DispatchImpl = "auto"
+    dropless_block_size: int = 32
     moe_dtype: str | None = None
     sparse_extra_mlp: bool = False
     # Memory and compilation at scale.
@@ -177,10 +182,13 @@ class SwitchConfig:
             problems.append(
                 f"mlp_activations={self.mlp_activations}: use ('relu',) or ('gelu', 'linear')"
             )
-        if self.dispatch not in ("auto", "einsum", "scatter", "dropless"):
+        if self.dispatch not in ("auto", "einsum", "scatter", "dropless", "ragged"):
             problems.append(
-                f"dispatch={self.dispatch!r}: use 'auto', 'einsum', 'scatter' or 'dropless'"
+                f"dispatch={self.dispatch!r}: use 'auto', 'einsum', 'scatter', 'dropless' or "
+                "'ragged'"
             )
+        if self.dropless_block_size <= 0:
+            problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(
                 f"remat_policy={self.remat_policy!r}: use one of {', '.join(REMAT_POLICIES)}"

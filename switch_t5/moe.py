@@ -19,7 +19,11 @@ MLP of the same size) and a router that sends each token to its top-1 expert (to
    "einsum"  one-hot dispatch mask [g, t, e, c] and combine array, as Mesh-TF/Flaxformer;
    "scatter" index gathers into the expert buffers, no [tokens, experts, capacity] tensor;
              forward AND backward are row gathers (`_gather_rows`), never a scatter-add;
-   "dropless" no capacity: tokens sorted by expert and `jax.lax.ragged_dot` grouped matmuls.
+   "dropless" no capacity: (token, choice) rows sorted by expert, padded to blocks of
+             `config.dropless_block_size` rows, one expert per block (`grouped_matmul`,
+             MegaBlocks' block-sparse layout in plain JAX): about the dense MLP's work;
+   "ragged"  no capacity, the same rows through `jax.lax.ragged_dot` (a masked dense dot on
+             CPU, about E times the work; for backends with a real grouped GEMM).
    "einsum" and "scatter" give identical outputs and drop the same tokens.
 4. `Experts`: per-expert MLP, gated or not, expert dropout on the hidden activations; on CPU
    with an unsharded expert axis the experts run one at a time as 2-D matmuls
@@ -44,7 +48,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
+from switch_t5 import grouped_matmul as gmm_lib
 from switch_t5 import routing as routing_lib
 from switch_t5.config import SwitchConfig
 
@@ -71,17 +77,26 @@ def resolve_dispatch(dispatch: str) -> str:
 
     "auto" is the masked einsum on TPU (dense one-hot matmuls suit the MXU, as Mesh-TF) and the
     index-based scatter elsewhere: on CPU it is the fastest measured by scripts/bench_moe.py
-    (32 experts, cf 1.0, 16k tokens: about the dense MLP's time, the einsum 3-4x, dropless 5-10x
+    (32 experts, cf 1.0, 16k tokens: about the dense MLP's time, the einsum 3-4x, "ragged" 5-10x
     as `ragged_dot` is a masked dense dot there). On GPU the scatter's forward and backward are
     row gathers (no scatter-add atomics); run scripts/bench_moe.py there to compare. Any other
-    value ("einsum", "scatter", "dropless") overrides the choice (gin:
-    `switch_t5.SwitchConfig.dispatch`).
+    value ("einsum", "scatter", "dropless", "ragged") overrides the choice (gin:
+    `switch_t5.SwitchConfig.dispatch`). "auto" would pick the block-sparse "dropless" (no
+    token ever dropped) where it runs within 10% of the capacity dispatch; on CPU it does not
+    (scripts/bench_moe.py --quick, 32 experts, 16k tokens, block 32: 1.21x the dense MLP's CPU
+    time, 1.29x the scatter's at cf 1.0), and GPU/TPU are not measured yet.
     """
     if dispatch == "auto":
         return "einsum" if jax.default_backend() == "tpu" else "scatter"
-    if dispatch not in ("einsum", "scatter", "dropless"):
-        raise ValueError(f"dispatch={dispatch!r}: use 'auto', 'einsum', 'scatter' or 'dropless'")
+    if dispatch not in ("einsum", "scatter", *DROPLESS_IMPLS):
+        raise ValueError(
+            f"dispatch={dispatch!r}: use 'auto', 'einsum', 'scatter', 'dropless' or 'ragged'"
+        )
     return dispatch
+
+
+# The dispatch implementations that never drop a token.
+DROPLESS_IMPLS = ("dropless", "ragged")
 
 
 # Multiply-adds of one expert's [rows, d] x [d, f] matmul from which looping over the experts
@@ -310,6 +325,106 @@ class Experts(nn.Module):
         h = self._hidden(lambda w: ragged(x, w), enable_dropout)
         # [m, f] x [e, f, d] -> [m, d]
         return ragged(h, self.wo().astype(dtype))
+
+    def grouped(
+        self,
+        x: jax.Array,
+        expert_index: jax.Array,
+        weights: jax.Array,
+        *,
+        enable_dropout: bool = False,
+    ) -> jax.Array:
+        """Dropless experts: every (token, choice) row through its expert, block-sparse.
+
+        Rows are sorted by expert and padded to blocks of `config.dropless_block_size`
+        (`grouped_matmul.block_layout`); each matmul runs over the used blocks only, a chunk
+        of one expert's blocks at a time with that expert's weights (`grouped_matmul.gmm`).
+        On a mesh the experts run where their kernels live (`jax.shard_map`): each expert x
+        model shard takes the rows of its experts from the tokens of its data shard and the
+        partial outputs are summed over the expert and model axes, so no expert kernel is ever
+        gathered.
+
+        Args:
+          x: <dtype>[batch, length, embed].
+          expert_index: <int32>[batch, length, k] chosen experts; -1 = none (padding).
+          weights: <float32>[batch, length, k] gate of each choice.
+          enable_dropout: apply expert dropout ("dropout" rng stream).
+
+        Returns:
+          <dtype>[batch, length, embed]: sum over choices of gate x expert output.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        rate = cfg.expert_dropout
+        key = self.make_rng("dropout") if enable_dropout and rate > 0 else None
+        kernels = [wi().astype(dtype) for wi in self.wi] + [self.wo().astype(dtype)]
+        expert_shards, expert_axes = _group_shards("expert")
+        mlp_shards, mlp_axes = _group_shards("mlp")
+        _, batch_axes = _group_shards("batch")
+        token_axes = tuple(a for a in batch_axes if a not in expert_axes + mlp_axes)
+        mesh = jax.sharding.get_abstract_mesh()
+        token_shards = math.prod(mesh.shape[a] for a in token_axes) if token_axes else 1
+        if x.shape[0] % token_shards:
+            token_axes, token_shards = (), 1
+        local_experts = cfg.num_experts // expert_shards
+        acts = cfg.mlp_activations
+        impl = gmm_lib.default_impl()
+
+        sharded = not mesh.empty and (expert_shards > 1 or mlp_shards > 1 or token_shards > 1)
+
+        def run(x, expert_index, weights, kernels, key):
+            *wis, wo = kernels
+            b, length, d = x.shape
+            n, k = b * length, expert_index.shape[-1]
+            first = 0
+            if expert_axes:
+                first = jax.lax.axis_index(expert_axes) * local_experts
+            # Experts held by other shards are out of [0, local_experts): not computed here.
+            layout = gmm_lib.block_layout(
+                (expert_index.reshape(n * k) - first).astype(jnp.int32),
+                local_experts,
+                cfg.dropless_block_size,
+            )
+            block = gmm_lib.block_rows(n * k, cfg.dropless_block_size)
+            # [n, d] -> [blocks, block, d]
+            xb = gmm_lib.dispatch_rows(x.reshape(n, d).astype(dtype), layout, k, block)
+
+            def project(w):
+                return gmm_lib.gmm(xb, w, layout.block_expert, layout.used_blocks, impl)
+
+            h = None
+            for act_name, w in zip(acts, wis):
+                a = _ACTIVATIONS[act_name](project(w))
+                h = a if h is None else h * a
+            if key is not None:
+                # Expert dropout (arXiv 2101.03961 Table 4), one key per shard.
+                k_drop = key
+                for axis in mesh.axis_names if sharded else ():
+                    k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(axis))
+                keep = jax.random.bernoulli(k_drop, 1.0 - rate, h.shape)
+                h = jnp.where(keep, h / max(1.0 - rate, 1e-12), 0.0).astype(dtype)
+            # [blocks, block, f] x [e, f, d] -> [blocks, block, d] -> [n * k, d] -> [n, k, d]
+            y = gmm_lib.gmm(h, wo, layout.block_expert, layout.used_blocks, impl)
+            y = gmm_lib.combine_rows(y, layout).reshape(n, k, d)
+            # [n, k, d] x [n, k] -> [n, d]
+            out = jnp.einsum("nkd,nk->nd", y, weights.reshape(n, k).astype(dtype))
+            if expert_axes or mlp_axes:
+                out = jax.lax.psum(out, expert_axes + mlp_axes)
+            return out.reshape(b, length, d)
+
+        if not sharded:
+            return run(x, expert_index, weights, kernels, key)
+        tokens = P(token_axes or None)
+        wi_spec = P(expert_axes or None, None, mlp_axes or None)
+        wo_spec = P(expert_axes or None, mlp_axes or None, None)
+        specs = (tokens, tokens, tokens, [wi_spec] * len(self.wi) + [wo_spec])
+        if key is None:
+            return jax.shard_map(
+                functools.partial(run, key=None), in_specs=specs, out_specs=tokens, check_vma=False
+            )(x, expert_index, weights, kernels)
+        return jax.shard_map(run, in_specs=(*specs, P()), out_specs=tokens, check_vma=False)(
+            x, expert_index, weights, kernels, key
+        )
 
 
 def dispatch_einsum(x: jax.Array, r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
@@ -540,8 +655,8 @@ class MoeLayer(nn.Module):
             name="router",
         )
         experts = Experts(cfg, name="expert")
-        if impl == "dropless":
-            out = self._dropless(x, valid, router, experts, enable_dropout)
+        if impl in DROPLESS_IMPLS:
+            out = self._dropless(x, valid, router, experts, enable_dropout, impl)
         else:
             out = self._capacity(x, valid, router, experts, enable_dropout, impl)
         return _constrain(out.astype(dtype), ("batch", "length", "embed"))
@@ -604,7 +719,7 @@ class MoeLayer(nn.Module):
         # [g, t, d] -> [batch, length, d]
         return out.reshape(batch, length, d)
 
-    def _dropless(self, x, valid, router, experts, enable_dropout):
+    def _dropless(self, x, valid, router, experts, enable_dropout, impl):
         cfg = self.config
         batch, length, d = x.shape
         n = batch * length
@@ -616,6 +731,17 @@ class MoeLayer(nn.Module):
         logits = router(xf, apply_jitter=enable_dropout)
         r = routing_lib.route(logits, valid, num_selected_experts=k, capacity=n, slot_impl="sort")
         self._sow_stats(r)
+        if impl == "dropless":
+            weights = r.gate[0] * valid[0][:, None]
+            # Padding goes to no expert (-1): it takes no rows of the blocks.
+            expert_index = jnp.where(valid[0][:, None], r.expert_index[0], -1)
+            # [n, k] -> [batch, length, k]
+            return experts.grouped(
+                x,
+                expert_index.reshape(batch, length, k),
+                weights.reshape(batch, length, k),
+                enable_dropout=enable_dropout,
+            )
         # [1, n, k] -> [n * k]; padding sorts last (sentinel id) and lies past sum(group_sizes).
         keys = jnp.where(valid[0][:, None], r.expert_index[0], cfg.num_experts).reshape(n * k)
         order = jnp.argsort(keys, stable=True)

@@ -184,6 +184,8 @@ class StepPlan:
       total_bytes: argument + output - alias + temp.
       collectives: per op kind, how many the partitioned program runs per step.
       all_to_all_dtypes: element types of the all-to-alls (the MoE dispatch and combine).
+      expert_kernel_all_gathers: all-gathers that rebuild (part of) an expert kernel beyond the
+        device's own slice (`count_expert_kernel_gathers`); 0 = every device keeps its experts.
       compile_seconds: wall time of lowering and compiling.
     """
 
@@ -198,6 +200,7 @@ class StepPlan:
     total_bytes: int
     collectives: dict[str, int]
     all_to_all_dtypes: list[str]
+    expert_kernel_all_gathers: int
     compile_seconds: float
 
 
@@ -275,7 +278,8 @@ def mesh_problems(config: SwitchConfig, mesh: Mapping[str, int], spec: StepSpec)
                     f"the model axis ({model}) does not divide {name}={getattr(config, name)}; "
                     f"use a divisor of {getattr(config, name)}"
                 )
-    if config.is_sparse and moe.resolve_dispatch(config.dispatch) != "dropless" and not problems:
+    dropless = moe.resolve_dispatch(config.dispatch) in moe.DROPLESS_IMPLS
+    if config.is_sparse and not dropless and not problems:
         for stack, length in (("encoder", spec.inputs_length), ("decoder", spec.targets_length)):
             if not config.sparse_layers(stack):
                 continue
@@ -414,6 +418,35 @@ def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
     return count(entry), sorted(dtypes)
 
 
+def count_expert_kernel_gathers(
+    hlo_text: str, config: SwitchConfig, mesh: Mapping[str, int]
+) -> int:
+    """All-gather ops (static count) whose result is an expert kernel larger than the local slice.
+
+    An expert kernel is [E', d_model, F'] (wi) or [E', F', d_model] (wo), optionally behind a
+    stacked layers axis; its device slice is E / expert x d_ff / model. A gather to any larger
+    E' (<= E) or F' (<= d_ff) rebuilds experts the device does not own (what a dispatch that
+    indexes the expert axis by data can make the partitioner do).
+    """
+    if not config.num_experts:
+        return 0
+    e, d, f = config.num_experts, config.d_model, config.d_ff
+    e_local, f_local = e // mesh["expert"], f // mesh["model"]
+    count = 0
+    gather_re = r"=\s*\(?[a-z0-9]+\[([\d,]*)\][^\n]*?\sall-gather(?:-start)?\("
+    for shape in re.findall(gather_re, hlo_text):
+        dims = [int(s) for s in shape.split(",") if s]
+        if len(dims) < 3:
+            continue
+        e2, a, b = dims[-3:]
+        f2 = b if a == d else a if b == d else None
+        if f2 is None or not (e_local <= e2 <= e and f_local <= f2 <= f):
+            continue
+        if e2 > e_local or f2 > f_local:
+            count += 1
+    return count
+
+
 def train_flops_per_step(config: SwitchConfig, params: Any, spec: StepSpec) -> float:
     """Model FLOPs of one train step: 3 x forward (2 per multiply-add), weights plus attention.
 
@@ -511,7 +544,8 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         )
     seconds = time.perf_counter() - t0
     memory = compiled.memory_analysis()
-    collectives, a2a_dtypes = count_collectives(compiled.as_text())
+    hlo_text = compiled.as_text()
+    collectives, a2a_dtypes = count_collectives(hlo_text)
     total = (
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
@@ -530,6 +564,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         total_bytes=int(total),
         collectives=collectives,
         all_to_all_dtypes=a2a_dtypes,
+        expert_kernel_all_gathers=count_expert_kernel_gathers(hlo_text, config, mesh_sizes),
         compile_seconds=round(seconds, 1),
     )
 
@@ -682,6 +717,8 @@ def format_step_plan(
             if "f32" in step.all_to_all_dtypes and (config.moe_dtype or config.dtype) == "bfloat16"
             else ""
         ),
+        f"expert_kernel_all_gathers: {step.expert_kernel_all_gathers}  (0: every device keeps "
+        "only its own experts' kernel slice)",
     ]
 
 
