@@ -48,6 +48,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from switch_t5 import faults
+from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,30 @@ def append_text(p: str | os.PathLike, text: str) -> None:
 def local_dir_for(p: str) -> str | None:
     """The local directory for things only written locally (None for remote paths)."""
     return None if is_remote(p) else os.fspath(p)
+
+
+class ModelDirIsFileError(UserError):
+    """MODEL_DIR (or a folder above it) exists as a regular file."""
+
+
+def check_model_dir(
+    model_dir: str | os.PathLike,
+    name: str = "MODEL_DIR",
+    fix: str = "give a folder: a new path starts a new run, an existing run's folder resumes it",
+) -> None:
+    """Raises ModelDirIsFileError when `model_dir`, or the nearest existing path above it, is a
+    file: nothing could be written there (train) or read from it (eval, infer). Object stores
+    have no such conflict and are not checked."""
+    if is_remote(str(model_dir)):
+        return
+    p = path(model_dir)
+    for candidate in (p, *p.parents):
+        if not candidate.exists():
+            continue
+        if candidate.is_dir():
+            return
+        where = "is a file" if candidate == p else f"is inside {candidate}, which is a file"
+        raise ModelDirIsFileError(f"{name} {model_dir} {where}, not a folder; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,11 +210,33 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written for another architecture or vocabulary."""
 
 
-def make_meta(model_config: Any, vocabulary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """JSON-able record of the model config (a dataclass) and the vocabulary (path, hash)."""
+def make_meta(
+    model_config: Any,
+    vocabulary: dict[str, Any] | None = None,
+    feature_lengths: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """JSON-able record of the model config (a dataclass), the vocabulary (path, hash) and the
+    training feature lengths ({"inputs": N, "targets": M}; infer truncates inputs to N)."""
     cfg = dataclasses.asdict(model_config)
     cfg = json.loads(json.dumps(cfg))  # tuples -> lists, as they come back from JSON
-    return {"model_config": cfg, "vocabulary": dict(vocabulary or {})}
+    meta = {"model_config": cfg, "vocabulary": dict(vocabulary or {})}
+    if feature_lengths is not None:
+        meta["feature_lengths"] = {k: int(v) for k, v in feature_lengths.items()}
+    return meta
+
+
+def recorded_feature_lengths(meta: dict[str, Any], step_dir: str | os.PathLike) -> dict | None:
+    """The feature lengths a checkpoint was trained with: its meta's, else (checkpoints written
+    before the meta held them) its data item's pipeline settings; None when neither has them
+    (e.g. a checkpoint imported from Hugging Face)."""
+    if meta.get("feature_lengths"):
+        return {k: int(v) for k, v in meta["feature_lengths"].items()}
+    data = path(step_dir, "data", "metadata")
+    try:
+        lengths = json.loads(data.read_text())["config"]["feature_lengths"]
+        return {k: int(v) for k, v in lengths.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # SwitchConfig fields that may change when a run resumes: they change neither the names nor the

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from switch_t5.errors import UserError
+
 DispatchImpl = Literal["auto", "einsum", "scatter", "dropless", "ragged"]
 RouterType = Literal["switch", "topk"]
 # Rematerialisation (activation checkpointing) of each layer, or each scanned block:
@@ -20,6 +22,10 @@ RouterType = Literal["switch", "topk"]
 #     (`dots_with_no_batch_dims_saveable`, MaxText's "minimal").
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+class InvalidConfigError(UserError):
+    """A SwitchConfig field (or a combination of fields) is invalid; lists every problem."""
 
 
 def pad_vocab_size(vocab_size: int, multiple: int = 128) -> int:
@@ -203,8 +209,43 @@ class SwitchConfig:
         ):
             if layers is not None and any(not 0 <= i < n for i in layers):
                 problems.append(f"{stack}_sparse_layers={layers} has indices outside [0, {n})")
+        if self.num_experts > 0 and not (
+            self.sparse_layers("encoder") or self.sparse_layers("decoder")
+        ):
+            problems.append(self._no_sparse_layer_problem())
         if problems:
-            raise ValueError("Invalid SwitchConfig: " + "; ".join(problems))
+            raise InvalidConfigError("Invalid SwitchConfig: " + "; ".join(problems))
+
+    def _no_sparse_layer_problem(self) -> str:
+        """The text for `num_experts > 0` with no sparse layer in either stack: such a model
+        trains as a dense one while its logs report experts and drops/losses of exactly 0."""
+        how, fixes = [], ["set num_experts=0 for a dense model"]
+        derived = []
+        for stack, layers in (
+            ("encoder", self.encoder_sparse_layers),
+            ("decoder", self.decoder_sparse_layers),
+        ):
+            if layers is None:
+                derived.append(stack)
+            else:
+                how.append(f"{stack}_sparse_layers={tuple(layers)!r}")
+        if derived:
+            k = self.moe_layer_interval
+            rule = f"layer i sparse when i % {k} == {k - 1}" if k > 0 else "no layer sparse"
+            how.insert(0, f"moe_layer_interval={k} ({rule}) for the {' and '.join(derived)}")
+            longest = max(self.num_layers(stack) for stack in derived)
+            if longest > 0:
+                fixes.append(
+                    f"a moe_layer_interval of at most {longest} (e.g. {min(2, longest)}: every "
+                    f"{'other' if longest >= 2 else ''} layer sparse)".replace("every  ", "every ")
+                )
+        if len(derived) < 2:
+            fixes.append("sparse layer indices in encoder_sparse_layers/decoder_sparse_layers")
+        return (
+            f"num_experts={self.num_experts} but no layer is sparse: {self.num_encoder_layers} "
+            f"encoder and {self.num_decoder_layers} decoder layers with {'; '.join(how)}; "
+            + ", or ".join(fixes)
+        )
 
     @property
     def is_sparse(self) -> bool:

@@ -14,6 +14,8 @@ lookup that does nothing. The points, each reached by `switch_t5.train` / `check
   during_eval           SIGKILL in the middle of the evaluation at <step> (after its first batch).
   sigterm               SIGTERM to itself after the train step of <step>: the real preemption path
                         (save at the current step, exit 0).
+  sigint                SIGINT (Ctrl-C) to itself after the train step of <step>: the same path
+                        (save at the current step), exit status 130.
   no_space              Before checkpoint <step> is written, limit the size of any file this
                         process writes (RLIMIT_FSIZE) to a few bytes: the kernel then fails the
                         array writes with EFBIG, as a full disk fails them with ENOSPC.
@@ -36,6 +38,7 @@ POINTS = (
     "after_restore",
     "during_eval",
     "sigterm",
+    "sigint",
     "no_space",
 )
 # The file-size limit of `no_space`: large enough for a log line, far below any array file.
@@ -70,7 +73,7 @@ def at_step(step: int) -> None:
     if armed() is None:
         return
     maybe_kill("mid_step", step)
-    maybe_sigterm(step)
+    maybe_signal(step)
 
 
 def current_step() -> int | None:
@@ -101,11 +104,13 @@ def maybe_kill(point: str, step: int | None) -> None:
         kill(point, step)
 
 
-def maybe_sigterm(step: int) -> None:
-    """The `sigterm` hook: delivers SIGTERM to this process (its handler sets a flag)."""
-    if fires("sigterm", step):
-        _announce("sigterm", step, "SIGTERM")
-        os.kill(os.getpid(), signal.SIGTERM)
+def maybe_signal(step: int) -> None:
+    """The `sigterm` and `sigint` hooks: deliver the signal to this process (the training loop's
+    handler sets a flag; it saves and exits after this step)."""
+    for point, signum in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        if fires(point, step):
+            _announce(point, step, signal.Signals(signum).name)
+            os.kill(os.getpid(), signum)
 
 
 def maybe_limit_file_size(step: int) -> None:

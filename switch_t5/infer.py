@@ -9,10 +9,14 @@
 step's folder. The model config comes from the checkpoint (`switch_t5.SwitchConfig.*` gin
 bindings override fields such as `eval_capacity_factor`); the vocabulary is the one the
 checkpoint records, or `--vocabulary_path` / the VOCABULARY_PATH macro (checked against the
-checkpoint's hash). `--input_file` holds one input per line (blank lines are skipped); inputs
-are decoded in batches. Decoding settings come from flags, else from gin (`infer.method = ...`,
-configs/runs/infer.gin), else from the signature of `infer`. Each output is printed on its own
-line, in input order; `--output_file` also writes {"input", "prediction", "score"} JSON lines.
+checkpoint's hash). `--input_file` holds one input per line; inputs are decoded in batches.
+Each input is cut to `--inputs_length` tokens (EOS included; default: the inputs length the
+checkpoint was trained with, recorded with it, else 512), and stderr says how many were cut.
+Decoding settings come from flags, else from gin (`infer.method = ...`, configs/runs/infer.gin),
+else from the signature of `infer`. Each output is printed on its own line, in input order, one
+per input line: a blank input line gives an empty output line (and is not decoded);
+`--output_file` also writes {"input", "prediction", "score", "empty_input", "truncated"} JSON
+lines (score null for an empty input).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,10 +35,14 @@ import numpy as np
 
 from switch_t5 import checkpoints, decoding, gin_utils, init_checkpoint
 from switch_t5 import eval as eval_lib
+from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_VOCABULARY = "embedded"
+# The inputs length when the checkpoint records none (e.g. imported from Hugging Face): T5's
+# pretraining length, also `train`'s default.
+DEFAULT_INPUTS_LENGTH = 512
 
 
 @dataclasses.dataclass
@@ -42,14 +51,18 @@ class Prediction:
 
     Attributes:
       input: the input text.
-      prediction: the decoded text (up to EOS).
+      prediction: the decoded text (up to EOS); "" for an empty input.
       score: greedy/sample: the model's log-probability of the output; beam: the best beam's
-        length-penalised score.
+        length-penalised score; None for an empty input (not decoded).
+      empty_input: the input is empty or only white space.
+      truncated: the input was longer than the inputs length and was cut.
     """
 
     input: str
     prediction: str
-    score: float
+    score: float | None
+    empty_input: bool = False
+    truncated: bool = False
 
 
 def resolve_vocabulary(
@@ -89,29 +102,50 @@ def corpus_vocab_size() -> int:
 
 
 def encode_inputs(
-    texts: Sequence[str], vocabulary: Any, inputs_length: int | None
-) -> tuple[np.ndarray, int]:
-    """(<int32>[len(texts), inputs_length] token ids ending in EOS, number truncated).
+    texts: Sequence[str],
+    vocabulary: Any,
+    inputs_length: int | None = None,
+    max_length: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(<int32>[len(texts), length] token ids ending in EOS, <bool>[len(texts)] truncated).
 
-    Inputs longer than inputs_length are cut to inputs_length - 1 tokens plus EOS (T5's
-    `append_eos_after_trim`). inputs_length None = the longest input, rounded up to a multiple
-    of 8 (fewer distinct shapes to compile).
+    Inputs longer than the length are cut to length - 1 tokens plus EOS (T5's
+    `append_eos_after_trim`). `inputs_length` gives the length; None = the longest input
+    rounded up to a multiple of 8 (fewer distinct shapes to compile), at most `max_length`.
     """
     ids = [list(vocabulary.encode(t)) for t in texts]
     if inputs_length is None:
         longest = max(len(i) for i in ids) + 1
         inputs_length = -(-longest // 8) * 8
+        if max_length is not None:
+            inputs_length = min(inputs_length, max_length)
     if inputs_length < 2:
-        raise ValueError(f"inputs_length={inputs_length} must be at least 2 (a token and EOS)")
+        raise UserError(
+            f"inputs_length={inputs_length} must be at least 2 (a token and EOS); "
+            "set --inputs_length=N"
+        )
     out = np.zeros((len(ids), inputs_length), np.int32)
-    truncated = 0
+    truncated = np.zeros((len(ids),), bool)
     for row, tokens in enumerate(ids):
         if len(tokens) > inputs_length - 1:
-            truncated += 1
+            truncated[row] = True
             tokens = tokens[: inputs_length - 1]
         tokens = [*tokens, decoding.EOS_ID]
         out[row, : len(tokens)] = tokens
     return out, truncated
+
+
+def is_empty_input(text: str) -> bool:
+    """Empty or white space only: nothing to decode."""
+    return not text.strip()
+
+
+def default_inputs_length(ref: init_checkpoint.CheckpointRef) -> tuple[int, str]:
+    """(the inputs length to cut inputs to, where it comes from) for a checkpoint."""
+    lengths = checkpoints.recorded_feature_lengths(ref.meta, ref.step_dir)
+    if lengths and lengths.get("inputs"):
+        return int(lengths["inputs"]), "the inputs length the checkpoint was trained with"
+    return DEFAULT_INPUTS_LENGTH, "the default; the checkpoint records no training length"
 
 
 @gin.configurable("infer", module="switch_t5")
@@ -141,7 +175,9 @@ def infer(
       inputs: input texts.
       step: the step to load (None = latest, or the one checkpoint_dir names).
       vocabulary_path: SentencePiece model; None = VOCABULARY_PATH macro, else the checkpoint's.
-      inputs_length: encoder length; None = the longest input rounded up to a multiple of 8.
+      inputs_length: encoder length: inputs are padded or cut to it; None = the longest input
+        rounded up to a multiple of 8, at most the checkpoint's training inputs length
+        (`DEFAULT_INPUTS_LENGTH` when it records none).
       batch_size: rows per decode batch; None = enough for the inputs (at most 32), rounded up
         to a multiple of the data x expert mesh size.
       method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed: decoding
@@ -149,13 +185,19 @@ def infer(
       mesh_data, mesh_expert, mesh_model: the mesh (see `partitioning.make_mesh`).
 
     Returns:
-      One Prediction per input, in order.
+      One Prediction per input, in order; an empty input gets an empty prediction (flagged,
+      not decoded).
     """
     if checkpoint_dir is gin.REQUIRED or not checkpoint_dir:
         raise ValueError("give the checkpoint: --checkpoint_dir=MODEL_DIR (or one step's folder)")
     texts = [str(t) for t in inputs]
     if not texts:
         raise ValueError("no inputs: pass --input=TEXT (repeatable) or --input_file=FILE")
+    checkpoints.check_model_dir(
+        checkpoint_dir,
+        "--checkpoint_dir",
+        "give a training run's MODEL_DIR, its checkpoints/ folder or one step's folder",
+    )
     ref = init_checkpoint.find_checkpoint(checkpoint_dir, step)
     if ref is None:
         raise FileNotFoundError(
@@ -166,12 +208,26 @@ def infer(
     model, params, _, mesh = eval_lib.load_model(
         ref, (mesh_data, mesh_expert, mesh_model), vocabulary
     )
+    rows = [i for i, text in enumerate(texts) if not is_empty_input(text)]
+    if not rows:
+        return [Prediction(text, "", None, empty_input=True) for text in texts]
     shards = mesh.shape["data"] * mesh.shape["expert"]
     if batch_size is None:
-        batch_size = -(-min(len(texts), 32) // shards) * shards
-    tokens, truncated = encode_inputs(texts, vocabulary, inputs_length)
-    if truncated:
-        log.warning("%d input(s) longer than inputs_length were truncated", truncated)
+        batch_size = -(-min(len(rows), 32) // shards) * shards
+    limit, source = default_inputs_length(ref)
+    tokens, truncated = encode_inputs(
+        [texts[i] for i in rows], vocabulary, inputs_length, None if inputs_length else limit
+    )
+    if truncated.any():
+        # stderr, whatever the logging setup: the outputs of cut inputs may be worse.
+        print(
+            f"infer: cut {int(truncated.sum())} of {len(rows)} inputs to {tokens.shape[1]} "
+            "tokens (EOS included; "
+            + ("--inputs_length" if inputs_length else source)
+            + "); set --inputs_length=N for another length",
+            file=sys.stderr,
+            flush=True,
+        )
     decoder = eval_lib.BatchDecoder(
         model,
         mesh,
@@ -186,10 +242,11 @@ def infer(
         seed=seed,
     )
     out, scores = decoder(params, tokens)
-    return [
-        Prediction(text, vocabulary.decode(eval_lib.output_ids(row)), float(score))
-        for text, row, score in zip(texts, out, scores)
-    ]
+    predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
+    for i, row, score, cut in zip(rows, out, scores, truncated):
+        text = vocabulary.decode(eval_lib.output_ids(row))
+        predictions[i] = Prediction(texts[i], text, float(score), truncated=bool(cut))
+    return predictions
 
 
 _DECODE_FLAGS = {
@@ -219,13 +276,18 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_input_file(path: str) -> list[str]:
-    """The non-blank lines of a UTF-8 file (trailing newline characters removed)."""
+    """Every line of a UTF-8 file, blank ones included (each input line gets one output line);
+    newline characters removed."""
     if not checkpoints.exists(path):
         raise FileNotFoundError(f"--input_file {path} does not exist")
-    lines = [line.rstrip("\r\n") for line in checkpoints.read_text(path).splitlines()]
-    texts = [line for line in lines if line.strip()]
-    if not texts:
-        raise ValueError(f"--input_file {path} has no non-blank line")
+    # Lines end at "\n" only (as `wc -l` and the output file count them), not at the other
+    # separators str.splitlines() knows (form feed, U+2028, ...).
+    texts = checkpoints.read_text(path).split("\n")
+    if texts[-1] == "":
+        texts.pop()  # the newline that ends the last line
+    texts = [t.removesuffix("\r") for t in texts]
+    if not any(not is_empty_input(t) for t in texts):
+        raise UserError(f"--input_file {path} has no non-blank line: write one input per line")
     return texts
 
 

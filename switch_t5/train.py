@@ -47,6 +47,7 @@ from switch_t5 import (
 )
 from switch_t5 import eval as eval_lib  # registers its gin configurables before parsing
 from switch_t5.config import SwitchConfig, pad_vocab_size
+from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,13 @@ DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_ca
 REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError):
     """A train setting is missing, of the wrong type or out of range (raised before compiling)."""
+
+
+class DataStreamChangedError(TrainConfigError):
+    """Resuming: the checkpoint's data stream was saved with other data settings (batch size,
+    seed, lengths, task); the message names them and `train.restart_data_stream`."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,7 +76,9 @@ class TrainResult:
     Attributes:
       step: the step the run stopped at.
       start_step: the step it started (or resumed) at.
-      preempted: stopped early by SIGTERM (a checkpoint at `step` was written).
+      preempted: stopped early by SIGTERM or a first Ctrl-C (a checkpoint at `step` was
+        written).
+      stop_signal: "SIGTERM" or "SIGINT" when preempted, else None.
       eval_losses: [(step, eval loss)] of this run.
       model_dir: MODEL_DIR.
       checkpoint_dir: where the checkpoints are.
@@ -92,6 +100,7 @@ class TrainResult:
     train_seconds: float
     train_tokens_per_sec: float | None
     samples: list[dict[str, str]]
+    stop_signal: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +168,8 @@ def _check_args(args: Mapping[str, Any]) -> None:
     ):
         if args[name] not in allowed:
             problems.append(f"{name}={args[name]!r}: use {' or '.join(map(repr, allowed))}")
+    if not isinstance(args["restart_data_stream"], bool):
+        problems.append(f"restart_data_stream={args['restart_data_stream']!r}: use True or False")
     profile = args["profile_steps"]
     if profile is not None and (len(profile) != 2 or not 0 <= profile[0] < profile[1]):
         problems.append(f"profile_steps={profile!r}: give (first_step, last_step), first < last")
@@ -272,19 +283,38 @@ def _global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, Any],
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly."""
+    """SIGTERM (preemption) and a first SIGINT (Ctrl-C) set a flag; the loop then saves at the
+    current step and exits cleanly. After the first SIGINT a second one aborts at once: SIGINT
+    is reset to the operating system's default action (terminate), which needs no Python code to
+    run, so it also interrupts a long compilation or a checkpoint write (a half-written
+    checkpoint is never restored, see `checkpoints`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading_is_main():
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
+            for signum in self.SIGNALS:
+                # An ignored signal stays ignored (`nohup`, a background job of a shell).
+                if signal.getsignal(signum) != signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def _handler(self, signum, frame):
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            sys.stderr.write(
+                "\nCtrl-C: saving a checkpoint after the current step, then exiting "
+                "(press Ctrl-C again to abort at once without saving)\n"
+            )
+            sys.stderr.flush()
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -295,8 +325,10 @@ class _Preemption:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
 
 def threading_is_main() -> bool:
@@ -475,6 +507,7 @@ def train(
     initial_checkpoint: Any = None,
     infer_eval_period: int = 0,
     keep_best_by: str | None = None,
+    restart_data_stream: bool = False,
     model_config: SwitchConfig | None = None,
 ) -> TrainResult:
     """Pretrains (or resumes pretraining) a Switch Transformer; see the module docstring.
@@ -529,6 +562,11 @@ def train(
         split "infer_eval"), keeping the best state in MODEL_DIR/best; 0 = never.
       keep_best_by: the metric key ranking checkpoints ("task/metric" or an average); None =
         the task's first metric or the mixture's average.
+      restart_data_stream: resuming with data settings that changed since the checkpoint
+        (batch size, seed, lengths, task) keeps its params, optimizer state and step and starts
+        a new data stream with the new settings (from the beginning of the data, in the order
+        of the new seed). False: such a resume is refused. A stream whose settings did not
+        change always continues exactly, so the flag may stay set across restarts.
       model_config: the network config; None = from gin (`SwitchConfig` bindings), vocabulary
         size from the task when gin leaves it unset.
 
@@ -539,6 +577,8 @@ def train(
       TrainConfigError: bad settings (before anything is compiled).
       checkpoints.ModelDirLockedError: another run is training in model_dir.
       checkpoints.CheckpointMismatchError: model_dir holds a checkpoint of another model.
+      checkpoints.ModelDirIsFileError: model_dir is a file.
+      DataStreamChangedError: resuming with other data settings without restart_data_stream.
       NonFiniteLossError: the loss became NaN/Inf (names the step).
     """
     if task_feature_lengths is None:
@@ -547,6 +587,7 @@ def train(
         k: v for k, v in locals().items() if k not in ("model_config",) and not k.startswith("_")
     }
     _check_args(args)
+    checkpoints.check_model_dir(model_dir)
     task_feature_lengths = {k: int(v) for k, v in task_feature_lengths.items()}
     cache_dir = configure_compilation_cache(compilation_cache_dir)
 
@@ -564,7 +605,7 @@ def train(
         "fingerprint": vocab_lib.vocab_fingerprint(vocabulary),
         "size": int(vocabulary.vocab_size),
     }
-    meta = checkpoints.make_meta(config, vocab_meta)
+    meta = checkpoints.make_meta(config, vocab_meta, task_feature_lengths)
 
     # Several TPU slices / GPU nodes: expert and model axes inside each (hybrid mesh).
     mesh = multihost.make_mesh_for_job(
@@ -587,7 +628,6 @@ def train(
     try:
         if is_main:
             checkpoints.makedirs(model_dir)
-            _write_config(model_dir, config, args)
 
         module = network.EncoderDecoder(config)
         schedule = optim.make_schedule(lr_schedule, base_learning_rate, warmup_steps, decay_steps)
@@ -620,10 +660,20 @@ def train(
             model_dir, keep_checkpoints, async_checkpointing, checkpoint_checksums
         )
         state, latest, init_message = _starting_state(
-            ckpt, setup, meta, train_pipe, initial_checkpoint, random_seed, vocab_meta
+            ckpt,
+            setup,
+            meta,
+            train_pipe,
+            initial_checkpoint,
+            random_seed,
+            vocab_meta,
+            restart_data_stream,
         )
         start_step = int(jax.device_get(state.step))  # the restored checkpoint's step, or 0
         if is_main:
+            # Only now: a refused resume (another model, changed data settings) leaves the
+            # config.gin of the run it refused to continue as it was.
+            _write_config(model_dir, config, args)
             # Steps logged after the checkpoint (or, killed before the first one committed,
             # after the start) are redone now.
             metrics_logging.truncate_metrics(model_dir, start_step)
@@ -723,7 +773,7 @@ def train(
         )
         if best_keeper is not None:
             best_keeper.close()
-        state, step, preempted, eval_losses, seconds, tps = result
+        state, step, preempted, stop_signal, eval_losses, seconds, tps = result
 
         plots = {}
         if make_plots and is_main and not preempted:
@@ -752,6 +802,7 @@ def train(
             train_seconds=seconds,
             train_tokens_per_sec=tps,
             samples=samples,
+            stop_signal=stop_signal,
         )
     finally:
         if ckpt is not None:
@@ -769,14 +820,23 @@ def train(
             lock.release()
 
 
-def _starting_state(ckpt, setup, meta, train_pipe, initial_checkpoint, seed: int, vocab_meta):
+def _starting_state(
+    ckpt,
+    setup,
+    meta,
+    train_pipe,
+    initial_checkpoint,
+    seed: int,
+    vocab_meta,
+    restart_data_stream: bool = False,
+):
     """(state, restored step or None, log text): the newest readable checkpoint in MODEL_DIR
     (damaged newer ones are moved aside with a warning; the data position is restored too), else
     the fine-tuning initial checkpoint, else a fresh initialisation."""
     restored = ckpt.restore_latest(setup.abstract_state, expected_meta=meta)
     if restored is not None:
-        train_pipe.set_state(restored.data_state)
-        return restored.state, restored.step, ""
+        message = _resume_data_stream(train_pipe, restored, ckpt, restart_data_stream)
+        return restored.state, restored.step, message
     if initial_checkpoint is None:
         return setup.init_fn(), None, ""
     state, loaded = init_checkpoint.initial_train_state(
@@ -795,6 +855,39 @@ def _starting_state(ckpt, setup, meta, train_pipe, initial_checkpoint, seed: int
         else f", from scratch (no checkpoint under {initial_checkpoint.path})"
     )
     return state, None, message
+
+
+def _resume_data_stream(train_pipe, restored, ckpt, restart: bool) -> str:
+    """Continues the checkpoint's data stream; when its settings changed, starts a new one
+    (restart) or raises DataStreamChangedError. Returns the text for the first log line."""
+    try:
+        train_pipe.set_state(restored.data_state)
+        return ""
+    except ValueError as e:
+        saved = (restored.data_state or {}).get("config") or {}
+        now = train_pipe.get_state()["config"]  # a fresh stream: nothing read from it yet
+        diffs = [
+            f"{k} saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v
+        ]
+        reason = "; ".join(diffs) if saved and diffs else str(e)
+    where = ckpt.step_dir(restored.step)
+    if not restart:
+        raise DataStreamChangedError(
+            f"cannot resume {where}: its data stream was saved with other settings ({reason}). "
+            "Restore those settings to continue it exactly, or keep the params, optimizer state "
+            f"and step {restored.step} and start a new data stream with this run's settings: "
+            "train.restart_data_stream=True (on the command line "
+            "--gin.train.restart_data_stream=True; the new stream starts from the beginning of "
+            "the data, in the order of this run's seed)."
+        )
+    log.warning(
+        "restart_data_stream=True: the data stream of %s is not continued (%s); a new one starts "
+        "at step %d with this run's settings",
+        where,
+        reason,
+        restored.step,
+    )
+    return f", new data stream (restart_data_stream=True; {reason})"
 
 
 def _make_plots(module, abstract_params, model_dir: str, batch_size: int, lengths) -> dict:
@@ -852,7 +945,7 @@ def _loop(
     infer_eval_fn=None,
     infer_eval_period=0,
 ):
-    """The training loop: step, log, evaluate, checkpoint, stop on SIGTERM."""
+    """The training loop: step, log, evaluate, checkpoint, stop on SIGTERM or Ctrl-C."""
     pending = _PendingMetrics()
     eval_losses: list[tuple[int, float]] = []
     step = start_step
@@ -860,6 +953,7 @@ def _loop(
     t_log = t_start
     total_tokens, total_time = 0, 0.0
     preempted = False
+    stop_signal = None
     profiling = False
 
     def save(at: int) -> None:
@@ -906,7 +1000,11 @@ def _loop(
                 pending.check()
                 save(step)
                 ckpt.wait()
-                logger.message(f"SIGTERM: saved checkpoint {step} in {ckpt.directory}; exiting")
+                stop_signal = preemption.signal_name or "preemption notice"
+                logger.message(
+                    f"{stop_signal}: saved checkpoint {step} in {ckpt.directory}; exiting "
+                    "(rerun the same command to resume)"
+                )
                 preempted = True
                 break
             if step % checkpoint_period == 0 or last:
@@ -928,7 +1026,7 @@ def _loop(
     ckpt.wait()
     seconds = time.perf_counter() - t_start
     tps = total_tokens / total_time if total_time > 0 else None
-    return state, step, preempted, eval_losses, seconds, tps
+    return state, step, preempted, stop_signal, eval_losses, seconds, tps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -951,7 +1049,11 @@ def print_summary(result: TrainResult) -> None:
     """The closing lines of a run: where things are, eval losses, the sample."""
     print()
     if result.preempted:
-        print(f"Preempted at step {result.step}; rerun the same command to resume.")
+        how = "Interrupted (Ctrl-C)" if result.stop_signal == "SIGINT" else "Preempted"
+        print(
+            f"{how} at step {result.step}: checkpoint {result.step} saved; rerun the same "
+            "command to resume."
+        )
     else:
         print(
             f"Trained steps {result.start_step} -> {result.step} in {result.train_seconds:.0f} s"
@@ -997,6 +1099,10 @@ def main(argv: Sequence[str]) -> TrainResult:
     result = train()
     if jax.process_index() == 0:
         print_summary(result)
+    if result.stop_signal == "SIGINT":
+        # Interrupted, not finished: a shell stops `train && next` here (SIGTERM exits 0: the
+        # scheduler that sent it restarts the job).
+        raise SystemExit(128 + signal.SIGINT)
     return result
 
 

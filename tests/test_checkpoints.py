@@ -94,3 +94,35 @@ def test_lock_refuses_second_run_and_dies_with_its_process(tmp_path):
 def test_all_finite():
     assert checkpoints.all_finite({"a": jnp.ones(3), "b": jnp.arange(3)})
     assert not checkpoints.all_finite({"a": jnp.array([1.0, np.nan])})
+
+
+def test_model_dir_that_is_a_file_is_named(tmp_path):
+    """A regular file as MODEL_DIR (or above it) once ended in FileExistsError from makedirs."""
+    from switch_t5.errors import UserError
+
+    file = tmp_path / "run"
+    file.write_text("not a folder")
+    with pytest.raises(checkpoints.ModelDirIsFileError, match=f"MODEL_DIR {file} is a file") as e:
+        checkpoints.check_model_dir(str(file))
+    assert isinstance(e.value, UserError) and "give a folder" in str(e.value)
+    with pytest.raises(checkpoints.ModelDirIsFileError, match=f"inside {file}, which is a file"):
+        checkpoints.check_model_dir(str(file / "sub" / "run"), "--checkpoint_dir")
+    checkpoints.check_model_dir(str(tmp_path / "new" / "run"))  # to be created: fine
+    checkpoints.check_model_dir(str(tmp_path))
+
+
+def test_recorded_feature_lengths(saved, tmp_path):
+    """The meta records the training lengths; older checkpoints have them in the data item's
+    pipeline settings; a checkpoint with neither gives None."""
+    model_dir, _, meta = saved
+    step_dir = f"{model_dir}/checkpoints/3"
+    assert checkpoints.recorded_feature_lengths(meta, step_dir) is None  # data {"position": 30}
+    lengths = {"inputs": 64, "targets": 16}
+    with_lengths = checkpoints.make_meta(config.SwitchConfig(), {}, lengths)
+    assert checkpoints.recorded_feature_lengths(with_lengths, step_dir) == lengths
+    old = tmp_path / "old"
+    (old / "data").mkdir(parents=True)
+    (old / "data" / "metadata").write_text(
+        '{"version": 1, "config": {"feature_lengths": {"inputs": 32, "targets": 8}}}'
+    )
+    assert checkpoints.recorded_feature_lengths(meta, str(old)) == {"inputs": 32, "targets": 8}

@@ -136,3 +136,59 @@ def test_st_moe_configs(name, experts, z_loss):
     assert model_plan.active_params_per_token == (
         model_plan.total_params - model_plan.expert_params + 2 * per_expert
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts without a sparse layer.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_experts_without_a_sparse_layer_are_an_error():
+    """moe_layer_interval=4 on 2-layer stacks makes no layer sparse: once trained as a dense
+    model that logged "(8 experts)" and drops/losses of exactly 0."""
+    from switch_t5.config import InvalidConfigError, SwitchConfig
+    from switch_t5.errors import UserError
+
+    two = dict(num_encoder_layers=2, num_decoder_layers=2, num_experts=8)
+    with pytest.raises(InvalidConfigError) as e:
+        SwitchConfig(**two, moe_layer_interval=4)
+    text = str(e.value)
+    assert isinstance(e.value, UserError)
+    assert "num_experts=8 but no layer is sparse: 2 encoder and 2 decoder layers" in text
+    assert "moe_layer_interval=4 (layer i sparse when i % 4 == 3)" in text
+    assert "num_experts=0 for a dense model" in text and "moe_layer_interval of at most 2" in text
+    # Explicit sets are named; other problems are listed in the same message.
+    with pytest.raises(InvalidConfigError) as e:
+        SwitchConfig(**two, encoder_sparse_layers=(), decoder_sparse_layers=(), d_model=0)
+    text = str(e.value)
+    assert "encoder_sparse_layers=(); decoder_sparse_layers=()" in text
+    assert "d_model=0 must be positive" in text
+    # One sparse stack is enough; a dense model may keep any interval.
+    assert SwitchConfig(**two, moe_layer_interval=2, decoder_sparse_layers=()).is_sparse
+    assert not SwitchConfig(**{**two, "num_experts": 0}, moe_layer_interval=4).is_sparse
+    assert _config("t5_base").num_experts == 0
+
+
+def test_hf_import_with_experts_keeps_its_sparse_layers():
+    """HF's rule makes block 1 sparse even with num_sparse_*_layers=0 (sparse_step = num_layers):
+    such a config imports as before, with its sparse layers."""
+    from switch_t5.interop import hf
+
+    config_json = dict(
+        vocab_size=100,
+        d_model=8,
+        num_heads=2,
+        d_kv=3,
+        d_ff=16,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_sparse_encoder_layers=0,
+        num_sparse_decoder_layers=0,
+        num_experts=4,
+    )
+    names = [
+        f"{stack}.block.1.layer.{i}.mlp.router.classifier.weight"
+        for stack, i in (("encoder", 1), ("decoder", 2))
+    ]
+    config = hf.config_from_hf(config_json, names)
+    assert config.sparse_layers("encoder") == (1,) and config.sparse_layers("decoder") == (1,)

@@ -1,5 +1,6 @@
 """The inference entry point on a checkpoint: outputs equal direct decoding, batching, flags over
-gin, JSON lines, and clear errors."""
+gin, JSON lines, one output per input line (blank ones flagged), inputs cut to the training
+length, and clear errors."""
 
 import functools
 import json
@@ -11,9 +12,10 @@ import pytest
 from flax import linen as nn
 from tiny import tiny_config
 
-from switch_t5 import checkpoints, decoding, infer, network
+from switch_t5 import checkpoints, decoding, infer, init_checkpoint, network
 from switch_t5 import eval as eval_lib
 from switch_t5.data import vocab
+from switch_t5.errors import UserError
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
 # 8 rows of 16 tokens: routing groups of 16 tokens split evenly over the 8 batch shards of the
@@ -42,19 +44,28 @@ def ckpt(tmp_path_factory):
     meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(vocabulary))
     saver.save(7, {"params": params, "step": np.int32(7)}, {}, meta)
     saver.close()
+    # The same checkpoint as a training run records it: with its feature lengths (inputs are
+    # cut to LENGTH by default).
+    trained_dir = str(root / "trained")
+    saver = checkpoints.Checkpointer(trained_dir, async_save=False)
+    lengths = {"inputs": LENGTH, "targets": LENGTH}
+    meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(vocabulary), lengths)
+    saver.save(7, {"params": params, "step": np.int32(7)}, {}, meta)
+    saver.close()
     return {
         "root": root,
         "dir": model_dir,
+        "trained_dir": trained_dir,
         "vocabulary": vocabulary,
         "config": config,
         "params": params,
     }
 
 
-def _direct(ckpt, texts, **kwargs):
+def _direct(ckpt, texts, length=LENGTH, **kwargs):
     """Greedy outputs decoded one input at a time, without a mesh."""
     vocabulary = ckpt["vocabulary"]
-    tokens, _ = infer.encode_inputs(texts, vocabulary, LENGTH)
+    tokens, _ = infer.encode_inputs(texts, vocabulary, length)
     model = network.EncoderDecoder(ckpt["config"])
     decode = jax.jit(
         functools.partial(decoding.decode_batch, model, max_decode_length=LENGTH, **kwargs)
@@ -78,7 +89,7 @@ def test_cli_inputs_and_file_match_direct_decoding(ckpt, tmp_path, capsys):
         "green",
     ]
     input_file = tmp_path / "inputs.txt"
-    input_file.write_text("\n".join(more) + "\n\n")  # a blank line is skipped
+    input_file.write_text("\n".join(more) + "\n\n")  # ends with a blank line: an empty output
     out_file = tmp_path / "out.jsonl"
     gin.clear_config()
     predictions = infer.main(
@@ -93,14 +104,90 @@ def test_cli_inputs_and_file_match_direct_decoding(ckpt, tmp_path, capsys):
     )
     gin.clear_config()
     everything = texts + more  # 10 inputs: two batches of 8, the second padded
-    expected = _direct(ckpt, everything)
-    assert [p.input for p in predictions] == everything
+    expected = [*_direct(ckpt, everything), ""]
+    assert [p.input for p in predictions] == [*everything, ""]
     assert [p.prediction for p in predictions] == expected
+    assert [p.empty_input for p in predictions] == [False] * 10 + [True]
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-len(everything) :] == expected
+    assert printed[-len(expected) :] == expected
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["prediction"] for r in records] == expected
-    assert all(np.isfinite(r["score"]) and r["score"] <= 0.0 for r in records)
+    assert all(np.isfinite(r["score"]) and r["score"] <= 0.0 for r in records[:-1])
+    assert records[-1] == {
+        "input": "",
+        "prediction": "",
+        "score": None,
+        "empty_input": True,
+        "truncated": False,
+    }
+
+
+def test_blank_lines_keep_one_output_per_input_line(ckpt, tmp_path, capsys):
+    """Blank input lines were dropped, so the outputs no longer lined up with the inputs."""
+    lines = ["apple river", "", "green music", "   ", "cloud\r"]
+    input_file = tmp_path / "inputs.txt"
+    input_file.write_text("\n".join(lines) + "\n")
+    assert infer.read_input_file(str(input_file)) == [
+        "apple river",
+        "",
+        "green music",
+        "   ",
+        "cloud",
+    ]
+    out_file = tmp_path / "out.jsonl"
+    gin.clear_config()
+    predictions = infer.main(
+        [
+            f"--checkpoint_dir={ckpt['dir']}",
+            f"--input_file={input_file}",
+            f"--output_file={out_file}",
+            f"--inputs_length={LENGTH}",
+            f"--max_decode_length={LENGTH}",
+        ]
+    )
+    gin.clear_config()
+    direct = _direct(ckpt, ["apple river", "green music", "cloud"])
+    expected = [direct[0], "", direct[1], "", direct[2]]
+    assert [p.prediction for p in predictions] == expected
+    assert [p.empty_input for p in predictions] == [False, True, False, True, False]
+    assert capsys.readouterr().out.split("\n")[-6:] == [*expected, ""]
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert len(records) == 5
+    assert [r["input"] for r in records] == ["apple river", "", "green music", "   ", "cloud"]
+    assert [r["score"] is None for r in records] == [False, True, False, True, False]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(UserError, match="no non-blank line"):
+        infer.read_input_file(str(blank))
+
+
+def test_long_inputs_are_cut_to_the_training_length(ckpt, capsys):
+    """A 94 KB line once set the encoder length (26,024 tokens: an 18 GB allocation); inputs
+    are now cut to the length the checkpoint was trained with, and stderr says so."""
+    long = " ".join(WORDS[i % len(WORDS)] for i in range(16_000))
+    assert len(long) > 90_000
+    gin.clear_config()
+    predictions = infer.infer(
+        checkpoint_dir=ckpt["trained_dir"],
+        inputs=[long, "green music"],
+        max_decode_length=LENGTH,
+    )
+    err = capsys.readouterr().err
+    assert (
+        f"cut 1 of 2 inputs to {LENGTH} tokens (EOS included; the inputs length the checkpoint "
+        "was trained with)" in err
+    )
+    assert [p.truncated for p in predictions] == [True, False]
+    assert [p.prediction for p in predictions] == _direct(ckpt, [long, "green music"])
+    # --inputs_length wins; a checkpoint recording no length cuts at DEFAULT_INPUTS_LENGTH.
+    tokens, cut = infer.encode_inputs([long, "cloud"], ckpt["vocabulary"], 12)
+    assert tokens.shape == (2, 12) and cut.tolist() == [True, False]
+    assert tokens[0, -1] == decoding.EOS_ID
+    ref = init_checkpoint.find_checkpoint(ckpt["dir"])
+    limit, _ = infer.default_inputs_length(ref)
+    assert limit == infer.DEFAULT_INPUTS_LENGTH == 512
+    tokens, _ = infer.encode_inputs([long], ckpt["vocabulary"], None, limit)
+    assert tokens.shape == (1, 512)
 
 
 def test_flags_override_gin_and_step_dir(ckpt, tmp_path):
@@ -130,6 +217,10 @@ def test_errors_name_the_problem(ckpt, tmp_path):
         infer.infer(checkpoint_dir=str(tmp_path), inputs=["x"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         infer.read_input_file(str(tmp_path / "missing.txt"))
+    a_file = tmp_path / "model.txt"
+    a_file.write_text("x")
+    with pytest.raises(checkpoints.ModelDirIsFileError, match="is a file, not a folder"):
+        infer.infer(checkpoint_dir=str(a_file), inputs=["x"])
     other = vocab.train_sentencepiece(
         [" ".join(reversed(WORDS)) + " zzz"] * 30,
         str(tmp_path / "other.model"),

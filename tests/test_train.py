@@ -375,3 +375,124 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     ckpt.close()
     assert step is not None and step >= 3
     assert max(_losses(d)) == step
+
+
+def test_model_dir_that_is_a_file_is_refused(tmp_path):
+    """It ended in a FileExistsError traceback from makedirs."""
+    file = tmp_path / "model"
+    file.write_text("notes")
+    with pytest.raises(checkpoints.ModelDirIsFileError, match=f"MODEL_DIR {file} is a file"):
+        _train(file, 3)
+    assert file.read_text() == "notes"
+
+
+def _abstract_state(seed=0):
+    cfg = SwitchConfig(**TINY)
+    return train_state.setup_train_state(
+        lambda rng: network.init_variables(cfg, rng),
+        lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
+        partitioning.make_mesh(2, 2, 2, num_experts=4),
+        seed,
+    ).abstract_state
+
+
+def test_refused_resume_keeps_config_gin_and_restart_data_stream(run_a, tmp_path, monkeypatch):
+    """A refused resume (other seed, other d_model) overwrote config.gin with the settings it
+    refused; the refusal suggested restarting the data stream, which no option did."""
+    d_a, _ = run_a
+    d = str(tmp_path / "model")
+    shutil.copytree(d_a, d)
+    config_gin = os.path.join(d, "config.gin")
+    with open(config_gin, "rb") as f:
+        before = f.read()
+    quick = {"eval_period": 0, "make_plots": False}
+    with pytest.raises(train_lib.DataStreamChangedError) as e:
+        _train(d, 8, random_seed=1, **quick)
+    assert "seed saved 0, now 1" in str(e.value)
+    assert "--gin.train.restart_data_stream=True" in str(e.value)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="d_model"):
+        _train(d, 8, config_overrides={"d_model": 16}, **quick)
+    with open(config_gin, "rb") as f:
+        assert f.read() == before
+
+    # restart_data_stream: params, optimizer state and step of checkpoint 6, a new data order.
+    starts, starting_state = [], train_lib._starting_state
+
+    def spy(*args, **kwargs):
+        state, step, message = starting_state(*args, **kwargs)
+        starts.append((jax.device_get(state), step, message))  # the train step donates state
+        return state, step, message
+
+    monkeypatch.setattr(train_lib, "_starting_state", spy)
+    result = _train(d, 7, random_seed=1, restart_data_stream=True, **quick)
+    assert result.start_step == 6 and result.step == 7
+    state, step, message = starts[0]
+    assert step == 6 and "new data stream" in message and "seed saved 0, now 1" in message
+    ckpt = checkpoints.Checkpointer(d_a)
+    saved = ckpt.restore(_abstract_state(), 6).state
+    ckpt.close()
+    assert checkpoints.tree_equal(state, saved)  # params, optimizer state, step, rng
+    losses = _losses(d)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7]
+    assert {s: losses[s] for s in range(1, 7)} == _losses(d_a)
+    with open(config_gin) as f:
+        assert "#   train.restart_data_stream = True" in f.read()
+    # The new stream is saved with the new settings: the next resume (flag still set)
+    # continues it exactly, without another restart.
+    result = _train(d, 8, random_seed=1, restart_data_stream=True, **quick)
+    assert result.start_step == 7 and starts[1][2] == ""
+
+
+def test_first_sigint_requests_a_save_and_a_second_aborts():
+    """The handler of the loop: SIGINT sets the flag SIGTERM sets and hands SIGINT back to the
+    system's default action (terminate at once); leaving restores Python's handler."""
+    preemption = train_lib._Preemption()
+    with preemption:
+        assert not preemption.reached(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # delivered between two bytecodes of the main thread
+            if preemption.requested:
+                break
+        assert preemption.reached(1) and preemption.signal_name == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_sigint_saves_and_a_rerun_resumes(run_a, tmp_path):
+    """Ctrl-C lost the steps since the last checkpoint (a KeyboardInterrupt traceback, no
+    checkpoint); now the first one saves at the step reached and exits 130."""
+    d_a, _ = run_a
+    d = str(tmp_path / "sigint")
+    cache = jax.config.jax_compilation_cache_dir
+    argv = _cli_args(
+        d,
+        "TRAIN_STEPS = 6",
+        "CHECKPOINT_PERIOD = 100",
+        "EVAL_PERIOD = 0",
+        "LOG_EVERY = 1",
+        f"train.compilation_cache_dir = '{cache}'",
+    )
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "switch_t5.train", *argv]
+    first = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**env, "SWITCH_T5_FAULT": "sigint:4"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    text = first.stdout + first.stderr
+    assert first.returncode == 130, text[-3000:]
+    assert "FAULT sigint at step 4" in text and "SIGINT: saved checkpoint 4" in text
+    assert "Interrupted (Ctrl-C) at step 4" in text and "Traceback" not in text
+    assert sorted(int(s) for s in os.listdir(os.path.join(d, "checkpoints"))) == [4]
+    assert max(_losses(d)) == 4
+    env.pop("SWITCH_T5_FAULT", None)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-3000:]
+    assert "steps 4 -> 6, resumed from checkpoint 4" in text
+    # The same run as run_a (same model, data, seed and mesh): every loss equal.
+    assert _losses(d) == _losses(d_a)
