@@ -30,6 +30,9 @@ from typing import Any
 
 import gin
 
+from switch_t5.data.lengths import DEFAULT_TARGET_SCAN_EXAMPLES
+from switch_t5.errors import UserError
+
 _UNSET = object()
 _GLUE_PREFIXES = ("glue_", "super_glue_", "dpr_")
 _SPAN_TASKS = (
@@ -52,7 +55,7 @@ _FINETUNE_MACROS = (
 EMBEDDED_VOCABULARY = "embedded"
 
 
-class MissingMacroError(ValueError):
+class MissingMacroError(UserError):
     """A task needs a gin macro that is not set."""
 
 
@@ -83,6 +86,7 @@ def register_tasks(
     text_validation_fraction: float = 0.01,
     txt_documents: str = "line",
     shuffle_buffer_size: int = 1000,
+    target_scan_examples: int = DEFAULT_TARGET_SCAN_EXAMPLES,
 ) -> None:
     """Registers the task or mixture the run names (and the tasks it needs) in seqio.
 
@@ -96,6 +100,10 @@ def register_tasks(
       txt_documents: `.txt` files hold one document per "line" or per blank-line "paragraph".
       shuffle_buffer_size: span-corrupted pieces in the shuffle buffer of the embedded and
         text-files tasks (seqio's default 1000).
+      target_scan_examples: `files_text_to_text` with free-text targets (no LABEL_NAMES): the
+        first N examples of a split are tokenized, and a TASK_FEATURE_LENGTHS targets length
+        that would cut any of them is an error (`switch_t5.data.lengths`); 0 skips the scan.
+        Labels (and GLUE/SuperGLUE labels) are always checked.
 
     Raises:
       MissingMacroError: a macro the task needs is not set.
@@ -152,7 +160,7 @@ def register_tasks(
             )
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs["vocabulary_path"] = vocabulary_path(required=True)
-        user_tasks.register_files_text_to_text(**kwargs)
+        user_tasks.register_files_text_to_text(**kwargs, target_scan_examples=target_scan_examples)
     elif name.startswith(_GLUE_PREFIXES):
         from switch_t5.data import glue
 
