@@ -600,7 +600,9 @@ def run_eval(
 
     if model_dir is gin.REQUIRED or mixture_or_task_name is gin.REQUIRED:
         raise EvalConfigError("MODEL_DIR and MIXTURE_OR_TASK_NAME are required (--gin.NAME=...)")
-    lengths = dict(task_feature_lengths or {"inputs": 512, "targets": 62})
+    from switch_t5.data.lengths import check_feature_lengths
+
+    lengths = check_feature_lengths(task_feature_lengths or {"inputs": 512, "targets": 62})
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
     ref = resolve_checkpoint(model_dir, checkpoint_step)

@@ -547,7 +547,9 @@ def train(
         k: v for k, v in locals().items() if k not in ("model_config",) and not k.startswith("_")
     }
     _check_args(args)
-    task_feature_lengths = {k: int(v) for k, v in task_feature_lengths.items()}
+    from switch_t5.data.lengths import check_feature_lengths
+
+    task_feature_lengths = check_feature_lengths(task_feature_lengths)
     cache_dir = configure_compilation_cache(compilation_cache_dir)
 
     # Data and model config: every check that can fail does so before compiling.
