@@ -26,6 +26,7 @@ user's own module) is left alone. A missing required macro raises `MissingMacroE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import gin
@@ -197,3 +198,27 @@ def get_vocabulary(task_name: str):
             "after parsing gin"
         )
     return tasks.get_vocabulary(task_name)
+
+
+def check_lengths(
+    task_name: str,
+    task_feature_lengths: Any,
+    splits: Sequence[str] = ("train", "validation"),
+) -> dict[str, int]:
+    """Validates TASK_FEATURE_LENGTHS for a registered task or mixture (call `register_tasks`
+    first), before anything is built: positive integers for `inputs` and `targets`, and no
+    label or target of the task (in each of `splits` it has) cut by the targets length.
+
+    Returns:
+      The lengths as a `{"inputs": int, "targets": int}` dict.
+
+    Raises:
+      switch_t5.data.lengths.FeatureLengthsError, TargetLengthError (UserErrors): see
+        `switch_t5.data.tasks.check_lengths`.
+    """
+    from switch_t5.data import lengths, tasks
+
+    checked = lengths.check_feature_lengths(task_feature_lengths)
+    for split in splits:
+        tasks.check_lengths(task_name, split, checked)
+    return checked

@@ -600,11 +600,11 @@ def run_eval(
 
     if model_dir is gin.REQUIRED or mixture_or_task_name is gin.REQUIRED:
         raise EvalConfigError("MODEL_DIR and MIXTURE_OR_TASK_NAME are required (--gin.NAME=...)")
-    from switch_t5.data.lengths import check_feature_lengths
-
-    lengths = check_feature_lengths(task_feature_lengths or {"inputs": 512, "targets": 62})
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
+    lengths = data_gin.check_lengths(
+        mixture_or_task_name, task_feature_lengths or {"inputs": 512, "targets": 62}, [split]
+    )
     ref = resolve_checkpoint(model_dir, checkpoint_step)
     model, params, _, mesh = load_model(ref, (mesh_data, mesh_expert, mesh_model), vocabulary)
     evaluator = Evaluator(

@@ -547,9 +547,6 @@ def train(
         k: v for k, v in locals().items() if k not in ("model_config",) and not k.startswith("_")
     }
     _check_args(args)
-    from switch_t5.data.lengths import check_feature_lengths
-
-    task_feature_lengths = check_feature_lengths(task_feature_lengths)
     cache_dir = configure_compilation_cache(compilation_cache_dir)
 
     # Data and model config: every check that can fail does so before compiling.
@@ -557,6 +554,7 @@ def train(
 
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
+    task_feature_lengths = data_gin.check_lengths(mixture_or_task_name, task_feature_lengths)
     config = resolve_model_config(model_config, vocabulary, mixture_or_task_name)
     from switch_t5.data import vocab as vocab_lib
 

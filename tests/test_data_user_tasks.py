@@ -382,6 +382,30 @@ def test_label_longer_than_the_targets_length_is_refused(vocabulary, rte_files):
     assert {vocabulary.decode(ids[:-1]) for ids in rows} == set(RTE_LABELS)
 
 
+def test_entry_points_check_lengths_after_registering(vocabulary, tmp_path):
+    """train/eval call `data_gin.check_lengths` right after registering the task: before any
+    model, MODEL_DIR or dataset exists. Each split the task has is checked (free text)."""
+    from switch_t5 import data_gin
+    from switch_t5.data import lengths
+
+    long = "the cup is not the cup is good review"
+    n_long = len(vocabulary.encode(long)) + 1
+    user_tasks.register_files_text_to_text(
+        "gen_splits",
+        train_files=_write_tsv(tmp_path / "t.tsv", ("text", "summary"), [("a", "the cup")]),
+        validation_files=_write_tsv(tmp_path / "v.tsv", ("text", "summary"), [("b", long)]),
+        vocabulary=vocabulary,
+        input_template="{text}",
+        target_column="summary",
+    )
+    ok = {"inputs": 8, "targets": n_long - 1}
+    assert data_gin.check_lengths("gen_splits", ok, ["train"]) == ok
+    with pytest.raises(lengths.TargetLengthError, match="1 of the 1 'validation' examples"):
+        data_gin.check_lengths("gen_splits", ok)
+    with pytest.raises(lengths.FeatureLengthsError, match=r"\['targets'\]=16\.5 is a float"):
+        data_gin.check_lengths("gen_splits", {"inputs": 8, "targets": 16.5})
+
+
 def test_free_text_targets_are_scanned(vocabulary, tmp_path):
     from switch_t5.data import lengths
 

@@ -95,9 +95,10 @@ def check_lengths(
 ) -> dict[str, int]:
     """Validates feature lengths for a task or mixture, before any dataset is built.
 
-    The lengths must pass `lengths.check_feature_lengths`; each `LengthCheckedTask` (each
-    member of a mixture that has `split`) also checks that its targets fit. A name that is not
-    registered gets the first check only (building its dataset then fails with seqio's error).
+    The lengths must pass `lengths.check_feature_lengths`; the task (or each member of the
+    mixture), if a `LengthCheckedTask` with `split`, also checks that its targets fit. A name
+    that is not registered gets the first check only (building its dataset then fails with
+    seqio's error).
 
     Returns:
       The lengths as a `{"inputs": int, "targets": int}` dict.
@@ -110,12 +111,9 @@ def check_lengths(
     if task_or_mixture_name not in names:
         return checked
     provider = seqio.get_mixture_or_task(task_or_mixture_name)
-    if not isinstance(provider, seqio.Mixture):
-        if isinstance(provider, LengthCheckedTask):
-            provider.check_lengths(checked, split)
-        return checked
+    members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
     errors = []
-    for task in provider.tasks:
+    for task in members:
         if isinstance(task, LengthCheckedTask) and split in task.splits:
             try:
                 task.check_lengths(checked, split)
