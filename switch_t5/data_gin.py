@@ -1,8 +1,10 @@
 """The gin edge of the data pipeline: registers the task a run names, from gin macros only.
 
 The only data module that imports gin. Entry points (train, eval, show) import it BEFORE parsing
-gin (so `switch_t5.data_gin.register_tasks.*` bindings are known), then call `register_tasks()`
-and `get_vocabulary(name)`. A user sets only the macros the chosen task needs:
+gin (so `switch_t5.data_gin.register_tasks.*` bindings are known), then call `register_tasks()`,
+`get_vocabulary(name)` and `check_lengths(name, TASK_FEATURE_LENGTHS)` (which refuses lengths
+that are not positive integers or would cut the task's labels or targets, before anything is
+built). A user sets only the macros the chosen task needs:
 
 - `embedded_span_corruption`: no macro needed.
 - `text_files_span_corruption`: TEXT_FILES, VOCABULARY_PATH; optional VALIDATION_FILES.
