@@ -1,8 +1,10 @@
 """The gin edge of the data pipeline: registers the task a run names, from gin macros only.
 
 The only data module that imports gin. Entry points (train, eval, show) import it BEFORE parsing
-gin (so `switch_t5.data_gin.register_tasks.*` bindings are known), then call `register_tasks()`
-and `get_vocabulary(name)`. A user sets only the macros the chosen task needs:
+gin (so `switch_t5.data_gin.register_tasks.*` bindings are known), then call `register_tasks()`,
+`get_vocabulary(name)` and `check_lengths(name, TASK_FEATURE_LENGTHS)` (which refuses lengths
+that are not positive integers or would cut the task's labels or targets, before anything is
+built). A user sets only the macros the chosen task needs:
 
 - `embedded_span_corruption`: no macro needed.
 - `text_files_span_corruption`: TEXT_FILES, VOCABULARY_PATH; optional VALIDATION_FILES.
@@ -26,9 +28,13 @@ user's own module) is left alone. A missing required macro raises `MissingMacroE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import gin
+
+from switch_t5.data.lengths import DEFAULT_TARGET_SCAN_EXAMPLES
+from switch_t5.errors import UserError
 
 _UNSET = object()
 _GLUE_PREFIXES = ("glue_", "super_glue_", "dpr_")
@@ -52,7 +58,7 @@ _FINETUNE_MACROS = (
 EMBEDDED_VOCABULARY = "embedded"
 
 
-class MissingMacroError(ValueError):
+class MissingMacroError(UserError):
     """A task needs a gin macro that is not set."""
 
 
@@ -83,6 +89,7 @@ def register_tasks(
     text_validation_fraction: float = 0.01,
     txt_documents: str = "line",
     shuffle_buffer_size: int = 1000,
+    target_scan_examples: int = DEFAULT_TARGET_SCAN_EXAMPLES,
 ) -> None:
     """Registers the task or mixture the run names (and the tasks it needs) in seqio.
 
@@ -96,6 +103,10 @@ def register_tasks(
       txt_documents: `.txt` files hold one document per "line" or per blank-line "paragraph".
       shuffle_buffer_size: span-corrupted pieces in the shuffle buffer of the embedded and
         text-files tasks (seqio's default 1000).
+      target_scan_examples: `files_text_to_text` with free-text targets (no LABEL_NAMES): the
+        first N examples of a split are tokenized, and a TASK_FEATURE_LENGTHS targets length
+        that would cut any of them is an error (`switch_t5.data.lengths`); 0 skips the scan.
+        Labels (and GLUE/SuperGLUE labels) are always checked.
 
     Raises:
       MissingMacroError: a macro the task needs is not set.
@@ -152,7 +163,7 @@ def register_tasks(
             )
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs["vocabulary_path"] = vocabulary_path(required=True)
-        user_tasks.register_files_text_to_text(**kwargs)
+        user_tasks.register_files_text_to_text(**kwargs, target_scan_examples=target_scan_examples)
     elif name.startswith(_GLUE_PREFIXES):
         from switch_t5.data import glue
 
@@ -189,3 +200,27 @@ def get_vocabulary(task_name: str):
             "after parsing gin"
         )
     return tasks.get_vocabulary(task_name)
+
+
+def check_lengths(
+    task_name: str,
+    task_feature_lengths: Any,
+    splits: Sequence[str] = ("train", "validation"),
+) -> dict[str, int]:
+    """Validates TASK_FEATURE_LENGTHS for a registered task or mixture (call `register_tasks`
+    first), before anything is built: positive integers for `inputs` and `targets`, and no
+    label or target of the task (in each of `splits` it has) cut by the targets length.
+
+    Returns:
+      The lengths as a `{"inputs": int, "targets": int}` dict.
+
+    Raises:
+      switch_t5.data.lengths.FeatureLengthsError, TargetLengthError (UserErrors): see
+        `switch_t5.data.tasks.check_lengths`.
+    """
+    from switch_t5.data import lengths, tasks
+
+    checked = lengths.check_feature_lengths(task_feature_lengths)
+    for split in splits:
+        tasks.check_lengths(task_name, split, checked)
+    return checked

@@ -603,9 +603,11 @@ def run_eval(
     checkpoints.check_model_dir(
         model_dir, fix="give the folder a training run wrote (it holds checkpoints/)"
     )
-    lengths = dict(task_feature_lengths or {"inputs": 512, "targets": 62})
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
+    lengths = data_gin.check_lengths(
+        mixture_or_task_name, task_feature_lengths or {"inputs": 512, "targets": 62}, [split]
+    )
     ref = resolve_checkpoint(model_dir, checkpoint_step)
     model, params, _, mesh = load_model(ref, (mesh_data, mesh_expert, mesh_model), vocabulary)
     evaluator = Evaluator(

@@ -588,7 +588,6 @@ def train(
     }
     _check_args(args)
     checkpoints.check_model_dir(model_dir)
-    task_feature_lengths = {k: int(v) for k, v in task_feature_lengths.items()}
     cache_dir = configure_compilation_cache(compilation_cache_dir)
 
     # Data and model config: every check that can fail does so before compiling.
@@ -596,6 +595,7 @@ def train(
 
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
+    task_feature_lengths = data_gin.check_lengths(mixture_or_task_name, task_feature_lengths)
     config = resolve_model_config(model_config, vocabulary, mixture_or_task_name)
     from switch_t5.data import vocab as vocab_lib
 

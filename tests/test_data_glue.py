@@ -13,7 +13,7 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from switch_t5.data import glue, metrics, vocab  # noqa: E402
+from switch_t5.data import glue, metrics, tasks, vocab  # noqa: E402
 
 _WSC_TEXT = (
     "Mark told Pete many lies about himself , which Pete included in his book . "
@@ -444,7 +444,9 @@ def test_register_rejects_a_path_for_vocabulary():
 
 
 def test_glue_mixture_trains_on_its_nonzero_tasks(registered, vocabulary):
-    lengths = {"inputs": 32, "targets": 4}
+    # Targets long enough for every label (in this small vocabulary labels are many tokens).
+    longest = max(len(vocabulary.encode(s)) for s in _target_strings()) + 1
+    lengths = {"inputs": 32, "targets": longest}
     mixture = seqio.get_mixture_or_task("glue_v002_proportional")
     ds = mixture.get_dataset(
         lengths, split="train", shuffle=False, seed=0, use_cached=False, try_in_mem_cache=False
@@ -453,11 +455,60 @@ def test_glue_mixture_trains_on_its_nonzero_tasks(registered, vocabulary):
     prefixes = set()
     for ex in ds.take(60).as_numpy_iterator():
         assert ex["encoder_input_tokens"].shape == (32,)
-        assert ex["decoder_target_tokens"].shape == (4,)
+        assert ex["decoder_target_tokens"].shape == (longest,)
         prefixes.add(vocabulary.decode(ex["encoder_input_tokens"].tolist()).split(" ")[0])
     # QQP and MNLI dominate by size; the zero-rate tasks have no train split.
     assert (
         {"qqp", "mnli"}
         <= prefixes
         <= {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
+    )
+
+
+def _target_strings():
+    specs = glue._glue_specs() + glue._super_glue_specs()
+    return {s for spec in specs for s in spec.target_strings or ()}
+
+
+def test_labels_longer_than_the_targets_length_are_refused(registered, vocabulary):
+    """Every known label string (and STS-B's scores) must fit, EOS included, in every task."""
+    from switch_t5.data import lengths
+
+    assert {"not_entailment", "choice2", "True", "0.0", "5.0"} <= _target_strings()
+    needed = len(vocabulary.encode("not_entailment")) + 1
+    with pytest.raises(lengths.TargetLengthError) as info:
+        seqio.get_mixture_or_task("glue_rte_v002").get_dataset(
+            {"inputs": 32, "targets": needed - 1},
+            split="validation",
+            shuffle=False,
+            try_in_mem_cache=False,
+        )
+    assert f"'not_entailment' is {needed} tokens including EOS" in str(info.value)
+    assert info.value.needed == needed
+    # A mixture: one error for all its tasks whose labels do not fit, and the length for all.
+    longest = max(len(vocabulary.encode(s)) for s in _target_strings()) + 1
+    with pytest.raises(lengths.TargetLengthError) as info:
+        tasks.check_lengths("glue_v002_proportional", "train", {"inputs": 32, "targets": needed})
+    message = str(info.value)
+    assert "task 'glue_cola_v002'" in message and "task 'glue_rte_v002'" not in message
+    assert f"targets to at least {longest}" in message
+    assert tasks.check_lengths(
+        "glue_v002_proportional", "train", {"inputs": 32, "targets": longest}
+    ) == {"inputs": 32, "targets": longest}
+    rte = seqio.get_mixture_or_task("glue_rte_v002").get_dataset(
+        {"inputs": 32, "targets": needed}, split="validation", shuffle=False, try_in_mem_cache=False
+    )
+    (ex,) = list(rte.as_numpy_iterator())
+    assert vocabulary.decode(ex["targets"][:-1].tolist()) == "not_entailment"
+    stsb = max(len(vocabulary.encode(s)) + 1 for s in glue.STSB_TARGETS)
+    with pytest.raises(lengths.TargetLengthError, match=f"targets to at least {stsb}"):
+        seqio.get_mixture_or_task("glue_stsb_v002").get_dataset(
+            {"inputs": 32, "targets": stsb - 1},
+            split="validation",
+            shuffle=False,
+            try_in_mem_cache=False,
+        )
+    # Free-text targets (ReCoRD answers, WSC referents) are not label strings: no check.
+    seqio.get_mixture_or_task("super_glue_record_v102").get_dataset(
+        {"inputs": 32, "targets": 2}, split="validation", shuffle=False, try_in_mem_cache=False
     )

@@ -327,3 +327,120 @@ def test_gin_macros_register_the_task(vocabulary, rte_files):
     (inputs, target, _), *_ = _pairs(task, "validation")
     assert (inputs, target) == ("rte sentence1: Bob runs fast. sentence2: Bob moves.", "entailment")
     assert [f.__name__ for f in task.predict_metric_fns] == ["accuracy", "matthews_corrcoef"]
+
+
+# ------------------------------------------------------------------ targets that do not fit
+
+
+def _pipeline_targets(name, split, lengths):
+    """The decoder targets of the training pipeline's first batch, decoded (EOS dropped)."""
+    from switch_t5.data import pipeline
+
+    pipe = pipeline.InputPipeline(
+        name, split, lengths, 4, shuffle=False, pack=False, repeat=False, host_index=0, num_hosts=1
+    )
+    return next(iter(pipe))["decoder_target_tokens"]
+
+
+def test_label_longer_than_the_targets_length_is_refused(vocabulary, rte_files):
+    """A targets length that fits "entailment" but not "not_entailment" used to cut the latter
+    silently (training looks perfect, decoding never produces the whole label); now it is
+    refused before TensorFlow builds anything."""
+    from switch_t5.data import lengths, pipeline
+    from switch_t5.errors import UserError
+
+    train, dev = rte_files
+    user_tasks.register_files_text_to_text(
+        train_files=train,
+        validation_files=dev,
+        vocabulary=vocabulary,
+        input_template=RTE_TEMPLATE,
+        target_column="label",
+        label_names=RTE_LABELS,
+    )
+    needed = len(vocabulary.encode("not_entailment")) + 1  # seqio appends EOS
+    short = len(vocabulary.encode("entailment")) + 1  # fits "entailment" only
+    assert short < needed
+    for split in ("train", "validation"):
+        with pytest.raises(lengths.TargetLengthError) as info:
+            pipeline.InputPipeline("files_text_to_text", split, {"inputs": 32, "targets": short}, 4)
+        message = str(info.value)
+        assert isinstance(info.value, UserError)
+        assert f"'not_entailment' is {needed} tokens including EOS" in message
+        assert "'entailment' is" not in message  # it fits
+        assert f"targets to at least {needed}" in message
+    # seqio's own get_dataset (evaluation, data.show, mixtures) is refused the same way.
+    task = seqio.get_mixture_or_task("files_text_to_text")
+    with pytest.raises(lengths.TargetLengthError, match="'not_entailment'"):
+        task.get_dataset({"inputs": 32, "targets": needed - 1}, split="validation")
+    # The length the message asks for keeps the whole label, EOS included.
+    targets = _pipeline_targets(
+        "files_text_to_text", "validation", {"inputs": 32, "targets": needed}
+    )
+    rows = [row[row > 0].tolist() for row in targets if row.any()]
+    assert all(ids[-1] == 1 for ids in rows)
+    assert {vocabulary.decode(ids[:-1]) for ids in rows} == set(RTE_LABELS)
+
+
+def test_entry_points_check_lengths_after_registering(vocabulary, tmp_path):
+    """train/eval call `data_gin.check_lengths` right after registering the task: before any
+    model, MODEL_DIR or dataset exists. Each split the task has is checked (free text)."""
+    from switch_t5 import data_gin
+    from switch_t5.data import lengths
+
+    long = "the cup is not the cup is good review"
+    n_long = len(vocabulary.encode(long)) + 1
+    user_tasks.register_files_text_to_text(
+        "gen_splits",
+        train_files=_write_tsv(tmp_path / "t.tsv", ("text", "summary"), [("a", "the cup")]),
+        validation_files=_write_tsv(tmp_path / "v.tsv", ("text", "summary"), [("b", long)]),
+        vocabulary=vocabulary,
+        input_template="{text}",
+        target_column="summary",
+    )
+    ok = {"inputs": 8, "targets": n_long - 1}
+    assert data_gin.check_lengths("gen_splits", ok, ["train"]) == ok
+    with pytest.raises(lengths.TargetLengthError, match="1 of the 1 'validation' examples"):
+        data_gin.check_lengths("gen_splits", ok)
+    with pytest.raises(lengths.FeatureLengthsError, match=r"\['targets'\]=16\.5 is a float"):
+        data_gin.check_lengths("gen_splits", {"inputs": 8, "targets": 16.5})
+
+
+def test_free_text_targets_are_scanned(vocabulary, tmp_path):
+    from switch_t5.data import lengths
+
+    short, long = "the cup", "the cup is not the cup is good review"
+    rows = [(f"s{i}", long if i in (3, 5) else short) for i in range(8)]
+    path = _write_tsv(tmp_path / "gen.tsv", ("text", "summary"), rows)
+    n_long = len(vocabulary.encode(long)) + 1
+    n_short = len(vocabulary.encode(short)) + 1
+    assert n_short < n_long
+
+    def register(**kwargs):
+        return user_tasks.register_files_text_to_text(
+            "gen",
+            train_files=path,
+            vocabulary=vocabulary,
+            input_template="summarize: {text}",
+            target_column="summary",
+            **kwargs,
+        )
+
+    register()
+    with pytest.raises(lengths.TargetLengthError) as info:
+        _pipeline_targets("gen", "train", {"inputs": 16, "targets": n_long - 1})
+    message = str(info.value)
+    assert "2 of the 8 'train' examples have targets longer than" in message
+    assert f"the longest is {n_long} tokens including EOS ('{long}')" in message
+    assert f"targets to at least {n_long}" in message
+    assert "target_scan_examples=0" in message
+    # Only the first N examples are scanned: both long targets come after the first 3.
+    register(target_scan_examples=3)
+    _pipeline_targets("gen", "train", {"inputs": 16, "targets": n_short})
+    register(target_scan_examples=4)
+    with pytest.raises(lengths.TargetLengthError, match="1 of the first 4 'train' examples"):
+        _pipeline_targets("gen", "train", {"inputs": 16, "targets": n_short})
+    register(target_scan_examples=0)  # no scan: the user accepts cut targets
+    _pipeline_targets("gen", "train", {"inputs": 16, "targets": n_short})
+    register()
+    _pipeline_targets("gen", "train", {"inputs": 16, "targets": n_long})

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -132,6 +133,47 @@ def test_fingerprint_and_size_checks(spm_path, tmp_path):
         vocab_lib.check_model_vocab_size(vocab, 32128, "my_task")
     with pytest.raises(FileNotFoundError, match="VOCABULARY_PATH"):
         vocab_lib.get_vocabulary(str(tmp_path / "missing.model"))
+
+
+def test_bad_vocabulary_files_name_the_path_and_what_it_should_be(tmp_path):
+    """A text file used to end in protobuf's `DecodeError: Wire format was corrupt`."""
+    from switch_t5.errors import UserError
+
+    wanted = r"must be a SentencePiece \.model file .*`python -m switch_t5\.data\.vocab"
+    not_spm = _write(tmp_path / "vocab.txt", b"the\nquick\nbrown fox\n")
+    cases = [
+        (not_spm, r"vocab\.txt' \(20 bytes, starting b'the\\nquick.*is not a SentencePiece model"),
+        (_write(tmp_path / "empty.model", b""), r"empty\.model' is empty"),
+        (str(tmp_path / "missing.model"), r"missing\.model' does not exist"),
+        (str(tmp_path), "is a directory, not a file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(vocab_lib.VocabularyFileError, match=message) as info:
+            vocab_lib.get_vocabulary(path)
+        assert isinstance(info.value, UserError)
+        assert re.search(wanted, str(info.value)), str(info.value)
+    assert issubclass(vocab_lib.VocabularyFileNotFoundError, FileNotFoundError)
+
+
+def test_sentencepiece_model_without_t5_ids_is_refused(tmp_path):
+    """SentencePiece's default ids (unk 0, bos 1, eos 2, no pad) would make EOS a word piece."""
+    model = tmp_path / "default_ids.model"
+    with open(model, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter([ENGLISH] * 50),
+            model_writer=f,
+            vocab_size=60,
+            minloglevel=2,
+        )
+    with pytest.raises(vocab_lib.VocabularyFileError, match=r"pad -1, EOS 2, UNK 0 .* need pad 0"):
+        vocab_lib.get_vocabulary(str(model))
+
+
+def test_unreadable_url_names_the_path():
+    """Offline (or without access), a gs:// vocabulary is one error naming it, no traceback."""
+    path = "gs://switch-t5-no-such-bucket-7f3a/vocabs/spm.model"
+    with pytest.raises(vocab_lib.VocabularyFileError, match=r"cannot read vocabulary file 'gs://"):
+        vocab_lib.get_vocabulary(path)
 
 
 def test_decode_with_sentinels(spm_path):

@@ -48,6 +48,10 @@ accuracy; STS-B Pearson and Spearman; CB macro-F1 over 3 classes and accuracy; M
 per-question exact match; ReCoRD max-over-answers EM and F1; accuracy elsewhere; none for the
 test-only diagnostics. Postprocessors map predicted text back to class ids (-1 for text that is
 no label), to a float for STS-B, and to the dicts the MultiRC/ReCoRD metrics group by.
+
+Every label string of a task (and STS-B's 26 scores "0.0" ... "5.0") must fit the targets length,
+EOS included: a dataset requested with a shorter one raises `lengths.TargetLengthError` naming the
+label and the length to set (`tasks.LengthCheckedTask`).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from typing import Any
 import seqio
 import tensorflow_datasets as tfds
 
-from switch_t5.data import hide_gpus_from_tf, metrics, preprocessors
+from switch_t5.data import hide_gpus_from_tf, metrics, preprocessors, tasks
 
 hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
@@ -221,6 +225,9 @@ class _Spec:
     preprocessors: tuple[Callable[..., Any], ...]
     metric_fns: tuple[Callable[..., Any], ...]
     postprocess_fn: Callable[..., Any] | None
+    # The strings targets can be (class labels), checked against the targets length; None for
+    # free-text targets (ReCoRD answers, WSC/DPR referents).
+    target_strings: tuple[str, ...] | None = None
 
 
 def _label_classes(builder: str, config: str) -> list[str]:
@@ -238,6 +245,10 @@ def _classification(
     )
     post = functools.partial(string_label_to_class_id, label_classes=tuple(labels))
     return (text_fn,), post
+
+
+# STS-B's targets: the score rounded to a multiple of 0.2, "0.0" ... "5.0" (preprocessors.stsb).
+STSB_TARGETS = tuple(f"{i / 5:.1f}" for i in range(26))
 
 
 def _glue_specs() -> list[_Spec]:
@@ -270,7 +281,8 @@ def _glue_specs() -> list[_Spec]:
     }
     specs = []
     for config, (benchmark, metric_fns, splits) in table.items():
-        text_fns, post = _classification(benchmark, _label_classes("glue", config))
+        labels = _label_classes("glue", config)
+        text_fns, post = _classification(benchmark, labels)
         specs.append(
             _Spec(
                 f"glue_{config}_v002",
@@ -279,6 +291,7 @@ def _glue_specs() -> list[_Spec]:
                 text_fns,
                 metric_fns,
                 post,
+                tuple(labels),
             )
         )
     specs.append(
@@ -289,6 +302,7 @@ def _glue_specs() -> list[_Spec]:
             (preprocessors.stsb,),
             (metrics.pearson_corrcoef, metrics.spearman_corrcoef),
             string_to_float,
+            STSB_TARGETS,
         )
     )
     return specs
@@ -307,18 +321,19 @@ def _super_glue_specs() -> list[_Spec]:
         ("copa", accuracy),
         ("rte", accuracy),
     ):
-        text_fns, post = _classification(config, _label_classes("super_glue", config))
+        labels = tuple(_label_classes("super_glue", config))
+        text_fns, post = _classification(config, labels)
         specs.append(
-            _Spec(f"super_glue_{config}_v102", sg(config), _SPLITS, text_fns, metric_fns, post)
+            _Spec(
+                f"super_glue_{config}_v102", sg(config), _SPLITS, text_fns, metric_fns, post, labels
+            )
         )
     # WiC ignores the word's character offsets (start1/end1/...), as T5 does.
-    text_fns, post = _classification(
-        "wic", _label_classes("super_glue", "wic"), ("sentence1", "sentence2", "word")
-    )
-    specs.append(_Spec("super_glue_wic_v102", sg("wic"), _SPLITS, text_fns, accuracy, post))
-    text_fns, _ = _classification(
-        "multirc", _label_classes("super_glue", "multirc"), ("question", "answer", "paragraph")
-    )
+    labels = tuple(_label_classes("super_glue", "wic"))
+    text_fns, post = _classification("wic", labels, ("sentence1", "sentence2", "word"))
+    specs.append(_Spec("super_glue_wic_v102", sg("wic"), _SPLITS, text_fns, accuracy, post, labels))
+    labels = tuple(_label_classes("super_glue", "multirc"))
+    text_fns, _ = _classification("multirc", labels, ("question", "answer", "paragraph"))
     specs.append(
         _Spec(
             "super_glue_multirc_v102",
@@ -327,6 +342,7 @@ def _super_glue_specs() -> list[_Spec]:
             text_fns,
             (metrics.multirc_f1_over_all_answers, metrics.multirc_exact_match),
             multirc_postprocess,
+            labels,
         )
     )
     specs.append(
@@ -340,16 +356,24 @@ def _super_glue_specs() -> list[_Spec]:
         )
     )
     # The diagnostics are cast as RTE; AXb names its sentences sentence1/sentence2.
-    rte_labels = _label_classes("super_glue", "rte")
+    rte_labels = tuple(_label_classes("super_glue", "rte"))
     text_fns, post = _classification("rte", rte_labels)
     axb_rekey = functools.partial(
         preprocessors.rekey,
         key_map={"premise": "sentence1", "hypothesis": "sentence2", "label": "label", "idx": "idx"},
     )
     specs.append(
-        _Spec("super_glue_axb_v102", sg("axb"), ("test",), (axb_rekey, *text_fns), (), post)
+        _Spec(
+            "super_glue_axb_v102",
+            sg("axb"),
+            ("test",),
+            (axb_rekey, *text_fns),
+            (),
+            post,
+            rte_labels,
+        )
     )
-    specs.append(_Spec("super_glue_axg_v102", sg("axg"), ("test",), text_fns, (), post))
+    specs.append(_Spec("super_glue_axg_v102", sg("axg"), ("test",), text_fns, (), post, rte_labels))
     specs.append(
         _Spec(
             "super_glue_wsc_v102_simple_train",
@@ -396,8 +420,15 @@ def _add_task(
 ) -> None:
     if spec.task in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(spec.task)
+    targets_check = None
+    if spec.target_strings is not None:
+        targets_check = tasks.labels_check(
+            spec.target_strings, features["targets"].vocabulary, spec.task
+        )
     seqio.TaskRegistry.add(
         spec.task,
+        task_cls=tasks.LengthCheckedTask,
+        targets_check=targets_check,
         source=seqio.TfdsDataSource(
             tfds_name=spec.tfds_name, tfds_data_dir=tfds_data_dir, splits=list(spec.splits)
         ),

@@ -37,7 +37,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from switch_t5.data import hide_gpus_from_tf
+from switch_t5.data import hide_gpus_from_tf, tasks
 
 hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
@@ -66,7 +66,8 @@ class InputPipeline:
     Args:
       task_or_mixture_name: a registered seqio task or mixture.
       split: dataset split ("train", "validation", ...).
-      feature_lengths: task feature lengths, e.g. {"inputs": 512, "targets": 114}.
+      feature_lengths: task feature lengths, e.g. {"inputs": 512, "targets": 114}; checked by
+        `tasks.check_lengths` (positive integers, and no target of the task cut).
       global_batch_size: examples per global batch (divisible by num_hosts).
       seed: shuffling and preprocessing seed (same seed, same stream).
       shuffle: shuffle examples (seqio's shuffle buffer) and source files.
@@ -104,15 +105,11 @@ class InputPipeline:
                 f"global_batch_size={global_batch_size} must be a positive multiple of "
                 f"num_hosts={num_hosts}"
             )
-        missing = {"inputs", "targets"} - set(feature_lengths)
-        if missing:
-            raise ValueError(
-                f"feature_lengths={dict(feature_lengths)} lacks {sorted(missing)}; give e.g. "
-                "{'inputs': 512, 'targets': 114}"
-            )
         self.task_or_mixture_name = task_or_mixture_name
         self.split = split
-        self.feature_lengths = {k: int(v) for k, v in feature_lengths.items()}
+        # Refuses bad lengths, and lengths that would cut the task's targets, before TF builds
+        # anything.
+        self.feature_lengths = tasks.check_lengths(task_or_mixture_name, split, feature_lengths)
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle = shuffle

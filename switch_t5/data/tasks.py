@@ -17,6 +17,11 @@ Plain Python factories (no gin; `switch_t5.data_gin` binds them to gin macros). 
 Preprocessing (T5's order): text -> tokenize `targets` -> (cache point) -> span corruption
 (`switch_t5.data.span_corruption`) -> append EOS. Stochastic steps come after the cache point, so
 each epoch of a repeated dataset sees new noise.
+
+The tasks of this package are `LengthCheckedTask`s: requesting a dataset validates the feature
+lengths and refuses a targets length that would cut the task's targets (span-corruption targets
+here; labels and free text in `glue` and `user_tasks`). `check_lengths` runs the same checks for
+a task or mixture without building anything (the input pipeline calls it first).
 """
 
 from __future__ import annotations
@@ -25,13 +30,13 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
 from switch_t5.data import corpus as corpus_lib
-from switch_t5.data import hide_gpus_from_tf, readers
+from switch_t5.data import hide_gpus_from_tf, lengths, readers
 from switch_t5.data import span_corruption as sc
 from switch_t5.data import vocab as vocab_lib
 
@@ -45,6 +50,123 @@ DEFAULT_EMBEDDED_VOCAB_SIZE = 4096
 DEFAULT_TEXT_VALIDATION_FRACTION = 0.01
 # seqio's default; the buffer holds span-corrupted pieces (shuffles across documents).
 DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+
+
+# Called with (split, validated feature lengths) before a dataset is built; raises
+# lengths.TargetLengthError when targets would be cut.
+TargetsCheck = Callable[[str, Mapping[str, int]], None]
+
+
+class LengthCheckedTask(seqio.Task):
+    """A seqio Task that checks its feature lengths (and targets) before building a dataset.
+
+    `get_dataset(sequence_length, split=...)` first validates `sequence_length`
+    (`lengths.check_feature_lengths`) and calls `targets_check(split, lengths)`, which refuses
+    labels or targets that the targets length would cut; then it builds the dataset as seqio
+    does. Every consumer (the training pipeline, evaluation, mixtures, `data.show`) goes through
+    `get_dataset`, so none can train or score on cut targets. `sequence_length=None` (no
+    trimming) skips the checks.
+
+    Register with `seqio.TaskRegistry.add(..., task_cls=LengthCheckedTask, targets_check=fn)`.
+    """
+
+    def __init__(self, *args, targets_check: TargetsCheck | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._targets_check = targets_check
+        self._passed: set[tuple[str, tuple[tuple[str, int], ...]]] = set()
+
+    def check_lengths(self, sequence_length: Mapping[str, int], split: str) -> dict[str, int]:
+        """The validated lengths; raises a `switch_t5.errors.UserError` subclass if bad."""
+        checked = lengths.check_feature_lengths(sequence_length)
+        key = (split, tuple(sorted(checked.items())))
+        if self._targets_check is not None and key not in self._passed:
+            self._targets_check(split, checked)
+            self._passed.add(key)  # the files are read once per process: no need to rescan
+        return checked
+
+    def get_dataset(self, sequence_length=None, split="train", *args, **kwargs):
+        if sequence_length is not None:
+            self.check_lengths(sequence_length, split)
+        return super().get_dataset(sequence_length, split, *args, **kwargs)
+
+
+def check_lengths(
+    task_or_mixture_name: str, split: str, feature_lengths: Mapping[str, int]
+) -> dict[str, int]:
+    """Validates feature lengths for a task or mixture, before any dataset is built.
+
+    The lengths must pass `lengths.check_feature_lengths`; the task (or each member of the
+    mixture), if a `LengthCheckedTask` with `split`, also checks that its targets fit. A name
+    that is not registered gets the first check only (building its dataset then fails with
+    seqio's error).
+
+    Returns:
+      The lengths as a `{"inputs": int, "targets": int}` dict.
+
+    Raises:
+      lengths.FeatureLengthsError, lengths.TargetLengthError (both `UserError`s).
+    """
+    checked = lengths.check_feature_lengths(feature_lengths)
+    names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if task_or_mixture_name not in names:
+        return checked
+    provider = seqio.get_mixture_or_task(task_or_mixture_name)
+    members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    errors = []
+    for task in members:
+        if isinstance(task, LengthCheckedTask) and split in task.splits:
+            try:
+                task.check_lengths(checked, split)
+            except lengths.TargetLengthError as e:
+                errors.append(e)
+    if errors:
+        raise lengths.combine_target_errors(errors, checked, task_or_mixture_name)
+    return checked
+
+
+def labels_check(labels: Sequence[str], vocabulary: seqio.Vocabulary, task: str) -> TargetsCheck:
+    """A `targets_check` for a task whose targets are one of `labels` (EOS appended)."""
+
+    def check(split: str, feature_lengths: Mapping[str, int]) -> None:
+        del split  # every label must fit: decoding may produce any of them
+        lengths.check_labels_fit(labels, vocabulary, feature_lengths, task)
+
+    return check
+
+
+def span_corruption_targets_check(
+    task: str,
+    noise_density: float = sc.DEFAULT_NOISE_DENSITY,
+    mean_noise_span_length: float = sc.DEFAULT_MEAN_NOISE_SPAN_LENGTH,
+) -> TargetsCheck:
+    """A `targets_check` refusing a targets length that would cut span-corruption targets.
+
+    Every full piece corrupted to fill the inputs length gives targets of exactly
+    `span_corruption_lengths(inputs)[1]` tokens (noise tokens, one sentinel per span, EOS):
+    inputs 512 -> 114, inputs 64 -> 14.
+    """
+
+    def check(split: str, feature_lengths: Mapping[str, int]) -> None:
+        del split
+        inputs = feature_lengths["inputs"]
+        if inputs < 3:
+            raise lengths.FeatureLengthsError(
+                f"task {task!r}: TASK_FEATURE_LENGTHS['inputs']={inputs} is too small for span "
+                "corruption (at least 3 tokens: a kept token, a sentinel and EOS); T5 uses 512"
+            )
+        _, needed = sc.span_corruption_lengths(inputs, noise_density, mean_noise_span_length)
+        if feature_lengths["targets"] < needed:
+            fixed = {**feature_lengths, "targets": needed}
+            raise lengths.TargetLengthError(
+                f"task {task!r}: span corruption of {inputs}-token inputs (noise density "
+                f"{noise_density}, mean span {mean_noise_span_length}) makes targets of {needed} "
+                f"tokens including sentinels and EOS, but TASK_FEATURE_LENGTHS targets="
+                f"{feature_lengths['targets']} would cut them; set targets to at least {needed}, "
+                f"e.g. TASK_FEATURE_LENGTHS={fixed!r}",
+                needed,
+            )
+
+    return check
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -68,10 +190,17 @@ def register_span_corruption_task(
     mean_noise_span_length: float = sc.DEFAULT_MEAN_NOISE_SPAN_LENGTH,
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
 ) -> seqio.Task:
-    """Registers (replacing any task of that name) a span-corruption task over `source`'s `text`."""
+    """Registers (replacing any task of that name) a span-corruption task over `source`'s `text`.
+
+    Requesting a dataset checks the lengths: inputs of at least 3 tokens, and targets long enough
+    for the targets that corrupting a full inputs-length piece produces (`span_corruption_targets
+    _check`).
+    """
     _replace_task(name)
     return seqio.TaskRegistry.add(
         name,
+        task_cls=LengthCheckedTask,
+        targets_check=span_corruption_targets_check(name, noise_density, mean_noise_span_length),
         source=source,
         preprocessors=[
             functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),

@@ -25,6 +25,11 @@ a missing or empty value, a non-numeric target for a correlation metric) are err
 `skip_invalid_rows=True`: then those rows are skipped, counted per reason and logged, which suits
 files whose unlabelled rows should simply be left out.
 
+Targets must fit TASK_FEATURE_LENGTHS' targets length, EOS included (`switch_t5.data.lengths`):
+every label of `label_names` is checked, and for free-text targets the first
+`target_scan_examples` (default 1000) examples of the split, when a dataset is requested with
+feature lengths; one that would be cut is a `TargetLengthError` naming the length to set.
+
 Rows are read into memory when a split is first requested (fine-tuning sets are small: 100k
 TSV rows read in about 2 s on a busy 2-core machine) and the result is cached for the process.
 """
@@ -47,7 +52,7 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
-from switch_t5.data import glue, hide_gpus_from_tf, readers, vocab
+from switch_t5.data import glue, hide_gpus_from_tf, lengths, readers, tasks, vocab
 from switch_t5.data import metrics as metrics_lib
 from switch_t5.data.readers import DataFileError
 
@@ -346,6 +351,7 @@ def register_files_text_to_text(
     has_header: bool = True,
     column_names: Sequence[str] | None = None,
     skip_invalid_rows: bool = False,
+    target_scan_examples: int = lengths.DEFAULT_TARGET_SCAN_EXAMPLES,
 ) -> seqio.Task:
     """Registers a text-to-text task over TSV/CSV/JSONL files (see the module docstring).
 
@@ -362,9 +368,13 @@ def register_files_text_to_text(
       has_header: whether TSV/CSV files start with a header row.
       column_names: the columns of header-less TSV/CSV files (requires has_header=False).
       skip_invalid_rows: skip and count rows with a bad label/value instead of failing.
+      target_scan_examples: free-text targets: how many examples of a split are tokenized to
+        refuse a targets length that would cut them (0: no scan). Labels are always checked.
 
     Returns:
-      The registered task (registering the same name again replaces it).
+      The registered task (registering the same name again replaces it). Requesting a dataset
+      with feature lengths raises `lengths.TargetLengthError` if a label, or one of the first
+      `target_scan_examples` free-text targets of the split, would be cut.
     """
     if vocabulary is None:
         if not vocabulary_path:
@@ -424,8 +434,7 @@ def register_files_text_to_text(
 
     cache: dict[str, list[tuple[str, str]]] = {}
 
-    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        del shuffle_files, seed  # seqio shuffles examples; row order is the files' order
+    def read_split(split: str) -> list[tuple[str, str]]:
         if split not in split_files:
             raise ValueError(f"Task {name!r} has no {split!r} split; it has {list(split_files)}.")
         if split not in cache:
@@ -439,7 +448,11 @@ def register_files_text_to_text(
                 stats.files,
                 dict(stats.skipped) or "none",
             )
-        pairs = cache[split]
+        return cache[split]
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # seqio shuffles examples; row order is the files' order
+        pairs = read_split(split)
         return tf.data.Dataset.from_tensor_slices(
             {
                 "inputs": [p[0] for p in pairs],
@@ -454,10 +467,32 @@ def register_files_text_to_text(
         postprocess = glue.string_to_float
     else:
         postprocess = None
+    if label_names is not None:
+        targets_check = tasks.labels_check(label_names, vocabulary, name)
+    else:
+
+        def targets_check(split: str, feature_lengths: Mapping[str, int]) -> None:
+            if split not in split_files:
+                return  # seqio's own error names the missing split
+            lengths.check_targets_fit(
+                (target for _, target in read_split(split)),
+                vocabulary,
+                feature_lengths,
+                name,
+                split,
+                max_examples=target_scan_examples,
+                skip_hint=(
+                    "switch_t5.data_gin.register_tasks.target_scan_examples=0 skips this check "
+                    "and lets such targets be cut"
+                ),
+            )
+
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name,
+        task_cls=tasks.LengthCheckedTask,
+        targets_check=targets_check,
         source=seqio.FunctionDataSource(dataset_fn, splits=list(split_files)),
         preprocessors=[
             seqio.preprocessors.tokenize,

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 
 from switch_t5.config import pad_vocab_size
 from switch_t5.data import readers
+from switch_t5.errors import UserError
 
 DEFAULT_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 DEFAULT_EXTRA_IDS = 100
@@ -31,26 +32,110 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _MAX_SENTENCE_BYTES = 1 << 16
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(UserError):
     """A task's vocabulary disagrees with a model or checkpoint."""
 
 
-def get_vocabulary(path: str | os.PathLike = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_IDS):
-    """A `seqio.SentencePieceVocabulary` (loaded lazily, so registering a task reads nothing).
+class VocabularyFileError(UserError):
+    """A vocabulary file is missing, empty, unreadable or not a T5-style SentencePiece model."""
+
+
+class VocabularyFileNotFoundError(VocabularyFileError, FileNotFoundError):
+    """A local vocabulary file does not exist (also a FileNotFoundError)."""
+
+
+_WANTED = (
+    "VOCABULARY_PATH must be a SentencePiece .model file with T5's ids (pad 0, EOS 1, UNK 2), "
+    "e.g. T5's gs://t5-data/vocabs/cc_all.32000/sentencepiece.model copied to a local path, or "
+    "one trained on your text with `python -m switch_t5.data.vocab --input=GLOB "
+    "--output=PATH.model`"
+)
+
+
+def _read_model_bytes(path: str) -> bytes:
+    if "://" not in path:
+        if not os.path.isfile(path):
+            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+            cls = VocabularyFileError if os.path.isdir(path) else VocabularyFileNotFoundError
+            raise cls(f"vocabulary file {path!r} {what}; {_WANTED}")
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise VocabularyFileError(
+                f"cannot read vocabulary file {path!r} ({e}); {_WANTED}"
+            ) from e
+    import tensorflow as tf
+
+    from switch_t5.data import hide_gpus_from_tf
+
+    hide_gpus_from_tf()
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except (tf.errors.OpError, OSError) as e:
+        detail = " ".join(str(e).split())
+        raise VocabularyFileError(
+            f"cannot read vocabulary file {path!r} ({type(e).__name__}: {detail[:300]}); without "
+            "network access or credentials for it, copy the file to a local path (e.g. `gsutil "
+            "cp PATH /data/spm.model` on a machine that can read it) and set VOCABULARY_PATH to "
+            "that path"
+        ) from None
+
+
+def check_sentencepiece_file(path: str) -> bytes:
+    """Reads a vocabulary file and checks it is a SentencePiece model with T5's ids.
+
+    Args:
+      path: a local path (absolute or not) or a URL tf.io.gfile reads (gs://...).
+
+    Returns:
+      The file's bytes.
 
     Raises:
-      FileNotFoundError: for a local path that does not exist.
+      VocabularyFileNotFoundError: a local path that does not exist.
+      VocabularyFileError: an empty, unreadable or non-SentencePiece file, a model whose EOS or
+        padding id is not T5's, or a URL that cannot be read (e.g. offline); each names the path.
+    """
+    import sentencepiece as spm
+
+    model_bytes = _read_model_bytes(path)
+    if not model_bytes:
+        raise VocabularyFileError(f"vocabulary file {path!r} is empty; {_WANTED}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(model_bytes)
+    except RuntimeError:
+        start = model_bytes[:40]
+        raise VocabularyFileError(
+            f"vocabulary file {path!r} ({len(model_bytes):,} bytes, starting {start!r}) is not a "
+            f"SentencePiece model; {_WANTED}"
+        ) from None
+    ids = {"pad": processor.pad_id(), "EOS": processor.eos_id(), "UNK": processor.unk_id()}
+    if (ids["pad"], ids["EOS"]) != (PAD_ID, EOS_ID):
+        raise VocabularyFileError(
+            f"vocabulary file {path!r} is a SentencePiece model with ids "
+            f"{', '.join(f'{k} {v}' for k, v in ids.items())} (-1: none), but T5 models need pad "
+            f"{PAD_ID} and EOS {EOS_ID}; {_WANTED}"
+        )
+    return model_bytes
+
+
+def get_vocabulary(path: str | os.PathLike = DEFAULT_SPM_PATH, extra_ids: int = DEFAULT_EXTRA_IDS):
+    """A `seqio.SentencePieceVocabulary`, after checking the file (`check_sentencepiece_file`).
+
+    The file is read and parsed once here (milliseconds), so that a wrong VOCABULARY_PATH fails
+    when the task is registered, naming the path, rather than deep inside the input pipeline.
+
+    Raises:
+      VocabularyFileNotFoundError, VocabularyFileError: see `check_sentencepiece_file`.
     """
     import seqio
 
     path = os.fspath(path)
-    if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
-        raise FileNotFoundError(
-            f"SentencePiece model {path!r} does not exist; set VOCABULARY_PATH to a .model file "
-            "or train one with `python -m switch_t5.data.vocab --input=GLOB --output=PATH`"
-        )
     if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
+    check_sentencepiece_file(path)
     return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
