@@ -47,7 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from switch_t5 import faults
+from switch_t5 import errors, faults
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def local_dir_for(p: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
-class ModelDirLockedError(RuntimeError):
+class ModelDirLockedError(errors.UserError, RuntimeError):
     """Another process is training in the same MODEL_DIR."""
 
 
@@ -181,7 +181,7 @@ class ModelDirLock:
 # ---------------------------------------------------------------------------------------------
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError):
     """The checkpoint was written for another architecture or vocabulary."""
 
 
@@ -261,11 +261,11 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-class CheckpointCorruptError(RuntimeError):
+class CheckpointCorruptError(errors.UserError, RuntimeError):
     """Checkpoints exist but none can be read (each was moved to the quarantine folder)."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.UserError, RuntimeError):
     """Writing a checkpoint failed (e.g. no space left); the earlier ones are intact."""
 
 

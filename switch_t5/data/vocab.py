@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
+from switch_t5 import errors
 from switch_t5.config import pad_vocab_size
 from switch_t5.data import readers
 
@@ -31,7 +32,7 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _MAX_SENTENCE_BYTES = 1 << 16
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(errors.UserError):
     """A task's vocabulary disagrees with a model or checkpoint."""
 
 

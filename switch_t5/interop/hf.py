@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from switch_t5 import errors
 from switch_t5.config import SwitchConfig, pad_vocab_size, sparse_layers_hf
 from switch_t5.interop import streaming
 
@@ -40,7 +41,7 @@ _ACT_TO_OURS = {
 }
 
 
-class UnsupportedFeatureError(ValueError):
+class UnsupportedFeatureError(errors.UserError):
     """A model feature the target format cannot represent (the message names it)."""
 
 
