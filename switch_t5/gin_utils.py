@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -193,10 +194,29 @@ def _binding_error(binding: str, error: BaseException) -> str:
             f'that survive the shell: --gin.{name}="{value!r}" (in a gin file or '
             f"--gin_bindings: {name} = {value!r})"
         )
+    suggestion = _parameter_suggestion(reason)
+    if suggestion:
+        return f"bad gin binding {binding!r}: {reason} {suggestion}"
     return (
         f"bad gin binding {binding!r}: {reason} Check the name against the configurable's "
         "signature (python -m switch_t5.train --help lists the common macros)."
     )
+
+
+def _parameter_suggestion(reason: str) -> str | None:
+    """'Did you mean batch_size?' for gin's "doesn't have a parameter named 'batch_sizee'"."""
+    m = re.match(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", reason)
+    if not m:
+        return None
+    try:
+        configurable = gin.config._REGISTRY.get_match(m.group(1))
+        names = list(inspect.signature(configurable.wrapped).parameters)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    close = difflib.get_close_matches(m.group(2), names, n=1, cutoff=0.6)
+    if close:
+        return f"Did you mean {m.group(1)}.{close[0]}?"
+    return f"Its parameters: {', '.join(names)}."
 
 
 def defined_macros() -> list[str]:

@@ -269,3 +269,8 @@ def test_eval_cli_loads_a_runs_config_gin_with_its_train_bindings(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = _error_lines(proc)
     assert len(lines) == 1 and "'no_such_task' is not a known task" in lines[0], proc.stderr
+
+
+def test_a_misspelt_parameter_names_the_closest_one():
+    with pytest.raises(gin_utils.GinConfigError, match=r"Did you mean train\.batch_size\?"):
+        gin_utils.parse_gin([QUICKSTART], ["train.batch_sizee = 3"])
