@@ -32,11 +32,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     from switch_t5 import data_gin, gin_utils
     from switch_t5.data import pipeline, show
 
-    flags = gin_utils.parse_flags(sys.argv[1:], _add_arguments)
+    flags = gin_utils.parse_flags(argv, _add_arguments)
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
     args = flags.rest
     lengths = show.parse_feature_lengths(args.feature_lengths)
@@ -93,4 +93,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from switch_t5 import gin_utils
+
+    gin_utils.run_console_main(main)

@@ -9,7 +9,13 @@ Switch layer cost one expert's FLOPs, so the dense model with the same d_ff matc
 count, arXiv 2101.03961 sec. 3) runs beside them. Here the runs go one after another; on a
 cluster print the commands with --dry_run and submit one job per line. Afterwards, or with
 --report_only, it reads every MODEL_DIR/metrics.jsonl and writes OUT/comparison.md (a table) and
-OUT/eval_loss.png (eval loss vs step, one line per expert count).
+OUT/eval_loss.png (eval cross-entropy vs step, one line per expert count).
+
+Runs are compared by eval cross-entropy (`trainer.CROSS_ENTROPY`), not by `loss`: `loss` adds
+the Switch runs' load-balancing loss (0.01 x about 1) and the dense run has none, so it would
+favour the dense baseline by an amount that has nothing to do with how well the models predict.
+The gin files and overrides are checked once before the first run (a misspelt macro stops the
+sweep, not each run).
 """
 
 from __future__ import annotations
@@ -40,18 +46,27 @@ def report(out: str, names: list[str]) -> str:
     import matplotlib
 
     from switch_t5 import metrics_logging
+    from switch_t5.trainer import CROSS_ENTROPY
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [
-        "| run | steps | first eval loss | last eval loss | train tokens/s |",
+        f"Eval cross-entropy (`{CROSS_ENTROPY}` in metrics.jsonl): the token loss without the "
+        "z-loss and the Switch runs' load-balancing loss, so dense and Switch runs compare like "
+        "for like.",
+        "",
+        "| run | steps | first eval cross-entropy | last eval cross-entropy | train tokens/s |",
         "|---|---|---|---|---|",
     ]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
         recs = metrics_logging.read_metrics(os.path.join(out, name))
-        evals = [(r["step"], r["loss"]) for r in recs if r["split"] == "eval"]
+        evals = [
+            (r["step"], r[CROSS_ENTROPY])
+            for r in recs
+            if r["split"] == "eval" and CROSS_ENTROPY in r
+        ]
         trains = [r for r in recs if r["split"] == "train"]
         if not evals:
             rows.append(f"| {name} | - | - | - | - |")
@@ -63,7 +78,7 @@ def report(out: str, names: list[str]) -> str:
         )
         ax.plot(*zip(*evals), "o-" if name != "dense" else "k--", label=name, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel("eval cross-entropy")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(os.path.join(out, "eval_loss.png"), dpi=110, bbox_inches="tight")
@@ -73,8 +88,20 @@ def report(out: str, names: list[str]) -> str:
     return table
 
 
+def check_gin(gin_files: list[str], bindings: list[str], out: str) -> None:
+    """Parses the sweep's gin as its runs will (a misspelt macro, a bad value or a missing
+    required macro is a `UserError` here, before any run starts)."""
+    from switch_t5 import gin_utils
+
+    run_bindings = [*bindings, "NUM_EXPERTS = 1", f"MODEL_DIR = {os.path.join(out, 'check')!r}"]
+    gin_utils.parse_gin(gin_files, run_bindings)
+
+
 def main(argv=None) -> None:
+    from switch_t5 import errors, gin_utils
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    gin_utils.add_debug_flag(parser)
     parser.add_argument("--gin_file", action="append", default=[], required=True)
     parser.add_argument("--experts", default="1,2,4,8", help="comma-separated NUM_EXPERTS values")
     parser.add_argument("--out", required=True, help="parent folder of the MODEL_DIRs")
@@ -94,6 +121,8 @@ def main(argv=None) -> None:
     if any(n < 1 for n in experts):
         parser.error("--experts values must be >= 1 (the dense baseline is added automatically)")
     runs = commands(args.gin_file, bindings, experts, args.out, dense=not args.no_dense)
+    if not args.report_only:
+        check_gin(args.gin_file, bindings, args.out)
     if args.dry_run:
         for _, cmd in runs:
             print(shlex.join(cmd))
@@ -103,11 +132,16 @@ def main(argv=None) -> None:
         env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
         for name, cmd in runs:
             print(f"== {name}: {shlex.join(cmd)}", flush=True)
-            subprocess.run(cmd, cwd=REPO, env=env, check=True)
+            code = subprocess.run(cmd, cwd=REPO, env=env, check=False).returncode
+            if code:
+                raise errors.UserError(f"the {name} run exited with status {code} (see above)")
     print(report(args.out, [name for name, _ in runs]))
     table_path = os.path.join(args.out, "comparison.md")
     print(f"wrote {table_path} and {os.path.join(args.out, 'eval_loss.png')}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, REPO)
+    from switch_t5 import gin_utils
+
+    gin_utils.run_console_main(main)

@@ -47,8 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from switch_t5 import faults
-from switch_t5.errors import UserError
+from switch_t5 import errors, faults
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def local_dir_for(p: str) -> str | None:
     return None if is_remote(p) else os.fspath(p)
 
 
-class ModelDirIsFileError(UserError):
+class ModelDirIsFileError(errors.UserError):
     """MODEL_DIR (or a folder above it) exists as a regular file."""
 
 
@@ -138,7 +137,7 @@ def check_model_dir(
 # ---------------------------------------------------------------------------------------------
 
 
-class ModelDirLockedError(RuntimeError):
+class ModelDirLockedError(errors.UserError, RuntimeError):
     """Another process is training in the same MODEL_DIR."""
 
 
@@ -206,7 +205,7 @@ class ModelDirLock:
 # ---------------------------------------------------------------------------------------------
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError):
     """The checkpoint was written for another architecture or vocabulary."""
 
 
@@ -308,11 +307,11 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-class CheckpointCorruptError(RuntimeError):
+class CheckpointCorruptError(errors.UserError, RuntimeError):
     """Checkpoints exist but none can be read (each was moved to the quarantine folder)."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.UserError, RuntimeError):
     """Writing a checkpoint failed (e.g. no space left); the earlier ones are intact."""
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import ast
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
+from switch_t5 import errors, gin_utils
 from switch_t5.interop import streaming
 
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -50,7 +50,9 @@ def _overrides(items: Sequence[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set {item!r}: use FIELD=VALUE (e.g. eval_capacity_factor=4.0)")
+            raise errors.UserError(
+                f"--set {item!r}: use FIELD=VALUE (e.g. eval_capacity_factor=4.0)"
+            )
         try:
             out[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("hf-to-orbax", "t5x-to-orbax", "orbax-to-hf", "upcycle"):
         p = sub.add_parser(name)
+        gin_utils.add_debug_flag(p)
         p.add_argument("--src", required=True)
         p.add_argument("--dst", required=True)
         p.add_argument(
@@ -157,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
             **common,
         )
     else:
-        from switch_t5 import gin_utils
-
         gin_utils.parse_gin(args.gin_file, [b.removeprefix("--gin.") for b in args.gin_bindings])
         config = gin_utils.make_model_config()
         if config.dtype != args.dtype:
@@ -179,11 +180,9 @@ def main(argv: Sequence[str] | None = None) -> streaming.RunStats:
 
 
 def console_main() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The `python -m switch_t5.convert` command."""
+    # The converters name the fix in their ValueError / KeyError / FileExistsError messages.
+    gin_utils.run_console_main(main, (ValueError, FileExistsError, KeyError))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from typing import Any
 
 import gin
 
+from switch_t5 import errors
 from switch_t5.data.lengths import DEFAULT_TARGET_SCAN_EXAMPLES
-from switch_t5.errors import UserError
 
 _UNSET = object()
 _GLUE_PREFIXES = ("glue_", "super_glue_", "dpr_")
@@ -55,15 +55,29 @@ _FINETUNE_MACROS = (
     "HAS_HEADER",
     "COLUMN_NAMES",
 )
+# Every macro `macro()` reads by name: set without any `%NAME` reference in a binding, they are
+# still used (`gin_utils.check_macros_used` refuses other macros that no binding references).
+MACROS = (
+    "MIXTURE_OR_TASK_NAME",
+    "VOCABULARY_PATH",
+    "TEXT_FILES",
+    "TFDS_DATA_DIR",
+    *_FINETUNE_MACROS,
+)
 EMBEDDED_VOCABULARY = "embedded"
 
 
-class MissingMacroError(UserError):
+class MissingMacroError(errors.UserError):
     """A task needs a gin macro that is not set."""
 
 
 def macro(name: str, default: Any = _UNSET, *, needed_by: str = "") -> Any:
-    """The value of gin macro `name`; `default` when unset (or MissingMacroError if none)."""
+    """The value of gin macro `name`; `default` when unset (or MissingMacroError if none).
+
+    `name` must be in `MACROS`, so that setting it is not refused as unused.
+    """
+    if name not in MACROS:
+        raise AssertionError(f"macro {name!r} is read by code but missing from data_gin.MACROS")
     try:
         value = gin.query_parameter(f"{name}/macro.value")
     except ValueError:
@@ -110,7 +124,7 @@ def register_tasks(
 
     Raises:
       MissingMacroError: a macro the task needs is not set.
-      ValueError: the name is not a known task or mixture.
+      UserError: the name is not a known task or mixture.
     """
     import seqio
 
@@ -172,12 +186,12 @@ def register_tasks(
             tfds_data_dir=macro("TFDS_DATA_DIR", None),
         )
         if name not in registered:
-            raise ValueError(
+            raise errors.UserError(
                 f"MIXTURE_OR_TASK_NAME={name!r} is not a GLUE/SuperGLUE task or mixture; known: "
                 f"{', '.join(sorted(registered))}"
             )
     elif name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
-        raise ValueError(
+        raise errors.UserError(
             f"MIXTURE_OR_TASK_NAME={name!r} is not a known task: use one of "
             f"{', '.join(_SPAN_TASKS)}, "
             "files_text_to_text, a GLUE/SuperGLUE task (glue_*, super_glue_*), or register your "

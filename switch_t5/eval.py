@@ -1,7 +1,7 @@
 """Decode-and-score evaluation: `python -m switch_t5.eval --gin_file=... --gin.X=...`.
 
     python -m switch_t5.eval --gin_file=configs/runs/eval.gin \\
-      --gin.MODEL_DIR=/tmp/rte_finetune --gin.MIXTURE_OR_TASK_NAME=glue_rte_v002
+      --gin.MODEL_DIR="'/tmp/rte_finetune'" --gin.MIXTURE_OR_TASK_NAME="'glue_rte_v002'"
 
 Decodes a task's (or every task of a mixture's) validation split, each example exactly once (the
 last batch padded with empty rows whose outputs are dropped), maps predicted and target text
@@ -42,7 +42,15 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from switch_t5 import checkpoints, decoding, gin_utils, init_checkpoint, network, partitioning
+from switch_t5 import (
+    checkpoints,
+    decoding,
+    errors,
+    gin_utils,
+    init_checkpoint,
+    network,
+    partitioning,
+)
 from switch_t5.config import SwitchConfig
 
 log = logging.getLogger(__name__)
@@ -56,7 +64,7 @@ SUPER_GLUE_AVERAGE = "super_glue_average"
 MIXTURE_AVERAGE = "mixture_average"
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(errors.UserError):
     """An evaluation setting does not fit the task, mesh or checkpoint."""
 
 
@@ -657,7 +665,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str]) -> EvalResult:
     flags = gin_utils.parse_flags(argv, _add_arguments)
     if not flags.gin_files:
-        raise SystemExit("error: pass --gin_file=configs/runs/eval.gin (plus --gin.MODEL_DIR=...)")
+        raise errors.UserError("pass --gin_file=configs/runs/eval.gin (plus --gin.MODEL_DIR=...)")
     import switch_t5.data_gin  # noqa: F401  (registers its configurables before parsing)
 
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
@@ -667,27 +675,9 @@ def main(argv: Sequence[str]) -> EvalResult:
     return result
 
 
-def entry_point_errors() -> tuple[type[Exception], ...]:
-    """The setting errors (wrong flags, gin, checkpoint, vocabulary or missing files) that the
-    decoding commands (`switch_t5.eval`, `switch_t5.infer`) report as `error: ...`."""
-    from switch_t5 import data_gin
-    from switch_t5.data import vocab as vocab_lib
-
-    return (
-        gin_utils.GinConfigError,
-        EvalConfigError,
-        init_checkpoint.InitialCheckpointError,
-        data_gin.MissingMacroError,
-        vocab_lib.VocabularyMismatchError,
-        FileNotFoundError,
-    )
-
-
 def console_main() -> None:
     """The `python -m switch_t5.eval` command."""
-    from switch_t5.data import readers
-
-    gin_utils.run_console_main(main, (*entry_point_errors(), readers.DataFileError))
+    gin_utils.run_console_main(main)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,8 @@ def main(argv: Sequence[str]) -> list[Prediction]:
 
 def console_main() -> None:
     """The `python -m switch_t5.infer` command."""
-    gin_utils.run_console_main(main, (*eval_lib.entry_point_errors(), ValueError))
+    # infer's input checks raise ValueError with the fix in the message.
+    gin_utils.run_console_main(main, (ValueError,))
 
 
 if __name__ == "__main__":

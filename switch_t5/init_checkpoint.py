@@ -47,14 +47,14 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from switch_t5 import partitioning, train_state
+from switch_t5 import errors, partitioning, train_state
 
 log = logging.getLogger(__name__)
 
 AssignmentMap = Sequence[tuple[str, str | None]]
 
 
-class InitialCheckpointError(ValueError):
+class InitialCheckpointError(errors.UserError):
     """The initial checkpoint is missing, unreadable, or does not fit the model."""
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from switch_t5 import partitioning
+from switch_t5 import errors, partitioning
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -41,7 +41,7 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 ENV_CPU_COLLECTIVES = "SWITCH_T5_CPU_COLLECTIVES"
 
 
-class MultiHostConfigError(ValueError):
+class MultiHostConfigError(errors.UserError):
     """The multi-process environment variables are incomplete or inconsistent."""
 
 
@@ -129,15 +129,15 @@ def make_hybrid_mesh(
     devices = list(jax.devices() if devices is None else devices)
     per_slice = tuple(int(s) for s in per_slice)
     if len(per_slice) != 3 or any(s < 1 for s in per_slice):
-        raise ValueError(f"per_slice={per_slice}: give positive (data, expert, model) sizes")
+        raise errors.UserError(f"per_slice={per_slice}: give positive (data, expert, model) sizes")
     if math.prod(per_slice) * num_slices != len(devices):
-        raise ValueError(
+        raise errors.UserError(
             f"per_slice {per_slice} x {num_slices} slices = {math.prod(per_slice) * num_slices} "
             f"devices, but there are {len(devices)}; the per-slice sizes must multiply to "
             f"{len(devices) // max(num_slices, 1)}"
         )
     if num_experts and num_experts % per_slice[1]:
-        raise ValueError(
+        raise errors.UserError(
             f"the expert axis ({per_slice[1]}) does not divide num_experts={num_experts}"
         )
     dcn = (num_slices, 1, 1)
@@ -194,14 +194,14 @@ def make_mesh_for_job(
     if expert is None:
         expert = partitioning.default_expert_size(per, num_experts, model)
     if per % (expert * model):
-        raise ValueError(
+        raise errors.UserError(
             f"expert x model = {expert} x {model} does not fit inside one slice/node of {per} "
             f"devices; the expert all-to-all and model axis must stay on ICI/NVLink: use "
             f"expert x model dividing {per}"
         )
     per_data = per // (expert * model)
     if data not in (-1, per_data * len(granules)):
-        raise ValueError(
+        raise errors.UserError(
             f"data={data}: with expert x model = {expert * model} per slice/node of {per} "
             f"devices and {len(granules)} of them, data must be {per_data * len(granules)} (or -1)"
         )

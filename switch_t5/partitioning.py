@@ -15,6 +15,8 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from switch_t5 import errors
+
 MESH_AXES = ("data", "expert", "model")
 
 # Logical name -> mesh axis (or axes). The batch is split over data AND expert: the expert axis
@@ -47,23 +49,25 @@ def _resolve_sizes(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
     sizes = tuple(int(s) for s in sizes)
     unknown = [i for i, s in enumerate(sizes) if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise errors.UserError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1"
+        )
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(
+        raise errors.UserError(
             f"mesh sizes {dict(zip(MESH_AXES, sizes))}: sizes must be positive "
             "(or -1 for 'the rest')"
         )
     known = math.prod(s for s in sizes if s != -1)
     if unknown:
         if num_devices % known:
-            raise ValueError(
+            raise errors.UserError(
                 f"mesh sizes {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, "
                 f"which does not divide the {num_devices} devices; pick sizes whose product "
                 f"divides {num_devices}"
             )
         sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise errors.UserError(
             f"mesh sizes data={sizes[0]} x expert={sizes[1]} x model={sizes[2]} = "
             f"{math.prod(sizes)} but there are {num_devices} devices; make the product equal "
             f"{num_devices} (or set one axis to -1)"
@@ -109,13 +113,13 @@ def make_mesh(
     n = len(devices)
     if expert is None:
         if model != -1 and n % max(model, 1):
-            raise ValueError(
+            raise errors.UserError(
                 f"model={model} does not divide the {n} devices; pick a divisor of {n}"
             )
         expert = default_expert_size(n, num_experts, model if model > 0 else 1)
     sizes = _resolve_sizes((data, expert, model), n)
     if num_experts and num_experts % sizes[1]:
-        raise ValueError(
+        raise errors.UserError(
             f"the expert mesh axis ({sizes[1]}) does not divide num_experts={num_experts}; use an "
             f"expert axis size that divides {num_experts} (e.g. {math.gcd(sizes[1], num_experts)})"
         )

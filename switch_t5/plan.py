@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from switch_t5 import gin_utils, network
+from switch_t5 import errors, gin_utils, network
 from switch_t5.config import REMAT_POLICIES, SwitchConfig
 
 
@@ -143,7 +143,7 @@ _WORKER_TAG = "SWITCH_T5_PLAN_RESULT "
 _ERROR_TAG = "SWITCH_T5_PLAN_ERROR "
 
 
-class PlanError(ValueError):
+class PlanError(errors.UserError):
     """The mesh does not fit the config or the batch, or the step does not fit in memory."""
 
 
@@ -743,8 +743,8 @@ def _compile_overrides(config: SwitchConfig, model_plan: ModelPlan, rest) -> dic
 def main(argv: Sequence[str]) -> None:
     flags = gin_utils.parse_flags(argv, _add_arguments)
     if not flags.gin_files:
-        raise SystemExit(
-            "error: pass a model config, e.g. --gin_file=configs/models/switch_base_8.gin"
+        raise errors.UserError(
+            "pass a model config, e.g. --gin_file=configs/models/switch_base_8.gin"
         )
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
     config = gin_utils.make_model_config()
@@ -754,10 +754,7 @@ def main(argv: Sequence[str]) -> None:
     rest = flags.rest
     if rest.devices is None and rest.mesh is None and rest.hbm_gib is None:
         return
-    try:
-        _plan_step(flags, config, model_plan)
-    except PlanError as e:
-        raise SystemExit(f"error: {e}") from None
+    _plan_step(flags, config, model_plan)
 
 
 def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
@@ -832,5 +829,10 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
         print("fits: yes")
 
 
+def console_main() -> None:
+    """The `python -m switch_t5.plan` command."""
+    gin_utils.run_console_main(main)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    console_main()

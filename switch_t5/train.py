@@ -2,7 +2,7 @@
 
     python -m switch_t5.train \\
       --gin_file=configs/models/switch_base_8.gin --gin_file=configs/runs/pretrain.gin \\
-      --gin.MODEL_DIR=/tmp/switch_base_8 --gin.MIXTURE_OR_TASK_NAME=c4_span_corruption
+      --gin.MODEL_DIR="'/tmp/switch_base_8'" --gin.MIXTURE_OR_TASK_NAME="'c4_span_corruption'"
 
 `train(...)` is the gin-configurable library function (defaults in its signature); the run gin
 files bind it through T5X-named macros (MODEL_DIR, TRAIN_STEPS, BATCH_SIZE, TASK_FEATURE_LENGTHS,
@@ -33,6 +33,7 @@ import numpy as np
 
 from switch_t5 import (
     checkpoints,
+    errors,
     faults,
     gin_utils,
     init_checkpoint,
@@ -47,7 +48,6 @@ from switch_t5 import (
 )
 from switch_t5 import eval as eval_lib  # registers its gin configurables before parsing
 from switch_t5.config import SwitchConfig, pad_vocab_size
-from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_ca
 REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS")
 
 
-class TrainConfigError(UserError):
+class TrainConfigError(errors.UserError):
     """A train setting is missing, of the wrong type or out of range (raised before compiling)."""
 
 
@@ -65,7 +65,7 @@ class DataStreamChangedError(TrainConfigError):
     seed, lengths, task); the message names them and `train.restart_data_stream`."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
     """The loss (or the parameters) became NaN or Inf; the message names the step."""
 
 
@@ -1084,15 +1084,14 @@ def print_summary(result: TrainResult) -> None:
 def main(argv: Sequence[str]) -> TrainResult:
     flags = gin_utils.parse_flags(argv, _add_arguments)
     if not flags.gin_files:
-        raise SystemExit(
-            "error: pass at least one --gin_file, e.g. "
-            "--gin_file=configs/experiments/quickstart.gin"
+        raise errors.UserError(
+            "pass at least one --gin_file, e.g. --gin_file=configs/experiments/quickstart.gin"
         )
     import switch_t5.data_gin  # noqa: F401  (registers its configurables before parsing)
 
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings, finalize=False)
     check_required_macros()
-    gin.finalize()
+    gin_utils.finalize_config()
     maybe_initialize_distributed(
         flags.rest.coordinator_address, flags.rest.num_processes, flags.rest.process_id
     )
@@ -1106,27 +1105,9 @@ def main(argv: Sequence[str]) -> TrainResult:
     return result
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from switch_t5 import data_gin
-    from switch_t5.data import vocab as vocab_lib
-
-    return (
-        gin_utils.GinConfigError,
-        TrainConfigError,
-        data_gin.MissingMacroError,
-        vocab_lib.VocabularyMismatchError,
-        checkpoints.ModelDirLockedError,
-        checkpoints.CheckpointMismatchError,
-        checkpoints.CheckpointCorruptError,
-        checkpoints.CheckpointSaveError,
-        NonFiniteLossError,
-        FileNotFoundError,
-    )
-
-
 def console_main() -> None:
     """The `switch-t5-train` console script."""
-    gin_utils.run_console_main(main, _user_errors())
+    gin_utils.run_console_main(main)
 
 
 if __name__ == "__main__":

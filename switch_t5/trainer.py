@@ -36,6 +36,9 @@ from switch_t5.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
 
+# The metric of the pure token cross-entropy (no z-loss, no router losses): the number that
+# compares models whose auxiliary losses differ (dense vs Switch).
+CROSS_ENTROPY = "cross_entropy"
 # Model inputs among the T5X EncDec features (the rest, e.g. decoder_loss_weights, feed the loss).
 MODEL_FEATURES = (
     "encoder_input_tokens",
@@ -249,7 +252,7 @@ def train_step(
     )
     metrics = {
         "loss": loss,
-        "cross_entropy": aux["cross_entropy_sum"] / total_weight,
+        CROSS_ENTROPY: aux["cross_entropy_sum"] / total_weight,
         "z_loss": aux["z_loss_sum"] / total_weight,
         "accuracy": aux["correct_sum"] / total_weight,
         "load_balancing_loss": aux["load_balancing_loss"],
@@ -308,7 +311,7 @@ class EvalAccumulator:
         )
         return {
             "loss": float((s["cross_entropy_sum"] + s["z_loss_sum"]) / w + aux),
-            "cross_entropy": float(s["cross_entropy_sum"] / w),
+            CROSS_ENTROPY: float(s["cross_entropy_sum"] / w),
             "z_loss": float(s["z_loss_sum"] / w),
             "accuracy": float(s["correct_sum"] / w),
             "load_balancing_loss": float(s["load_balancing_loss"] / n),

@@ -8,7 +8,7 @@ import sys
 import gin
 import pytest
 
-from switch_t5 import gin_utils, network, plan
+from switch_t5 import errors, gin_utils, network, plan
 
 MODELS_DIR = os.path.join(gin_utils.CONFIGS_DIR, "models")
 MODEL_CONFIGS = sorted(
@@ -87,7 +87,7 @@ def test_plan_main_prints_counts(capsys):
 
 
 def test_plan_main_requires_a_gin_file():
-    with pytest.raises(SystemExit, match="--gin_file"):
+    with pytest.raises(errors.UserError, match="--gin_file"):
         plan.main([])
 
 

@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 from tiny import TINY_FIELDS
 
-from switch_t5 import checkpoints, gin_utils, network, optim, partitioning, train_state
+from switch_t5 import (
+    checkpoints,
+    errors,
+    gin_utils,
+    network,
+    optim,
+    partitioning,
+    train_state,
+)
 from switch_t5 import train as train_lib
 from switch_t5.config import SwitchConfig
 
@@ -303,7 +311,7 @@ def test_bad_gin_fails_before_compiling(tmp_path, clean_gin, monkeypatch, bindin
     d = str(tmp_path / "bad")
     with pytest.raises(Exception, match=message) as e:
         train_lib.main(_cli_args(d, "TRAIN_STEPS = 3", binding))
-    assert isinstance(e.value, train_lib._user_errors()), type(e.value)
+    assert isinstance(e.value, errors.UserError), type(e.value)
     assert not os.path.exists(os.path.join(d, "checkpoints"))
 
 

@@ -26,12 +26,12 @@ import os
 import zlib
 from collections.abc import Iterator, Sequence
 
-from switch_t5.errors import UserError
+from switch_t5 import errors
 
 TXT_MODES = ("line", "paragraph")
 
 
-class DataFileError(UserError):
+class DataFileError(errors.UserError):
     """A data file is unreadable or malformed; the message names the file (and line) and fix."""
 
 

@@ -17,6 +17,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from switch_t5 import errors
+
 
 def parse_feature_lengths(text: str) -> dict[str, int]:
     """`"inputs:512,targets:114"` -> {"inputs": 512, "targets": 114}."""
@@ -24,7 +26,7 @@ def parse_feature_lengths(text: str) -> dict[str, int]:
     for part in text.split(","):
         key, sep, value = part.partition(":")
         if not sep or not value.strip().isdigit():
-            raise ValueError(
+            raise errors.UserError(
                 f"--feature_lengths={text!r}: write NAME:LENGTH pairs, e.g. inputs:512,targets:114"
             )
         lengths[key.strip()] = int(value)
@@ -75,16 +77,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
     args = flags.rest
     if args.num_examples < 1:
-        raise SystemExit("error: --num_examples must be at least 1")
-    try:
-        lengths = parse_feature_lengths(args.feature_lengths)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise errors.UserError("--num_examples must be at least 1")
+    lengths = parse_feature_lengths(args.feature_lengths)
     data_gin.register_tasks(args.task)
     task = args.task or data_gin.macro("MIXTURE_OR_TASK_NAME")
     for row in show(task, args.split, args.num_examples, lengths, args.seed, args.shuffle):
         print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
+def console_main() -> None:
+    """The `python -m switch_t5.data.show` command."""
+    from switch_t5 import gin_utils
+
+    gin_utils.run_console_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -21,9 +21,9 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
+from switch_t5 import errors
 from switch_t5.config import pad_vocab_size
 from switch_t5.data import readers
-from switch_t5.errors import UserError
 
 DEFAULT_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
 DEFAULT_EXTRA_IDS = 100
@@ -32,11 +32,11 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _MAX_SENTENCE_BYTES = 1 << 16
 
 
-class VocabularyMismatchError(UserError):
+class VocabularyMismatchError(errors.UserError):
     """A task's vocabulary disagrees with a model or checkpoint."""
 
 
-class VocabularyFileError(UserError):
+class VocabularyFileError(errors.UserError):
     """A vocabulary file is missing, empty, unreadable or not a T5-style SentencePiece model."""
 
 

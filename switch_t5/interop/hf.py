@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from switch_t5 import errors
 from switch_t5.config import SwitchConfig, pad_vocab_size, sparse_layers_hf
-from switch_t5.errors import UserError
 from switch_t5.interop import streaming
 
 _ACT_TO_OURS = {
@@ -44,7 +44,7 @@ _ACT_TO_OURS = {
 }
 
 
-class UnsupportedFeatureError(UserError):
+class UnsupportedFeatureError(errors.UserError):
     """A model feature the target format cannot represent (the message names it)."""
 
 
@@ -113,7 +113,7 @@ def config_from_hf(
 
     Raises:
       UnsupportedFeatureError: router bias or an activation we do not implement.
-      UserError: weights whose sparse blocks differ from the blocks transformers makes sparse
+      errors.UserError: weights whose sparse blocks differ from the blocks transformers makes sparse
         for this config.json (`hf_sparse_layers`).
     """
     if hf.get("router_bias"):
@@ -134,7 +134,7 @@ def config_from_hf(
         found = _sparse_blocks(weight_names, stack)
         if found != rule:
             _, why = hf_stack_sparse_step(hf, stack)
-            raise UserError(
+            raise errors.UserError(
                 f"{stack}: the weights have routers in blocks {found} but config.json ({why}) "
                 f"puts sparse layers at {rule}, as transformers builds the model; the config and "
                 "the weights do not belong together"
@@ -571,7 +571,7 @@ def orbax_to_hf(
         records; when both are known their hashes must agree).
 
     Raises:
-      UserError: a non-empty `dst` without `overwrite`; no vocabulary known (or it cannot be
+      errors.UserError: a non-empty `dst` without `overwrite`; no vocabulary known (or it cannot be
         read) while `tokenizer` is set; a tokenizer transformers would load differently.
     """
     import tempfile
