@@ -10,8 +10,11 @@ step's folder. The model config comes from the checkpoint (`switch_t5.SwitchConf
 bindings override fields such as `eval_capacity_factor`); the vocabulary is the one the
 checkpoint records, or `--vocabulary_path` / the VOCABULARY_PATH macro (checked against the
 checkpoint's hash). `--input_file` holds one input per line (blank lines are skipped); inputs
-are decoded in batches. Decoding settings come from flags, else from gin (`infer.method = ...`,
-configs/runs/infer.gin), else from the signature of `infer`. Each output is printed on its own
+are decoded in batches. Every input is its own MoE routing group (`SwitchConfig.for_inference`),
+so its output does not depend on the batch it lands in; the fraction of token-to-expert
+assignments that expert capacity dropped is logged (a warning when not 0). Decoding settings
+come from flags, else from gin (`infer.method = ...`, configs/runs/infer.gin), else from the
+signature of `infer`. Each output is printed on its own
 line, in input order; `--output_file` also writes {"input", "prediction", "score"} JSON lines.
 """
 
@@ -186,10 +189,26 @@ def infer(
         seed=seed,
     )
     out, scores = decoder(params, tokens)
+    report_drops(decoder.fraction_dropped)
     return [
         Prediction(text, vocabulary.decode(eval_lib.output_ids(row)), float(score))
         for text, row, score in zip(texts, out, scores)
     ]
+
+
+def report_drops(fraction_dropped: float) -> None:
+    """Logs the MoE drops of an inference call (a warning when expert capacity dropped any)."""
+    if fraction_dropped > 0:
+        log.warning(
+            "MoE routing dropped %.2f%% of the inputs' token-to-expert assignments (expert "
+            "capacity; each input is routed on its own, so its outputs do not depend on the "
+            "others); a dropped token skips its expert. Raise switch_t5.SwitchConfig."
+            "eval_capacity_factor (or expert_capacity) or set switch_t5.SwitchConfig.dispatch = "
+            "'dropless' to drop none",
+            100 * fraction_dropped,
+        )
+    else:
+        log.info("MoE routing dropped no token-to-expert assignment")
 
 
 _DECODE_FLAGS = {
