@@ -17,8 +17,8 @@ from switch_t5 import eval as eval_lib
 from switch_t5.data import vocab
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
-# 8 rows of 16 tokens: routing groups of 16 tokens split evenly over the 8 batch shards of the
-# default mesh on 8 devices; a decoding step routes 8 rows (x 2 beams) tokens in one group.
+# 8 rows of 16 tokens; inference routes each row (and each row's decoding step) as its own
+# group, laid over the 8 batch shards of the default mesh on 8 devices.
 LENGTH = 16
 
 
