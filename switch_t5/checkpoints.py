@@ -253,6 +253,8 @@ RUNTIME_FIELDS = frozenset(
         "eval_capacity_factor",
         "min_expert_capacity",
         "group_size",
+        "routing_groups",
+        "expert_capacity",
         "dropout_rate",
         "expert_dropout_rate",
         "router_jitter_noise",

@@ -14,6 +14,13 @@ from switch_t5.errors import UserError
 
 DispatchImpl = Literal["auto", "einsum", "scatter", "dropless", "ragged"]
 RouterType = Literal["switch", "topk"]
+# How the tokens of a MoE layer call are split into routing groups (capacity is per group):
+#   "tokens": consecutive groups of `group_size` tokens over the flattened batch (training and
+#     teacher-forced evaluation: the paper's setting, arXiv 2101.03961 sec. 2.2);
+#   "sequence": every sequence (batch row) is its own group, so which of its tokens are dropped
+#     depends on nothing else in the batch (what inference uses, see `SwitchConfig.for_inference`).
+RoutingGroups = Literal["tokens", "sequence"]
+ROUTING_GROUPS = ("tokens", "sequence")
 # Rematerialisation (activation checkpointing) of each layer, or each scanned block:
 #   "none": keep every activation for the backward pass (fastest, most memory);
 #   "full": keep only the layer inputs and recompute everything else (least memory);
@@ -55,6 +62,11 @@ def sparse_layers_hf(num_layers: int, sparse_step: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if i % sparse_step == 1)
 
 
+# What inference changes in a model's config (`SwitchConfig.for_inference`); a
+# `switch_t5.SwitchConfig.*` gin binding given to infer/eval still overrides it.
+INFERENCE_FIELDS = {"routing_groups": "sequence"}
+
+
 @dataclasses.dataclass(frozen=True)
 class SwitchConfig:
     """Architecture and routing hyperparameters of a (Switch) T5 encoder-decoder.
@@ -91,7 +103,21 @@ class SwitchConfig:
       train_capacity_factor: expert capacity factor during training.
       eval_capacity_factor: expert capacity factor in evaluation and decoding.
       min_expert_capacity: floor of the expert capacity.
-      group_size: tokens per routing group (routing never depends on the mesh).
+      group_size: tokens per routing group (routing never depends on the mesh) when
+        routing_groups is "tokens".
+      routing_groups: "tokens" (groups of `group_size` tokens, capacity from the group's token
+        count) or "sequence" (each sequence one group; its capacity comes from the
+        capacity factor and the sequence's own real tokens, so padding length and batch-mates
+        change nothing; a decoding step's group is its one token, which is never dropped).
+        Inference (infer, decode-based eval, training samples) sets "sequence"
+        (`for_inference`).
+      expert_capacity: transformers' routing rule (`SwitchTransformersTop1Router`), recorded
+        by the Hugging Face import: every sequence is one routing group whatever
+        routing_groups says, each expert takes exactly this many of its tokens (no capacity
+        factor, no minimum; a decoding step's single token is never dropped), and padding takes
+        slots in sequence order like real tokens (right padding comes after the real tokens,
+        so it takes nothing from them). None = this project's capacity-factor routing
+        (train/eval_capacity_factor, min_expert_capacity, padding takes no slot).
       router_jitter_noise: multiplicative uniform(1-eps, 1+eps) noise on the router input.
       router_init_stddev: router kernel init normal(0, stddev).
       load_balancing_loss_weight: alpha of the load-balancing loss.
@@ -145,6 +171,8 @@ class SwitchConfig:
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
     group_size: int = 8192
+    routing_groups: RoutingGroups = "tokens"
+    expert_capacity: int | None = None
     router_jitter_noise: float = 1e-2
     router_init_stddev: float = 2e-2
     load_balancing_loss_weight: float = 1e-2
@@ -179,6 +207,19 @@ class SwitchConfig:
                 problems.append("router_type='switch' routes to exactly 1 expert; use 'topk'")
             if self.group_size <= 0:
                 problems.append(f"group_size={self.group_size} must be positive")
+            if self.routing_groups not in ROUTING_GROUPS:
+                problems.append(
+                    f"routing_groups={self.routing_groups!r}: use 'tokens' or 'sequence'"
+                )
+            if self.expert_capacity is not None and (
+                isinstance(self.expert_capacity, bool)
+                or not isinstance(self.expert_capacity, int)
+                or self.expert_capacity < 1
+            ):
+                problems.append(
+                    f"expert_capacity={self.expert_capacity!r} must be a positive integer "
+                    "(transformers' per-sequence capacity) or None (capacity factors)"
+                )
         if self.mlp_activations not in (
             ("relu",),
             ("gelu", "linear"),
@@ -246,6 +287,16 @@ class SwitchConfig:
             f"encoder and {self.num_decoder_layers} decoder layers with {'; '.join(how)}; "
             + ", or ".join(fixes)
         )
+
+    @property
+    def groups_per_sequence(self) -> bool:
+        """Whether every sequence is its own routing group (see routing_groups, expert_capacity)."""
+        return self.routing_groups == "sequence" or self.expert_capacity is not None
+
+    def for_inference(self) -> SwitchConfig:
+        """This config as inference runs it: each sequence its own routing group, so that an
+        output never depends on the other inputs of its batch (nor on its padding length)."""
+        return dataclasses.replace(self, **INFERENCE_FIELDS)
 
     @property
     def is_sparse(self) -> bool:

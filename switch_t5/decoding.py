@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from switch_t5 import moe
+
 PyTree = Any
 
 PAD_ID = 0
@@ -489,12 +491,17 @@ class DecodeOutput(NamedTuple):
       beams: <int32>[batch, num_beams, max_decode_length] every finished beam, best first (beam
         search only; None otherwise).
       beam_scores: <float32>[batch, num_beams] their scores (beam search only; None otherwise).
+      fraction_dropped: <float32>[] the encoder's MoE drops: dropped (token, expert) choices /
+        real ones, averaged over its sparse layers (0 for a dense model). Decoding steps are not
+        counted: with per-sequence routing groups (`SwitchConfig.for_inference`, transformers'
+        `expert_capacity`) a step's group is its one token, which is never dropped.
     """
 
     tokens: jax.Array
     scores: jax.Array
     beams: jax.Array | None = None
     beam_scores: jax.Array | None = None
+    fraction_dropped: jax.Array | None = None
 
 
 def _model_cache(
@@ -542,8 +549,9 @@ def decode_batch(
 
     Runs the encoder once, builds a zero decoder cache for batch (x beams) sequences, repeats
     the encoder outputs over the beams and decodes one token per step; dropout is off and MoE
-    layers use the eval capacity factor. Jittable with every argument but `params`, `batch` and
-    `rng` static, e.g.
+    layers route by the model's config with the eval capacity factor (inference builds the
+    model from `SwitchConfig.for_inference()`: each sequence its own routing group). Jittable
+    with every argument but `params`, `batch` and `rng` static, e.g.
     `jax.jit(functools.partial(decode_batch, model, method="beam", max_decode_length=32))`.
     Under a mesh, call it inside `nn.logical_axis_rules(...)` like the model itself.
 
@@ -582,7 +590,16 @@ def decode_batch(
         )
     batch_size = encoder_tokens.shape[0]
     # [b, inputs_length] -> [b, inputs_length, embed]
-    encoded = model.apply({"params": params}, encoder_tokens, enable_dropout=False, method="encode")
+    encoded, sown = model.apply(
+        {"params": params},
+        encoder_tokens,
+        enable_dropout=False,
+        method="encode",
+        mutable=["intermediates"],
+    )
+    fraction_dropped = moe.collect_moe_intermediates(sown.get("intermediates", {}))[
+        "fraction_dropped"
+    ]
     beams = num_beams if method == "beam" else 1
     if beams > 1:
         # [b, ...] -> [b * k, ...], beam-minor like the beam search's rows.
@@ -613,7 +630,7 @@ def decode_batch(
             max_decode_length=max_decode_length,
             eos_id=eos_id,
         )
-        return DecodeOutput(tokens, scores)
+        return DecodeOutput(tokens, scores, fraction_dropped=fraction_dropped)
     if method == "sample":
         tokens, scores = temperature_sample(
             tokens_to_logits,
@@ -626,7 +643,7 @@ def decode_batch(
             top_p=top_p,
             eos_id=eos_id,
         )
-        return DecodeOutput(tokens, scores)
+        return DecodeOutput(tokens, scores, fraction_dropped=fraction_dropped)
     all_beams, beam_scores = beam_search(
         tokens_to_logits,
         cache,
@@ -636,4 +653,6 @@ def decode_batch(
         alpha=alpha,
         eos_id=eos_id,
     )
-    return DecodeOutput(all_beams[:, 0], beam_scores[:, 0], all_beams, beam_scores)
+    return DecodeOutput(
+        all_beams[:, 0], beam_scores[:, 0], all_beams, beam_scores, fraction_dropped
+    )

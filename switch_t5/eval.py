@@ -51,7 +51,7 @@ from switch_t5 import (
     network,
     partitioning,
 )
-from switch_t5.config import SwitchConfig
+from switch_t5.config import INFERENCE_FIELDS, SwitchConfig
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,13 @@ class BatchDecoder:
                 rng=rng if method == "sample" else None,
                 **kwargs,
             )
-            return out.tokens, out.scores
+            return out.tokens, out.scores, out.fraction_dropped
 
         self._batch_sharding = partitioning.batch_sharding(mesh)
         replicated = partitioning.replicated(mesh)
-        self._decode = jax.jit(decode, out_shardings=(replicated, replicated))
+        self._decode = jax.jit(decode, out_shardings=(replicated, replicated, replicated))
+        # The MoE drops of the last call (see `__call__`).
+        self.fraction_dropped = 0.0
 
     def __call__(self, params: Any, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decodes <int32>[rows, inputs_length] encoder inputs (0 = PAD).
@@ -230,11 +232,15 @@ class BatchDecoder:
         Rows are decoded `batch_size` at a time; the last batch is padded with all-PAD rows and
         their outputs are dropped.
 
+        Sets `self.fraction_dropped`: the encoder's dropped (token, expert) choices / real ones
+        over all rows (`decoding.DecodeOutput.fraction_dropped`, weighted by real tokens).
+
         Returns:
           tokens: <int32>[rows, max_decode_length], EOS then PAD.
           scores: <float32>[rows] (see `decoding.DecodeOutput.scores`).
         """
         tokens_out, scores_out = [], []
+        dropped, real = 0.0, 0
         b = self.batch_size
         for i, start in enumerate(range(0, len(inputs), b)):
             chunk = np.asarray(inputs[start : start + b], np.int32)
@@ -245,10 +251,16 @@ class BatchDecoder:
                 chunk.shape, self._batch_sharding, lambda idx, c=chunk: c[idx]
             )
             with jax.set_mesh(self.mesh), partitioning.axis_rules():
-                tokens, scores = self._decode(params, batch, jax.random.fold_in(self._rng, i))
+                tokens, scores, fraction = self._decode(
+                    params, batch, jax.random.fold_in(self._rng, i)
+                )
             # Replicated outputs: every process holds all rows.
             tokens_out.append(np.asarray(tokens.addressable_shards[0].data)[:rows])
             scores_out.append(np.asarray(scores.addressable_shards[0].data)[:rows])
+            n = int(np.count_nonzero(chunk))
+            dropped += float(fraction.addressable_shards[0].data) * n
+            real += n
+        self.fraction_dropped = dropped / max(real, 1)
         return np.concatenate(tokens_out), np.concatenate(scores_out)
 
 
@@ -532,7 +544,8 @@ def load_model(
     mesh_shape: tuple[int, int | None, int] = (-1, None, 1),
     vocabulary: Any | None = None,
 ) -> tuple[nn.Module, Any, SwitchConfig, Mesh]:
-    """(model, params on the mesh, config, mesh) of a checkpoint (strict restore).
+    """(model, params on the mesh, config, mesh) of a checkpoint (strict restore), the model
+    configured for decoding: unscanned, each sequence its own MoE routing group.
 
     Args:
       ref: the checkpoint.
@@ -544,10 +557,10 @@ def load_model(
             f"{ref.step_dir}/meta has no model_config: not a checkpoint of this project"
         )
     # Decoding runs unscanned layers (the KV cache is per layer): a checkpoint of the scanned
-    # layout is converted while it is read (`init_checkpoint.layout_view`).
-    config = dataclasses.replace(
-        config_with_gin_overrides(ref.meta["model_config"]), scan_layers=False
-    )
+    # layout is converted while it is read (`init_checkpoint.layout_view`). Each sequence is its
+    # own routing group (`SwitchConfig.for_inference`) unless a gin binding says otherwise.
+    saved = {**ref.meta["model_config"], **INFERENCE_FIELDS}
+    config = dataclasses.replace(config_with_gin_overrides(saved), scan_layers=False)
     if vocabulary is not None:
         init_checkpoint.check_vocabulary(ref, vocabulary_record(vocabulary))
         from switch_t5.data import vocab as vocab_lib

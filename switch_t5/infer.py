@@ -12,11 +12,13 @@ checkpoint records, or `--vocabulary_path` / the VOCABULARY_PATH macro (checked 
 checkpoint's hash). `--input_file` holds one input per line; inputs are decoded in batches.
 Each input is cut to `--inputs_length` tokens (EOS included; default: the inputs length the
 checkpoint was trained with, recorded with it, else 512), and stderr says how many were cut.
-Decoding settings come from flags, else from gin (`infer.method = ...`, configs/runs/infer.gin),
-else from the signature of `infer`. Each output is printed on its own line, in input order, one
-per input line: a blank input line gives an empty output line (and is not decoded);
-`--output_file` also writes {"input", "prediction", "score", "empty_input", "truncated"} JSON
-lines (score null for an empty input).
+Every input is its own MoE routing group (`SwitchConfig.for_inference`), so its output does not
+depend on the batch it lands in; the fraction of token-to-expert assignments that expert
+capacity dropped is logged (a warning when not 0). Decoding settings come from flags, else from
+gin (`infer.method = ...`, configs/runs/infer.gin), else from the signature of `infer`. Each
+output is printed on its own line, in input order, one per input line: a blank input line gives
+an empty output line (and is not decoded); `--output_file` also writes {"input", "prediction",
+"score", "empty_input", "truncated"} JSON lines (score null for an empty input).
 """
 
 from __future__ import annotations
@@ -242,11 +244,27 @@ def infer(
         seed=seed,
     )
     out, scores = decoder(params, tokens)
+    report_drops(decoder.fraction_dropped)
     predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
     for i, row, score, cut in zip(rows, out, scores, truncated):
         text = vocabulary.decode(eval_lib.output_ids(row))
         predictions[i] = Prediction(texts[i], text, float(score), truncated=bool(cut))
     return predictions
+
+
+def report_drops(fraction_dropped: float) -> None:
+    """Logs the MoE drops of an inference call (a warning when expert capacity dropped any)."""
+    if fraction_dropped > 0:
+        log.warning(
+            "MoE routing dropped %.2f%% of the inputs' token-to-expert assignments (expert "
+            "capacity; each input is routed on its own, so its outputs do not depend on the "
+            "others); a dropped token skips its expert. Raise switch_t5.SwitchConfig."
+            "eval_capacity_factor (or expert_capacity) or set switch_t5.SwitchConfig.dispatch = "
+            "'dropless' to drop none",
+            100 * fraction_dropped,
+        )
+    else:
+        log.info("MoE routing dropped no token-to-expert assignment")
 
 
 _DECODE_FLAGS = {

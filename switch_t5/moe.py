@@ -11,8 +11,11 @@ MLP of the same size) and a router that sends each token to its top-1 expert (to
    (batch * length is usually a power of two, so this is `group_size` itself). When the groups
    cannot be laid evenly over the batch shards (mesh axes of the logical "group" axis), the call
    fails and names the sizes to change; a single group (fewer tokens than `group_size`, e.g. one
-   decoding step of [batch, 1, d]) is allowed on any mesh.
-2. `routing.route`: float32 router, top-k, capacity slots (`routing.py`).
+   decoding step of [batch, 1, d]) is allowed on any mesh. With per-sequence groups
+   (`config.routing_groups="sequence"`, inference, or transformers' `config.expert_capacity`)
+   each batch row is a group (`call_groups`): they are the batch and shard as it does.
+2. `routing.route`: float32 router, top-k, capacity slots (`routing.py`), with the capacity
+   rule of `capacity_rule`.
 3. dispatch: tokens -> <dtype>[experts, groups, capacity, embed]. Groups are sharded over
    ("data", "expert") before and experts over "expert" (groups over "data") after, so XLA emits an
    all-to-all (arXiv 2101.03961 Figure 9). Three implementations (`config.dispatch`):
@@ -39,6 +42,7 @@ c=expert capacity, d=embed, f=mlp, m=sorted (token, choice) rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -139,6 +143,55 @@ def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
                 if cand <= group_size:
                     best = max(best, cand)
     return num_tokens // best, best
+
+
+def call_groups(config: SwitchConfig, batch: int, length: int) -> tuple[int, int]:
+    """(num_groups, tokens_per_group) of a [batch, length] call under the config's grouping."""
+    if config.groups_per_sequence:
+        return batch, length
+    return group_layout(batch * length, config.group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRule:
+    """How many tokens each expert takes per routing group.
+
+    Attributes:
+      capacity: the static slots per expert and group (the buffer size).
+      from_real_tokens: each group's usable slots come from its own real-token count
+        (`routing.capacity_by_real_tokens`) instead of its padded size.
+      padding_takes_capacity: padding claims slots in sequence order (transformers' rule).
+      capacity_factor, min_expert_capacity: the factor rule's settings (from_real_tokens only).
+    """
+
+    capacity: int
+    from_real_tokens: bool = False
+    padding_takes_capacity: bool = False
+    capacity_factor: float = 1.0
+    min_expert_capacity: int = 0
+
+
+def capacity_rule(config: SwitchConfig, tokens_per_group: int, training: bool) -> CapacityRule:
+    """The capacity rule of a group of `tokens_per_group` tokens (padding included).
+
+    - transformers' rule (`config.expert_capacity` set): exactly that many slots, padding takes
+      slots (capped at the group size, which drops nothing more: a decoding step never drops);
+    - per-sequence groups: the capacity factor applied to each sequence's real tokens, so its
+      padding length does not change which of its tokens are dropped;
+    - groups of `group_size` tokens: the factor applied to the group size (Flaxformer's rule).
+    The factor is `train_capacity_factor` in training, else `eval_capacity_factor`.
+    """
+    if config.expert_capacity is not None:
+        return CapacityRule(
+            min(config.expert_capacity, tokens_per_group), padding_takes_capacity=True
+        )
+    cf = config.train_capacity_factor if training else config.eval_capacity_factor
+    capacity = routing_lib.expert_capacity(
+        tokens_per_group, config.num_experts, cf, config.min_expert_capacity
+    )
+    if config.groups_per_sequence:
+        return CapacityRule(capacity, True, False, cf, config.min_expert_capacity)
+    return CapacityRule(capacity)
 
 
 def _group_shards(name: str = "group") -> tuple[int, tuple[str, ...]]:
@@ -587,7 +640,8 @@ class MoeLayer(nn.Module):
 
     Rng streams (only with enable_dropout): "jitter" (router input noise), "dropout" (experts).
     Capacity factor: `train_capacity_factor` with enable_dropout, else `eval_capacity_factor`
-    (Flaxformer's convention).
+    (Flaxformer's convention); see `capacity_rule` for per-sequence groups and transformers'
+    fixed `expert_capacity`.
 
     Attributes:
       config: the network config.
@@ -620,7 +674,9 @@ class MoeLayer(nn.Module):
         Args:
           x: <dtype>[batch, length, embed].
           padding_mask: [batch, length], 1/True = real token; None = all real. Padding takes no
-            expert capacity, gets a zero output and is left out of the losses and metrics.
+            expert capacity, gets a zero output and is left out of the losses and metrics
+            (under transformers' rule, `config.expert_capacity`, it takes slots and is
+            processed as transformers does, still outside the losses and metrics).
           enable_dropout: training mode (router jitter, expert dropout, train capacity factor).
 
         Returns:
@@ -665,30 +721,44 @@ class MoeLayer(nn.Module):
         cfg = self.config
         batch, length, d = x.shape
         num_tokens = batch * length
-        num_groups, group_tokens = group_layout(num_tokens, cfg.group_size)
-        _check_groups_fit_mesh(num_tokens, num_groups, cfg.group_size)
+        num_groups, group_tokens = call_groups(cfg, batch, length)
+        if cfg.groups_per_sequence:
+            # The groups are the batch rows: they shard as the batch does, evenly or not, and
+            # no layout changes what a row computes.
+            sharded = num_groups > 1 and num_groups % _group_shards()[0] == 0
+        else:
+            _check_groups_fit_mesh(num_tokens, num_groups, cfg.group_size)
+            sharded = num_groups > 1
         # A single group (decoding steps, small calls) spans the batch shards: its token layout is
         # left to the partitioner instead of being forced onto one device.
-        expert_group_axis = "expert_group" if num_groups > 1 else None
+        expert_group_axis = "expert_group" if sharded else None
 
         def on_groups(a, names):
-            return _constrain(a, names) if num_groups > 1 else a
+            return _constrain(a, names) if sharded else a
 
-        cf = cfg.train_capacity_factor if enable_dropout else cfg.eval_capacity_factor
-        capacity = routing_lib.expert_capacity(
-            group_tokens, cfg.num_experts, cf, cfg.min_expert_capacity
-        )
+        rule = capacity_rule(cfg, group_tokens, training=enable_dropout)
         # [batch, length, d] -> [g, t, d]: consecutive tokens, so groups never straddle shards.
         xg = on_groups(x.reshape(num_groups, group_tokens, d), ("group", "capacity", "embed"))
         valid = valid.reshape(num_groups, group_tokens)
+        slot_limit = None
+        if rule.from_real_tokens:
+            slot_limit = routing_lib.capacity_by_real_tokens(
+                jnp.sum(valid, axis=1, dtype=jnp.int32),
+                group_tokens,
+                cfg.num_experts,
+                rule.capacity_factor,
+                rule.min_expert_capacity,
+            )
         logits = router(xg, apply_jitter=enable_dropout)
         r = routing_lib.route(
             logits,
             valid,
             num_selected_experts=cfg.num_selected_experts,
-            capacity=capacity,
+            capacity=rule.capacity,
             batch_prioritized=cfg.batch_prioritized_routing and self.is_encoder,
             slot_impl="cumsum" if impl == "einsum" else "sort",
+            slot_limit=slot_limit,
+            padding_takes_capacity=rule.padding_takes_capacity,
         )
         self._sow_stats(r)
         if impl == "einsum":
@@ -706,7 +776,7 @@ class MoeLayer(nn.Module):
             expert_in,
             enable_dropout=enable_dropout,
             group_axis=expert_group_axis,
-            loop=loop_experts(impl, num_groups * capacity, cfg.d_model, cfg.d_ff),
+            loop=loop_experts(impl, num_groups * rule.capacity, cfg.d_model, cfg.d_ff),
         )
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
         # And back: the second all-to-all returns each expert output to its group's shard.

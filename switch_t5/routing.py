@@ -12,7 +12,13 @@ Priority of the slots follows Flaxformer's `TokensChooseMaskedRouter`: all first
 are served before any second choice, tokens in sequence order inside a choice; with
 batch-prioritized routing (BPR, arXiv 2202.08906 / V-MoE) the tokens of a group are first sorted by
 their top-1 probability so that confident tokens claim capacity first. Padding tokens never take
-a slot and are left out of the losses and metrics.
+a slot and are left out of the losses and metrics; under transformers' rule
+(`padding_takes_capacity`) padding claims slots in sequence order like real tokens, as
+`SwitchTransformersTop1Router` does, and is still left out of the losses and metrics.
+
+A group's capacity is a static buffer size; `slot_limit` optionally lowers it per group (the
+capacity of a sequence computed from its own real tokens, `capacity_by_real_tokens`), so that
+neither padding length nor the buffer size of the batch changes which tokens are dropped.
 
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
@@ -44,8 +50,9 @@ class Routing:
       gate: <float32>[groups, tokens, k] combine weight of each choice: the router probability of
         that expert (top-k gates are NOT renormalised, as Flaxformer's masked router).
       position: <int32>[groups, tokens, k] slot of the choice inside its expert's buffer; padding
-        tokens get `capacity` (i.e. no slot).
-      kept: <bool>[groups, tokens, k] real token and position < capacity.
+        tokens get `capacity` (i.e. no slot) unless padding takes capacity.
+      kept: <bool>[groups, tokens, k] the choice holds a slot: a real token (or any token when
+        padding takes capacity) and position < the group's slot limit (<= capacity).
       valid: <bool>[groups, tokens] real (non-padding) tokens.
       capacity: static expert capacity (slots per expert and group).
     """
@@ -74,6 +81,32 @@ def expert_capacity(
     """
     capacity = max(round(capacity_factor * tokens_per_group / num_experts), min_expert_capacity)
     return min(capacity, tokens_per_group)
+
+
+def capacity_by_real_tokens(
+    real_tokens: jax.Array,
+    max_tokens: int,
+    num_experts: int,
+    capacity_factor: float,
+    min_expert_capacity: int,
+) -> jax.Array:
+    """`expert_capacity` of each group computed from its real (non-padding) token count.
+
+    A table of `expert_capacity(n, ...)` for n = 0..max_tokens, looked up per group: the same
+    rounding as the static rule, and never above `expert_capacity(max_tokens, ...)`.
+
+    Args:
+      real_tokens: <int32>[groups] real tokens of each group.
+      max_tokens: tokens per group (padding included).
+
+    Returns:
+      <int32>[groups] slots per expert of each group.
+    """
+    table = [
+        expert_capacity(n, num_experts, capacity_factor, min_expert_capacity)
+        for n in range(max_tokens + 1)
+    ]
+    return jnp.asarray(table, jnp.int32)[real_tokens]
 
 
 def _priority_order(router_probs: jax.Array, batch_prioritized: bool) -> jax.Array | None:
@@ -200,16 +233,22 @@ def route(
     capacity: int,
     batch_prioritized: bool = False,
     slot_impl: str = "cumsum",
+    slot_limit: jax.Array | None = None,
+    padding_takes_capacity: bool = False,
 ) -> Routing:
     """Top-k token-choice routing with expert capacity.
 
     Args:
       router_logits: <float32>[groups, tokens, experts].
-      valid: <bool>[groups, tokens] real tokens (padding takes no capacity).
+      valid: <bool>[groups, tokens] real tokens (padding takes no capacity by default).
       num_selected_experts: k (1 = switch routing).
-      capacity: slots per expert and group.
+      capacity: slots per expert and group (the static buffer size).
       batch_prioritized: hand out slots by descending top-1 probability (encoder only).
       slot_impl: "cumsum" or "sort" (same result; see `positions_by_cumsum`).
+      slot_limit: <int32>[groups] slots per expert actually usable in each group (each
+        <= capacity); None = capacity.
+      padding_takes_capacity: padding claims slots like real tokens (transformers' router); it
+        is still no real token for the losses and metrics.
 
     Returns:
       The `Routing` of every (token, choice).
@@ -222,9 +261,12 @@ def route(
     gate, expert_index = top_k(router_probs, num_selected_experts)
     order = _priority_order(router_probs, batch_prioritized)
     positions = positions_by_cumsum if slot_impl == "cumsum" else positions_by_sort
-    position = positions(expert_index, valid, num_experts, order)
-    kept = valid[..., None] & (position < capacity)
-    position = jnp.where(valid[..., None], position, capacity)
+    # Tokens that compete for slots: the real ones, or all of them under transformers' rule.
+    claims = jnp.ones_like(valid) if padding_takes_capacity else valid
+    position = positions(expert_index, claims, num_experts, order)
+    limit = capacity if slot_limit is None else slot_limit[:, None, None]
+    kept = claims[..., None] & (position < limit)
+    position = jnp.where(claims[..., None], position, capacity)
     return Routing(
         router_logits=router_logits,
         router_probs=router_probs,

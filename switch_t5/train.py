@@ -408,13 +408,15 @@ def _pad_rows(ids: Sequence[int], length: int) -> np.ndarray:
     return out
 
 
-def _for_decoding(module: network.EncoderDecoder, config: SwitchConfig):
-    """(module, params converter) for decoding: the KV cache is per layer, so a scanned model
-    decodes as its unscanned twin with converted params (a copy, made per evaluation)."""
+def _for_decoding(config: SwitchConfig):
+    """(module, params converter) for decoding: the model as inference runs it
+    (`SwitchConfig.for_inference`: each sequence its own routing group). The KV cache is per
+    layer, so a scanned model decodes as its unscanned twin with converted params (a copy, made
+    per evaluation)."""
+    decoder = network.EncoderDecoder(dataclasses.replace(config.for_inference(), scan_layers=False))
     if not config.scan_layers:
-        return module, lambda params: params
-    unscanned = network.EncoderDecoder(dataclasses.replace(config, scan_layers=False))
-    return unscanned, lambda params: scan_utils.unscan_params(params, config)
+        return decoder, lambda params: params
+    return decoder, lambda params: scan_utils.unscan_params(params, config)
 
 
 def decode_samples(
@@ -721,7 +723,7 @@ def train(
             + (f", compilation cache {cache_dir}" if cache_dir else "")
         )
 
-        decode_module, decode_params = _for_decoding(module, config)
+        decode_module, decode_params = _for_decoding(config)
         infer_eval_fn, best_keeper = None, None
         if infer_eval_period:
             evaluator = eval_lib.Evaluator(

@@ -2,6 +2,7 @@
 gin, JSON lines, one output per input line (blank ones flagged), inputs cut to the training
 length, and clear errors."""
 
+import dataclasses
 import functools
 import json
 
@@ -18,8 +19,8 @@ from switch_t5.data import vocab
 from switch_t5.errors import UserError
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
-# 8 rows of 16 tokens: routing groups of 16 tokens split evenly over the 8 batch shards of the
-# default mesh on 8 devices; a decoding step routes 8 rows (x 2 beams) tokens in one group.
+# 8 rows of 16 tokens; inference routes each row (and each row's decoding step) as its own
+# group, laid over the 8 batch shards of the default mesh on 8 devices.
 LENGTH = 16
 
 
@@ -228,3 +229,73 @@ def test_errors_name_the_problem(ckpt, tmp_path):
     )
     with pytest.raises(eval_lib.init_checkpoint.InitialCheckpointError, match="VOCABULARY_PATH"):
         infer.infer(checkpoint_dir=ckpt["dir"], inputs=["x"], vocabulary_path=other)
+
+
+@pytest.fixture(scope="module")
+def dropping_ckpt(tmp_path_factory, ckpt):
+    """The tiny model with sharpened routers and little eval capacity: MoE layers drop tokens."""
+    config = tiny_config(
+        vocab_size=256, eval_capacity_factor=0.6, min_expert_capacity=1, group_size=1024
+    )
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: a * 20.0 if "router" in jax.tree_util.keystr(path) else a,
+        ckpt["params"],
+    )
+    model_dir = str(tmp_path_factory.mktemp("dropping") / "model")
+    saver = checkpoints.Checkpointer(model_dir, async_save=False)
+    meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(ckpt["vocabulary"]))
+    saver.save(3, {"params": params, "step": np.int32(3)}, {}, meta)
+    saver.close()
+    return model_dir
+
+
+def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
+    """Each input is its own routing group: batch 1, batch 6, shuffled and differently padded
+    inputs give the same tokens and scores, although expert capacity drops tokens."""
+    texts = [
+        "apple river stone green music table window cloud",
+        "green",
+        "music table window",
+        "stone stone apple river cloud cloud green music table",
+        "cloud apple",
+        "window green table river",
+    ]
+    gin.clear_config()
+    with caplog.at_level("WARNING"):
+        predictions = infer.infer(
+            checkpoint_dir=dropping_ckpt, inputs=texts, inputs_length=LENGTH, max_decode_length=8
+        )
+    assert "MoE routing dropped" in caplog.text  # capacity really drops tokens here
+    ref = init_checkpoint.find_checkpoint(dropping_ckpt)
+    model, params, config, mesh = eval_lib.load_model(ref)
+    assert config.routing_groups == "sequence"
+    decoder = eval_lib.BatchDecoder(model, mesh, 8, 8)
+    tokens, _ = infer.encode_inputs(texts, ckpt["vocabulary"], LENGTH)
+    together = decoder(params, tokens)
+    assert decoder.fraction_dropped > 0.2
+    assert [p.score for p in predictions] == [float(s) for s in together[1]]
+    alone = [decoder(params, tokens[i : i + 1]) for i in range(len(texts))]
+    perm = np.array([3, 5, 0, 2, 4, 1])
+    shuffled = decoder(params, tokens[perm])
+    longer, _ = infer.encode_inputs(texts, ckpt["vocabulary"], 40)
+    padded = decoder(params, longer)
+    # The (2, 2, 2) mesh, batches of 4 (the second padded with empty rows).
+    model_222, params_222, _, mesh_222 = eval_lib.load_model(ref, (2, 2, 2))
+    on_mesh = eval_lib.BatchDecoder(model_222, mesh_222, 4, 8)(params_222, tokens)
+    for i, (row, score) in enumerate(alone):
+        j = int(np.flatnonzero(perm == i)[0])
+        for got in (
+            (together[0][i], together[1][i]),
+            (shuffled[0][j], shuffled[1][j]),
+            (padded[0][i], padded[1][i]),
+            (on_mesh[0][i], on_mesh[1][i]),
+        ):
+            np.testing.assert_array_equal(got[0], row[0])
+            np.testing.assert_allclose(got[1], score[0], rtol=1e-5, atol=1e-6)
+    # The random model emits one token over and over; its scores tell the inputs apart.
+    assert len({round(float(score[0]), 4) for _, score in alone}) == len(texts)
+    # Routing groups over the tokens of several inputs (training's setting) mix them up.
+    tokens_model = network.EncoderDecoder(dataclasses.replace(config, routing_groups="tokens"))
+    mixed = eval_lib.BatchDecoder(tokens_model, mesh, 8, 8)
+    batch_scores = mixed(params, tokens)[1]
+    assert any(mixed(params, tokens[i : i + 1])[1][0] != batch_scores[i] for i in range(6))

@@ -48,9 +48,8 @@ TOLERANCE = 1e-4  # float32 logits; the issue's parity bound (different summatio
 
 def make_hf_model(kwargs, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.SwitchTransformersConfig(
-        expert_capacity=64, relative_attention_num_buckets=8, dropout_rate=0.0, **kwargs
-    )
+    defaults = dict(expert_capacity=64, relative_attention_num_buckets=8, dropout_rate=0.0)
+    cfg = transformers.SwitchTransformersConfig(**{**defaults, **kwargs})
     model = transformers.SwitchTransformersForConditionalGeneration(cfg).eval()
     # transformers 5 unties the input embeddings from `shared` with tie_word_embeddings=False;
     # T5/Switch share them (the import refuses separate ones).
@@ -337,3 +336,105 @@ def test_import_rejects_router_bias_and_mismatched_layout(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
         hf.load_hf(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' routing rule where transformers really drops tokens.
+# ---------------------------------------------------------------------------------------------
+
+DROP_CONFIG = dict(
+    vocab_size=300, d_model=9, d_kv=3, d_ff=16, num_heads=2, num_experts=4,
+    num_layers=2, num_sparse_encoder_layers=2, num_decoder_layers=2,
+    num_sparse_decoder_layers=1, expert_capacity=2,
+)  # fmt: skip
+DROP_LENGTHS = {"inputs": (16, 40, 27, 33), "targets": (16, 40, 22, 31)}
+
+
+def _right_padded(rng, vocab, lengths):
+    """<int64>[len(lengths), max(lengths)] random tokens (>= 2), each row right-padded with 0."""
+    out = np.zeros((len(lengths), max(lengths)), np.int64)
+    for row, n in enumerate(lengths):
+        out[row, :n] = rng.integers(2, vocab, n)
+    return out
+
+
+def _hf_drops(model, enc, enc_mask, dec_in, dec_mask):
+    """Real tokens each HF router dropped (its dispatch mask is all zero), per sparse layer."""
+    router_cls = (
+        transformers.models.switch_transformers.modeling_switch_transformers
+    ).SwitchTransformersTop1Router
+    masks = []
+
+    def hook(module, _inputs, out):
+        masks.append(out[0].sum(-1) == 0)  # [batch, length]: no expert took the token
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, router_cls)]
+    with torch.no_grad():
+        out = model(
+            input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec_in,
+            decoder_attention_mask=dec_mask,
+        )  # fmt: skip
+    for h in hooks:
+        h.remove()
+    n_enc = sum(b.is_sparse for b in model.encoder.block)
+    real = [enc_mask] * n_enc + [dec_mask] * (len(masks) - n_enc)
+    return out.logits.numpy(), [int((m & r.bool()).sum()) for m, r in zip(masks, real)]
+
+
+@pytest.fixture(scope="module")
+def dropping(tmp_path_factory):
+    """A transformers model (expert_capacity 2, routers x8) and our default import of it."""
+    model = make_hf_model(DROP_CONFIG, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router.classifier" in name:
+                p.mul_(2.0)  # x8 in all: sharper still, so that experts overflow
+    path = str(tmp_path_factory.mktemp("dropping"))
+    model.save_pretrained(path)
+    ours, params = hf.load_hf(path, dtype="float32")
+    return model, ours, params
+
+
+def test_import_follows_transformers_routing_where_it_drops(dropping):
+    model, ours, params = dropping
+    assert ours.config.expert_capacity == 2  # recorded from config.json
+    rng = np.random.default_rng(7)
+    vocab = DROP_CONFIG["vocab_size"]
+    enc = _right_padded(rng, vocab, DROP_LENGTHS["inputs"])
+    targets = _right_padded(rng, vocab, DROP_LENGTHS["targets"])
+    dec_in = np.concatenate([np.zeros((len(targets), 1), np.int64), targets[:, :-1]], axis=1)
+    enc_mask, dec_mask = enc != 0, targets != 0
+    ref, dropped = _hf_drops(
+        model, *(torch.tensor(a).long() for a in (enc, enc_mask, dec_in, dec_mask))
+    )
+    assert min(dropped) > 0, f"transformers must drop real tokens in every sparse layer: {dropped}"
+    logits, state = ours.apply(
+        {"params": params}, *(jnp.asarray(a, jnp.int32) for a in (enc, dec_in, targets)),
+        enable_dropout=False, mutable=["intermediates"],
+    )  # fmt: skip
+    stats = moe.collect_moe_intermediates(state["intermediates"])
+    assert float(stats["fraction_dropped"]) > 0.1
+    # Real target positions (padded ones are masked out of every loss, in both models).
+    diff = np.abs(np.asarray(logits)[..., :vocab] - ref)[dec_mask]
+    print(f"max |logit difference| with drops = {diff.max():.2e}")
+    assert diff.max() < TOLERANCE
+
+
+def test_import_greedy_tokens_match_transformers_where_it_drops(dropping):
+    model, ours, params = dropping
+    vocab, length = DROP_CONFIG["vocab_size"], 12
+    enc = _right_padded(np.random.default_rng(8), vocab, DROP_LENGTHS["inputs"])
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor(enc), attention_mask=torch.tensor(enc != 0).long(),
+            max_new_tokens=length, do_sample=False, num_beams=1, decoder_start_token_id=0,
+            eos_token_id=1, pad_token_id=0,
+        ).numpy()[:, 1:]  # fmt: skip
+    ref = np.pad(ref, ((0, 0), (0, length - ref.shape[1])))
+    # Padded vocabulary rows are not tokens of the transformers model.
+    out = decoding.decode_batch(
+        ours, {k: v for k, v in params.items()}, {"encoder_input_tokens": enc.astype(np.int32)},
+        max_decode_length=length,
+    )  # fmt: skip
+    assert float(out.fraction_dropped) > 0.1
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)

@@ -593,3 +593,123 @@ def test_collect_moe_intermediates():
     np.testing.assert_allclose(got["expert_usage"].sum(-1), 1.0, rtol=1e-6)
     empty = moe.collect_moe_intermediates({})
     assert empty["layer_names"] == [] and float(empty["load_balancing_loss"]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sequence routing groups (inference) and transformers' fixed expert capacity.
+# ---------------------------------------------------------------------------------------------
+
+# 6 sequences of 8 tokens, with 8, 5, 3, 8, 6 and 2 real tokens (padding at the end).
+REAL = (8, 5, 3, 8, 6, 2)
+
+
+def _rows(length=8, seed=20):
+    x = np.asarray(_x((len(REAL), length, 8), seed=seed))
+    mask = np.arange(length)[None, :] < np.asarray(REAL)[:, None]
+    # Padding holds junk: it must change nothing.
+    x = np.where(mask[..., None], x, 50.0 * np.asarray(_x(x.shape, seed=seed + 1)))
+    return jnp.asarray(x), jnp.asarray(mask)
+
+
+def _per_row_outputs(c, v, x, mask):
+    """Each row's real-token outputs when routed alone."""
+    return [
+        np.asarray(_apply(c, v, x[i : i + 1], mask[i : i + 1])[0])[0, : REAL[i]]
+        for i in range(len(REAL))
+    ]
+
+
+@pytest.mark.parametrize("impl", ["einsum", "scatter"])
+def test_sequence_groups_make_each_row_independent_of_its_batch(variables, impl):
+    v = _skewed(variables)
+    x, mask = _rows()
+    c = cfg(dispatch=impl, routing_groups="sequence", eval_capacity_factor=0.7)
+    out, stats = _apply(c, v, x, mask)
+    assert float(stats["fraction_dropped"]) > 0.2, "the case must drop tokens"
+    alone = _per_row_outputs(c, v, x, mask)
+    # The batch of 6, alone, in shuffled order, and padded to another length.
+    perm = np.array([4, 0, 5, 2, 1, 3])
+    shuffled, _ = _apply(c, v, x[perm], mask[perm])
+    x16, mask16 = _rows(length=16)
+    x16 = x16.at[:, :8].set(x)  # the same real tokens, 8 more padding positions of junk
+    longer, _ = _apply(c, v, x16, mask16)
+    for i, n in enumerate(REAL):
+        for got in (out[i], shuffled[np.flatnonzero(perm == i)[0]], longer[i]):
+            np.testing.assert_allclose(np.asarray(got)[:n], alone[i], rtol=1e-5, atol=1e-6)
+    # Groups of tokens across rows (training's setting) do depend on the batch-mates.
+    mixed = cfg(dispatch=impl, group_size=48, eval_capacity_factor=0.7)
+    batch_out, _ = _apply(mixed, v, x, mask)
+    assert any(
+        not np.allclose(np.asarray(batch_out[i])[:n], got, rtol=1e-5, atol=1e-6)
+        for i, (n, got) in enumerate(zip(REAL, _per_row_outputs(mixed, v, x, mask)))
+    )
+
+
+def test_decode_steps_never_drop_with_sequence_groups(variables):
+    # A decoding step: 4 sequences x 1 token, every one routed to the same expert.
+    v = _skewed(variables, scale=400.0)
+    x = jnp.broadcast_to(_x((1, 1, 8), seed=21), (4, 1, 8))
+    tokens = cfg(dispatch="scatter", eval_capacity_factor=0.5)
+    _, s_tokens = _apply(tokens, v, x)
+    assert float(s_tokens["fraction_dropped"]) > 0  # one group of 4 tokens, 1 slot
+    for c in (
+        cfg(dispatch="scatter", routing_groups="sequence", eval_capacity_factor=0.5),
+        cfg(dispatch="scatter", expert_capacity=1),
+    ):
+        out, stats = _apply(c, v, x)
+        ref, _ = _apply(cfg(dispatch="dropless"), v, x)
+        assert float(stats["fraction_dropped"]) == 0.0
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "scatter"])
+def test_transformers_capacity_is_exact_per_sequence_and_padding_takes_slots(variables, impl):
+    v = _skewed(variables)
+    x, mask = _rows()
+    c = cfg(dispatch=impl, expert_capacity=2, min_expert_capacity=4, eval_capacity_factor=9.0)
+    out, stats = _apply(c, v, x, mask)
+    # Reference: per row, cumsum over the whole row (padding included) of the argmax one-hot.
+    logits = np.einsum(
+        "btd,de->bte", np.asarray(x), np.asarray(v["params"]["router"]["w"]["kernel"])
+    )
+    onehot = np.eye(4)[np.argmax(logits, -1)]
+    kept = ((np.cumsum(onehot, axis=1) <= 2) * onehot).sum(-1) > 0
+    dropped = np.asarray(mask) & ~kept
+    assert dropped.any()
+    np.testing.assert_array_equal(np.abs(np.asarray(out)[dropped]).max(-1), 0.0)
+    assert (np.abs(np.asarray(out)[np.asarray(mask) & kept]).max(-1) > 0).all()
+    # Padding that is kept is processed, as in transformers (it follows the real tokens).
+    assert (np.abs(np.asarray(out)[~np.asarray(mask) & kept]).max(-1) > 0).all()
+    np.testing.assert_allclose(
+        float(stats["fraction_dropped"]), dropped.sum() / np.asarray(mask).sum(), rtol=1e-6
+    )
+
+
+def _replicated_apply(mesh, config, variables, x, mask):
+    layer = moe.MoeLayer(config)
+
+    def f(v, x, mask):
+        out, state = layer.apply(v, x, mask, mutable=["intermediates"])
+        return out, moe.collect_moe_intermediates(state["intermediates"])["fraction_dropped"]
+
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        return jax.jit(f)(variables, x, mask)
+
+
+def test_sequence_groups_on_the_mesh(mesh_222, variables):
+    """Rows shard over the 4 batch shards when they divide evenly (8 rows), and run unsharded
+    otherwise (6 rows): no refusal, the same outputs as on one device."""
+    v = _skewed(variables)
+    c = cfg(dispatch="scatter", routing_groups="sequence", eval_capacity_factor=0.7)
+    x, mask = _rows()
+    x8 = jnp.concatenate([x, x[:2]])
+    mask8 = jnp.concatenate([mask, mask[:2]])
+    for xs, ms in ((x8, mask8), (x, mask)):
+        ref, ref_dropped = _apply(c, v, xs, ms)
+        out, dropped = _replicated_apply(mesh_222, c, v, xs, ms)
+        assert float(ref_dropped["fraction_dropped"]) > 0.2
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dropped, ref_dropped["fraction_dropped"], rtol=1e-6)
+    (out, _), hlo = _sharded_apply(mesh_222, c, v, x8)
+    np.testing.assert_allclose(out, _apply(c, v, x8)[0], rtol=1e-5, atol=1e-6)
+    assert "all-to-all" in hlo  # the 8 row-groups were laid over the batch shards

@@ -15,7 +15,13 @@ E = 4
 # One compiled program per case instead of dozens of eagerly dispatched ops.
 _route = jax.jit(
     routing.route,
-    static_argnames=("num_selected_experts", "capacity", "batch_prioritized", "slot_impl"),
+    static_argnames=(
+        "num_selected_experts",
+        "capacity",
+        "batch_prioritized",
+        "slot_impl",
+        "padding_takes_capacity",
+    ),
 )
 _lb_loss = jax.jit(routing.load_balancing_loss)
 _metrics = jax.jit(routing.routing_metrics)
@@ -220,6 +226,54 @@ def test_expert_capacity_rule():
     assert routing.expert_capacity(64, 32, 1.0, 4) == 4  # floor
     assert routing.expert_capacity(3, 8, 2.0, 4) == 3  # never more slots than tokens
     assert routing.expert_capacity(10, 4, 1.0, 1) == 2  # round(2.5) -> 2 (banker's rounding)
+
+
+@pytest.mark.parametrize("slot_impl", ["cumsum", "sort"])
+def test_transformers_rule_padding_takes_slots_in_sequence_order(slot_impl):
+    """transformers' `SwitchTransformersTop1Router`: cumsum of the argmax one-hot over the whole
+    sequence, padding included; a token is kept while the count is <= expert_capacity."""
+    logits, valid = _random_case(seed=4, t=13)
+    r = _route(
+        jnp.asarray(logits),
+        jnp.asarray(valid),
+        num_selected_experts=1,
+        capacity=2,
+        slot_impl=slot_impl,
+        padding_takes_capacity=True,
+    )
+    onehot = np.eye(E, dtype=np.int64)[np.argmax(logits, -1)]
+    hf_kept = ((np.cumsum(onehot, axis=1) <= 2) * onehot).sum(-1) > 0
+    np.testing.assert_array_equal(np.asarray(r.kept)[..., 0], hf_kept)
+    # Group 1 starts with 5 padding tokens: they take slots that real tokens lose.
+    own = _route(jnp.asarray(logits), jnp.asarray(valid), num_selected_experts=1, capacity=2)
+    assert np.sum(np.asarray(own.kept)[1, :, 0] & valid[1]) > np.sum(hf_kept[1] & valid[1])
+    # Drops and the losses still count real tokens only.
+    m = _metrics(r)
+    real_dropped = np.sum(valid & ~hf_kept) / np.sum(valid)
+    np.testing.assert_allclose(float(m["fraction_dropped"]), real_dropped, rtol=1e-6)
+
+
+def test_slot_limit_per_group_from_real_tokens():
+    logits, valid = _random_case(seed=5, t=12)
+    real = jnp.asarray(valid.sum(1), jnp.int32)
+    limit = routing.capacity_by_real_tokens(real, 12, E, 1.0, 1)
+    expect = [routing.expert_capacity(int(n), E, 1.0, 1) for n in valid.sum(1)]
+    np.testing.assert_array_equal(limit, expect)
+    # Each group routes as if it had only its real tokens and their capacity: the slot limit
+    # equals re-routing the group alone, unpadded, with the static rule.
+    r = jax.jit(
+        lambda lg, v, lim: routing.route(lg, v, num_selected_experts=1, capacity=3, slot_limit=lim)
+    )(jnp.asarray(logits), jnp.asarray(valid), limit)
+    for gi in range(logits.shape[0]):
+        n = int(valid[gi].sum())
+        alone = _route(
+            jnp.asarray(logits[gi][valid[gi]])[None],
+            jnp.ones((1, n), bool),
+            num_selected_experts=1,
+            capacity=routing.expert_capacity(n, E, 1.0, 1),
+        )
+        np.testing.assert_array_equal(np.asarray(r.kept)[gi][valid[gi]], alone.kept[0])
+    assert not np.asarray(r.kept)[valid].all(), "the case must drop tokens"
 
 
 def test_bad_slot_impl():

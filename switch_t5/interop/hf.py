@@ -19,9 +19,14 @@ HF's conventions and how they map (transformers' `modeling_switch_transformers.p
   decoder output by d_model**-0.5 before the tied projection. Untied: `lm_head.weight` is our
   `decoder/logits_dense/kernel` (no rescale in either).
 
-Routing differs on purpose: HF gives every sequence a fixed `expert_capacity`; we follow the
-original model (capacity factor over routing groups, `SwitchConfig.eval_capacity_factor`).
-With enough capacity that nothing is dropped, both compute the same function.
+Routing: the import records transformers' rule in the SwitchConfig it makes (saved with the
+checkpoint): `SwitchConfig.expert_capacity` = config.json's `expert_capacity`, i.e. every
+sequence is one routing group with exactly that many slots per expert (no factor, no minimum),
+padding takes slots in sequence order, a dropped token's expert output is 0 and a decoding step
+(one token per sequence) never drops. With dtype="float32" the imported model reproduces
+transformers' logits and greedy tokens. `expert_capacity=None` (a `load_hf` / `hf_to_orbax`
+override, or the gin binding `switch_t5.SwitchConfig.expert_capacity = None`) switches to this
+project's capacity-factor routing (`eval_capacity_factor` over routing groups).
 """
 
 from __future__ import annotations
@@ -164,6 +169,8 @@ def config_from_hf(
         router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
         load_balancing_loss_weight=float(hf.get("router_aux_loss_coef", 0.01)),
         router_z_loss_weight=float(hf.get("router_z_loss_coef", 0.0)),
+        # transformers' routing rule (64 is SwitchTransformersConfig's default).
+        expert_capacity=int(hf.get("expert_capacity", 64)),
     )
     fields.update(overrides)
     return SwitchConfig(**fields)
@@ -474,7 +481,9 @@ def load_hf(path: str, dtype: str = "bfloat16", **overrides: Any):
       path: a directory with config.json and safetensors (single or sharded) weights.
       dtype: compute dtype of the returned model ("float32" for parity checks); params are
         float32 either way.
-      **overrides: SwitchConfig fields to change (e.g. eval_capacity_factor).
+      **overrides: SwitchConfig fields to change; by default the model routes as transformers
+        does (`expert_capacity` from config.json), `expert_capacity=None` gives this project's
+        capacity-factor routing (with e.g. `eval_capacity_factor`).
 
     Returns:
       (model, params): `switch_t5.network.EncoderDecoder` and its params (nested dict of
