@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--expert_capacity",
                 type=int,
-                default=64,
-                help="HF's fixed per-sequence expert capacity",
+                default=None,
+                help="HF's fixed per-sequence expert capacity (default: the model's own "
+                "expert_capacity, from an HF import, else 64)",
             )
             p.add_argument("--weights_dtype", default="float32")
             p.add_argument("--max_shard_size", type=parse_bytes, default=None)

@@ -438,3 +438,15 @@ def test_import_greedy_tokens_match_transformers_where_it_drops(dropping):
     )  # fmt: skip
     assert float(out.fraction_dropped) > 0.1
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+
+
+def test_export_keeps_the_imported_expert_capacity(tmp_path):
+    """hf -> orbax -> hf without --expert_capacity writes back the capacity the model uses."""
+    model = make_hf_model(DROP_CONFIG, seed=0)
+    model.save_pretrained(str(tmp_path / "hf"))
+    hf.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ckpt"), dtype="float32")
+    hf.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "back"), tokenizer=False)
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["expert_capacity"] == DROP_CONFIG["expert_capacity"] == 2
+    hf.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "b5"), tokenizer=False, expert_capacity=5)
+    assert json.loads((tmp_path / "b5" / "config.json").read_text())["expert_capacity"] == 5

@@ -553,7 +553,7 @@ def orbax_to_hf(
     step: int | None = None,
     budget_bytes: int = streaming.DEFAULT_BUDGET_BYTES,
     vocab_size: int | None = None,
-    expert_capacity: int = 64,
+    expert_capacity: int | None = None,
     dtype: str = "float32",
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
@@ -570,7 +570,9 @@ def orbax_to_hf(
       budget_bytes: memory budget of the streamed copy.
       vocab_size: HF vocab_size; default the original HF size recorded at import, else all
         embedding rows.
-      expert_capacity: HF's fixed per-sequence expert capacity (HF drops tokens beyond it).
+      expert_capacity: HF's fixed per-sequence expert capacity (HF drops tokens beyond it);
+        default the one the model routes with (`SwitchConfig.expert_capacity`, recorded by an
+        HF import), else transformers' default 64.
       dtype: dtype of the written weights.
       max_shard_bytes: split the safetensors into shards with an index file above this size.
       overwrite: remove old weights, index, config and tokenizer files from `dst` first.
@@ -593,6 +595,8 @@ def orbax_to_hf(
     hf_vocab = int(
         vocab_size or ckpt.meta.get("converted_from", {}).get("hf_vocab_size") or config.vocab_size
     )
+    if expert_capacity is None:
+        expert_capacity = config.expert_capacity if config.expert_capacity is not None else 64
     hf_cfg = hf_config_from_ours(config, vocab_size=hf_vocab, expert_capacity=expert_capacity)
     hf_cfg["dtype"] = dtype
     plan = export_plan(config, hf_vocab, dtype)
