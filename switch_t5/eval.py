@@ -743,7 +743,14 @@ def run_eval(
     checkpoints.check_model_dir(
         model_dir, fix="give the folder a training run wrote (it holds checkpoints/)"
     )
-    ref = resolve_checkpoint(model_dir, checkpoint_step)
+    try:
+        ref = resolve_checkpoint(model_dir, checkpoint_step)
+    except FileNotFoundError:
+        if mixture_or_task_name:
+            # Without a checkpoint no recorded setting can help: a wrong task name (or a
+            # missing data macro) is named first, as the first thing to fix.
+            data_gin.register_tasks(mixture_or_task_name)
+        raise
     mixture_or_task_name = apply_recorded_task(
         checkpoints.recorded_task(ref.meta), mixture_or_task_name
     )
