@@ -213,15 +213,32 @@ def make_meta(
     model_config: Any,
     vocabulary: dict[str, Any] | None = None,
     feature_lengths: dict[str, int] | None = None,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """JSON-able record of the model config (a dataclass), the vocabulary (path, hash) and the
-    training feature lengths ({"inputs": N, "targets": M}; infer truncates inputs to N)."""
+    """JSON-able record of the model config (a dataclass), the vocabulary (path, hash), the
+    training feature lengths ({"inputs": N, "targets": M}; infer truncates inputs to N) and the
+    task ({"name": MIXTURE_OR_TASK_NAME, "data": {macro: value}}, the data macros the run set;
+    `eval` reuses them). What is not known (a converted checkpoint's task) is left absent."""
     cfg = dataclasses.asdict(model_config)
     cfg = json.loads(json.dumps(cfg))  # tuples -> lists, as they come back from JSON
     meta = {"model_config": cfg, "vocabulary": dict(vocabulary or {})}
     if feature_lengths is not None:
         meta["feature_lengths"] = {k: int(v) for k, v in feature_lengths.items()}
+    if task is not None:
+        meta["task"] = {
+            "name": str(task["name"]),
+            "data": json.loads(json.dumps(dict(task.get("data") or {}), default=str)),
+        }
     return meta
+
+
+def recorded_task(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The task a checkpoint was trained on, {"name": str, "data": {macro: value}}; None when
+    the meta does not record one (checkpoints written before it did, converted checkpoints)."""
+    task = meta.get("task")
+    if not isinstance(task, dict) or not task.get("name"):
+        return None
+    return {"name": str(task["name"]), "data": dict(task.get("data") or {})}
 
 
 def recorded_feature_lengths(meta: dict[str, Any], step_dir: str | os.PathLike) -> dict | None:

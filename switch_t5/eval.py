@@ -1,7 +1,19 @@
-"""Decode-and-score evaluation: `python -m switch_t5.eval --gin_file=... --gin.X=...`.
+"""Decode-and-score evaluation: `python -m switch_t5.eval --gin.MODEL_DIR=... [--gin.X=...]`.
 
-    python -m switch_t5.eval --gin_file=configs/runs/eval.gin \\
-      --gin.MODEL_DIR="'/tmp/rte_finetune'" --gin.MIXTURE_OR_TASK_NAME="'glue_rte_v002'"
+    python -m switch_t5.eval --gin.MODEL_DIR="'/tmp/rte_finetune'"
+    python -m switch_t5.eval --gin.MODEL_DIR="'/tmp/rte_finetune'" \\
+      --gin.MIXTURE_OR_TASK_NAME="'files_text_to_text'" --gin.VALIDATION_FILES="'other.tsv'"
+
+A run knows what it is: the checkpoint's meta records the task, its data macros
+(`switch_t5.data_gin.MACROS`) and the feature lengths (`checkpoints.make_meta`), and an unset
+MIXTURE_OR_TASK_NAME, data macro or TASK_FEATURE_LENGTHS is taken from there. A macro given on
+the command line replaces the recorded one; a task flag naming another task keeps only the
+recorded VOCABULARY_PATH. Without --gin_file the defaults are `run_eval`'s signature defaults
+(configs/runs/eval.gin may still be given).
+
+A task without metric functions (span corruption) is scored teacher-forced instead, with the
+trainer's eval step: its validation loss, `cross_entropy` and token `accuracy` (a fraction, as
+in the training log), `trainer.CROSS_ENTROPY` being the main metric.
 
 Decodes a task's (or every task of a mixture's) validation split, each example exactly once (the
 last batch padded with empty rows whose outputs are dropped), maps predicted and target text
@@ -50,6 +62,7 @@ from switch_t5 import (
     init_checkpoint,
     network,
     partitioning,
+    trainer,
 )
 from switch_t5.config import INFERENCE_FIELDS, SwitchConfig
 
@@ -488,6 +501,124 @@ class BestCheckpointKeeper:
 # ---------------------------------------------------------------------------------------------
 
 
+def task_record(mixture_or_task_name: str) -> dict[str, Any]:
+    """The task record a checkpoint's meta stores: the name and every data macro the run set
+    (`switch_t5.data_gin.MACROS`, MIXTURE_OR_TASK_NAME aside)."""
+    from switch_t5 import data_gin
+
+    data = {}
+    for name in data_gin.MACROS:
+        value = data_gin.macro(name, None)
+        if name != "MIXTURE_OR_TASK_NAME" and value is not None:
+            data[name] = value
+    return {"name": mixture_or_task_name, "data": data}
+
+
+def apply_recorded_task(
+    recorded: Mapping[str, Any] | None, mixture_or_task_name: str | None
+) -> str:
+    """The task to evaluate: MIXTURE_OR_TASK_NAME when given, else the recorded one. The
+    recorded data macros that are not set are bound (only VOCABULARY_PATH when another task
+    is named), so a flag given replaces the recorded value.
+
+    Raises:
+      EvalConfigError: no task given and none recorded (a converted checkpoint).
+    """
+    from switch_t5 import data_gin
+
+    if recorded is None:
+        if not mixture_or_task_name:
+            raise EvalConfigError(
+                "the checkpoint records no task (it was converted or written by an older "
+                "version); set --gin.MIXTURE_OR_TASK_NAME=... and the task's data macros"
+            )
+        return mixture_or_task_name
+    name = mixture_or_task_name or recorded["name"]
+    data = recorded["data"]
+    if name != recorded["name"]:
+        data = {k: v for k, v in data.items() if k == "VOCABULARY_PATH"}
+    for key, value in data.items():
+        if key in data_gin.MACROS and data_gin.macro(key, None) is None:
+            with gin.unlock_config():
+                gin.bind_parameter(f"{key}/macro.value", value)
+    return name
+
+
+def _has_metrics(mixture_or_task_name: str, split: str) -> bool:
+    """Whether decode-and-score applies: the task (or a task of the mixture) has metrics."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    if isinstance(provider, seqio.Mixture):
+        return any(split in t.splits and t.predict_metric_fns for t in provider.tasks)
+    return bool(provider.predict_metric_fns)
+
+
+def teacher_forced_eval(
+    model: nn.Module,
+    params: Any,
+    config: SwitchConfig,
+    mesh: Mesh,
+    mixture_or_task_name: str,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    *,
+    split: str = "validation",
+    max_examples: int | None = None,
+    step: int | None = None,
+) -> EvalResult:
+    """Loss and token accuracy of a task without metric functions (span corruption), with the
+    trainer's eval step over the split (unpacked, one pass; with `max_examples`, the first
+    batches holding at least that many examples). Metric names are the trainer's
+    (`trainer.EvalAccumulator`), prefixed by the task name; the main metric is
+    `trainer.CROSS_ENTROPY`."""
+    from switch_t5.data import pipeline as pipeline_lib
+
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    if batch_size <= 0 or batch_size % shards:
+        raise EvalConfigError(
+            f"batch_size={batch_size} must be a positive multiple of the {shards} batch shards"
+        )
+    pipe = pipeline_lib.InputPipeline(
+        mixture_or_task_name,
+        split,
+        feature_lengths,
+        batch_size,
+        shuffle=False,
+        pack=False,
+        repeat=False,
+    )
+    loss_config = trainer.LossConfig(
+        load_balancing_loss_weight=config.load_balancing_loss_weight,
+        router_z_loss_weight=config.router_z_loss_weight,
+    )
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    acc = trainer.EvalAccumulator(loss_config)
+    eval_step, rows = None, 0
+    for local in pipe:
+        if max_examples is not None and rows >= max_examples:
+            break
+        if eval_step is None:
+            b_shardings = trainer.batch_shardings(dict(local), mesh)
+            eval_step = trainer.make_eval_step(
+                model, loss_config, param_shardings, b_shardings, mesh
+            )
+        rows += int(np.sum(np.any(np.asarray(local["decoder_target_tokens"]) != 0, axis=-1)))
+        batch = {
+            k: jax.make_array_from_process_local_data(b_shardings[k], v, (batch_size, *v.shape[1:]))
+            for k, v in local.items()
+        }
+        acc.add(eval_step(params, batch))
+    if not acc.batches:
+        raise EvalConfigError(f"task {mixture_or_task_name!r} has no {split!r} examples")
+    scalars = {k: float(v) for k, v in acc.result().items() if np.ndim(v) == 0 and k != "batches"}
+    metrics = {f"{mixture_or_task_name}/{k}": v for k, v in scalars.items()}
+    main = f"{mixture_or_task_name}/{trainer.CROSS_ENTROPY}"
+    return EvalResult(
+        metrics, {mixture_or_task_name: scalars}, main, {mixture_or_task_name: rows}, [], step
+    )
+
+
 def vocabulary_record(vocabulary: Any) -> dict[str, Any]:
     """The vocabulary record checkpoints store ({"path", "hash", ...}), as training writes it."""
     from switch_t5.data import vocab as vocab_lib
@@ -579,7 +710,7 @@ def load_model(
 @gin.configurable("evaluate", module="switch_t5")
 def run_eval(
     model_dir: str = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
+    mixture_or_task_name: str | None = None,
     checkpoint_step: int | str | None = None,
     eval_output_dir: str | None = None,
     task_feature_lengths: Mapping[str, int] | None = None,
@@ -603,10 +734,11 @@ def run_eval(
     Args:
       model_dir: MODEL_DIR (or its checkpoints/ folder, or one step's folder).
       mixture_or_task_name: MIXTURE_OR_TASK_NAME (registered from gin macros by
-        `switch_t5.data_gin.register_tasks`).
+        `switch_t5.data_gin.register_tasks`); None = the task the checkpoint records.
       checkpoint_step: CHECKPOINT_STEP: None = latest, a step, or "best".
       eval_output_dir: EVAL_OUTPUT_DIR; None = MODEL_DIR/eval.
-      task_feature_lengths: TASK_FEATURE_LENGTHS; default {"inputs": 512, "targets": 62}.
+      task_feature_lengths: TASK_FEATURE_LENGTHS; None = the checkpoint's recorded lengths,
+        else {"inputs": 512, "targets": 62}.
       batch_size: BATCH_SIZE, rows per decode batch (multiple of data x expert mesh size).
       split: the split to score.
       method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed: decoding
@@ -619,36 +751,63 @@ def run_eval(
     """
     from switch_t5 import data_gin
 
-    if model_dir is gin.REQUIRED or mixture_or_task_name is gin.REQUIRED:
-        raise EvalConfigError("MODEL_DIR and MIXTURE_OR_TASK_NAME are required (--gin.NAME=...)")
+    if model_dir is gin.REQUIRED or not model_dir:
+        raise EvalConfigError("MODEL_DIR is required: --gin.MODEL_DIR=\"'/path/to/run'\"")
     checkpoints.check_model_dir(
         model_dir, fix="give the folder a training run wrote (it holds checkpoints/)"
     )
+    try:
+        ref = resolve_checkpoint(model_dir, checkpoint_step)
+    except FileNotFoundError:
+        if mixture_or_task_name:
+            # Without a checkpoint no recorded setting can help: a wrong task name (or a
+            # missing data macro) is named first, as the first thing to fix.
+            data_gin.register_tasks(mixture_or_task_name)
+        raise
+    mixture_or_task_name = apply_recorded_task(
+        checkpoints.recorded_task(ref.meta), mixture_or_task_name
+    )
+    if task_feature_lengths is None:
+        task_feature_lengths = checkpoints.recorded_feature_lengths(ref.meta, ref.step_dir)
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
     lengths = data_gin.check_lengths(
         mixture_or_task_name, task_feature_lengths or {"inputs": 512, "targets": 62}, [split]
     )
-    ref = resolve_checkpoint(model_dir, checkpoint_step)
-    model, params, _, mesh = load_model(ref, (mesh_data, mesh_expert, mesh_model), vocabulary)
-    evaluator = Evaluator(
-        model,
-        mixture_or_task_name,
-        lengths,
-        batch_size,
-        mesh,
-        split=split,
-        max_decode_length=max_decode_length,
-        max_examples=max_examples,
-        method=method,
-        num_beams=num_beams,
-        alpha=alpha,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-    )
-    result = evaluator.evaluate(params, step=ref.step)
+    model, params, config, mesh = load_model(ref, (mesh_data, mesh_expert, mesh_model), vocabulary)
+    if _has_metrics(mixture_or_task_name, split):
+        result = _decode_and_score(
+            model,
+            params,
+            mesh,
+            mixture_or_task_name,
+            lengths,
+            batch_size,
+            split=split,
+            max_decode_length=max_decode_length,
+            max_examples=max_examples,
+            method=method,
+            num_beams=num_beams,
+            alpha=alpha,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            step=ref.step,
+        )
+    else:
+        result = teacher_forced_eval(
+            model,
+            params,
+            config,
+            mesh,
+            mixture_or_task_name,
+            lengths,
+            batch_size,
+            split=split,
+            max_examples=max_examples,
+            step=ref.step,
+        )
     out_dir = eval_output_dir or str(checkpoints.path(model_dir, "eval"))
     result.output_dir = out_dir
     if jax.process_index() == 0:
@@ -656,6 +815,11 @@ def run_eval(
         write_tensorboard(result, str(checkpoints.path(out_dir, "tensorboard")), ref.step)
         checkpoints.write_text(checkpoints.path(out_dir, "config.gin"), gin.config_str())
     return result
+
+
+def _decode_and_score(model, params, mesh, name, lengths, batch_size, *, step, **kwargs):
+    evaluator = Evaluator(model, name, lengths, batch_size, mesh, **kwargs)
+    return evaluator.evaluate(params, step=step)
 
 
 def print_summary(result: EvalResult) -> None:
@@ -675,13 +839,42 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The macros of `python -m switch_t5.eval` without a gin file, each bound to its `run_eval`
+# parameter and defaulting to that parameter's signature default (one home for defaults).
+EVAL_MACROS = {
+    "MODEL_DIR": "model_dir",
+    "MIXTURE_OR_TASK_NAME": "mixture_or_task_name",
+    "CHECKPOINT_STEP": "checkpoint_step",
+    "EVAL_OUTPUT_DIR": "eval_output_dir",
+    "TASK_FEATURE_LENGTHS": "task_feature_lengths",
+    "BATCH_SIZE": "batch_size",
+}
+
+
+def default_bindings() -> list[str]:
+    """The gin lines used when no --gin_file is given: each EVAL_MACROS macro set to its
+    parameter's signature default and wired to `switch_t5.evaluate.<parameter>`."""
+    import inspect
+
+    params = inspect.signature(run_eval.__wrapped__).parameters
+    lines = []
+    for macro, param in EVAL_MACROS.items():
+        default = params[param].default
+        lines.append(
+            f"{macro} = " + ("%gin.REQUIRED" if default is gin.REQUIRED else repr(default))
+        )
+        lines.append(f"switch_t5.evaluate.{param} = %{macro}")
+    return lines
+
+
 def main(argv: Sequence[str]) -> EvalResult:
     flags = gin_utils.parse_flags(argv, _add_arguments)
-    if not flags.gin_files:
-        raise errors.UserError("pass --gin_file=configs/runs/eval.gin (plus --gin.MODEL_DIR=...)")
     import switch_t5.data_gin  # noqa: F401  (registers its configurables before parsing)
 
-    gin_utils.parse_gin(flags.gin_files, flags.gin_bindings)
+    bindings = list(flags.gin_bindings)
+    if not flags.gin_files:
+        bindings = default_bindings() + bindings
+    gin_utils.parse_gin(flags.gin_files, bindings)
     result = run_eval()
     if jax.process_index() == 0:
         print_summary(result)

@@ -607,7 +607,8 @@ def train(
         "fingerprint": vocab_lib.vocab_fingerprint(vocabulary),
         "size": int(vocabulary.vocab_size),
     }
-    meta = checkpoints.make_meta(config, vocab_meta, task_feature_lengths)
+    task = eval_lib.task_record(mixture_or_task_name)  # eval reads the run's task from it
+    meta = checkpoints.make_meta(config, vocab_meta, task_feature_lengths, task)
 
     # Several TPU slices / GPU nodes: expert and model axes inside each (hybrid mesh).
     mesh = multihost.make_mesh_for_job(

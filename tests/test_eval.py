@@ -213,3 +213,134 @@ def test_best_checkpoint_keeper(tmp_path):
     assert not again.update(40, result(55.0), state, {}, {})
     with pytest.raises(eval_lib.EvalConfigError, match="keep_best_by='t/f1'"):
         eval_lib.BestCheckpointKeeper(str(tmp_path), "t/f1").update(50, result(70.0), state, {}, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# A run knows what it is: `python -m switch_t5.eval --gin.MODEL_DIR=DIR` alone.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny run on the embedded span-corruption task (no gin: its macros are unset)."""
+    import gin
+    from tiny import TINY_FIELDS
+
+    from switch_t5 import train as train_lib
+    from switch_t5.config import SwitchConfig
+
+    gin.clear_config()
+    d = str(tmp_path_factory.mktemp("tiny_run"))
+    train_lib.train(
+        model_dir=d,
+        train_steps=2,
+        model_config=SwitchConfig(
+            # Groups of 8 tokens: a batch of 8 rows splits over every shard count up to 8 (the
+            # evaluation below runs on the default mesh, all 8 devices on the data axis).
+            **{**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 8}
+        ),
+        mesh_data=2,
+        mesh_expert=2,
+        mesh_model=2,
+        mixture_or_task_name="embedded_span_corruption",
+        task_feature_lengths={"inputs": 32, "targets": 8},
+        batch_size=8,
+        eval_period=0,
+        checkpoint_period=2,
+        num_samples=0,
+        progress="none",
+        make_plots=False,
+    )
+    return d
+
+
+def _eval_main(argv):
+    import gin
+
+    gin.clear_config()
+    try:
+        return eval_lib.main(argv)
+    finally:
+        gin.clear_config()
+
+
+def test_eval_from_model_dir_alone_reports_teacher_forced_loss(tiny_run, capsys):
+    from switch_t5 import init_checkpoint, trainer
+
+    ref = init_checkpoint.find_checkpoint(tiny_run)
+    assert checkpoints.recorded_task(ref.meta) == {"name": "embedded_span_corruption", "data": {}}
+    # No gin file, no task: the recorded task and lengths; a span task has no metric functions,
+    # so its validation split is scored teacher-forced (it used to be refused).
+    result = _eval_main(
+        [
+            f"--gin.MODEL_DIR='{tiny_run}'",
+            "--gin.BATCH_SIZE=8",
+            "--gin.switch_t5.evaluate.max_examples=16",
+        ]
+    )
+    out = capsys.readouterr().out
+    task = "embedded_span_corruption"
+    assert result.main_metric == f"{task}/{trainer.CROSS_ENTROPY}"
+    assert f"  {task}/{trainer.CROSS_ENTROPY}: " in out
+    assert f"  {task}/accuracy: " in out
+    assert 0.0 < result.metrics[result.main_metric] < 2 * np.log(4096)
+    assert 0.0 <= result.metrics[f"{task}/accuracy"] <= 1.0
+    assert result.num_examples[task] == 16  # two batches of 8
+    with open(f"{tiny_run}/eval/{eval_lib.METRICS_FILE}") as f:
+        assert json.load(f)["metrics"] == pytest.approx(result.metrics)
+    with open(f"{tiny_run}/eval/config.gin") as f:
+        assert "TASK_FEATURE_LENGTHS = None" in f.read()
+
+
+def test_task_flag_replaces_the_recorded_task(tiny_run, tmp_path, env):
+    tsv = _write_tsv(tmp_path / "other.tsv", _rows(3, 5))
+    result = _eval_main(
+        [
+            f"--gin.MODEL_DIR='{tiny_run}'",
+            "--gin.MIXTURE_OR_TASK_NAME='files_text_to_text'",
+            f"--gin.VALIDATION_FILES='{tsv}'",
+            "--gin.VOCABULARY_PATH='embedded'",
+            "--gin.INPUT_TEMPLATE='{sentence}'",
+            "--gin.TARGET_COLUMN='label'",
+            "--gin.METRICS=['accuracy']",
+            "--gin.BATCH_SIZE=8",
+        ]
+    )
+    # Decoded and scored on the given file (5 rows), not the recorded span task.
+    assert result.num_examples == {"files_text_to_text": 5}
+    assert result.main_metric == "files_text_to_text/accuracy"
+
+
+def test_recorded_data_macros_fill_only_unset_ones(tmp_path):
+    import gin
+
+    from switch_t5 import data_gin
+
+    meta = checkpoints.make_meta(
+        tiny_config(),
+        {},
+        LENGTHS,
+        {
+            "name": "files_text_to_text",
+            "data": {"VALIDATION_FILES": "a.tsv", "VOCABULARY_PATH": "v.model"},
+        },
+    )
+    recorded = checkpoints.recorded_task(json.loads(json.dumps(meta)))
+    gin.clear_config()
+    try:
+        gin.parse_config("VALIDATION_FILES = 'b.tsv'")
+        assert eval_lib.apply_recorded_task(recorded, None) == "files_text_to_text"
+        assert data_gin.macro("VALIDATION_FILES") == "b.tsv"  # the flag replaces the record
+        assert data_gin.macro("VOCABULARY_PATH") == "v.model"
+        gin.clear_config()
+        # Another task keeps only the recorded vocabulary.
+        assert eval_lib.apply_recorded_task(recorded, "glue_rte_v002") == "glue_rte_v002"
+        assert data_gin.macro("VALIDATION_FILES", None) is None
+        assert data_gin.macro("VOCABULARY_PATH") == "v.model"
+        gin.clear_config()
+        # A converted checkpoint records no task: the task must be given.
+        assert checkpoints.recorded_task(checkpoints.make_meta(tiny_config())) is None
+        with pytest.raises(eval_lib.EvalConfigError, match="records no task"):
+            eval_lib.apply_recorded_task(None, None)
+    finally:
+        gin.clear_config()
