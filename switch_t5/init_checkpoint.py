@@ -212,15 +212,20 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def model_config_from_checkpoint(ref: CheckpointRef, bindings: Mapping[str, Any]):
+def model_config_from_checkpoint(
+    ref: CheckpointRef, bindings: Mapping[str, Any], reshape: bool = False
+):
     """The checkpoint's recorded SwitchConfig, with the explicitly set fields of `bindings`.
 
-    Fields in `checkpoints.RUNTIME_FIELDS` (dtypes, capacity, dropout, ...) are overridden by
-    `bindings`; an architecture field may be bound only to the checkpoint's value.
+    Fields in `checkpoints.RUNTIME_FIELDS` (dtypes, capacity, dropout, ...) and `scan_layers`
+    (the layout converts on load) are overridden by `bindings`; an architecture field may be
+    bound only to the checkpoint's value, unless `reshape`.
 
     Args:
       ref: the initial checkpoint; its meta must hold "model_config".
       bindings: {field: value} set explicitly (gin's `switch_t5.SwitchConfig.*` bindings).
+      reshape: every binding overrides (a non-strict restore or an assignment map: the model
+        is meant to differ from the checkpoint; `plan_restore` still checks each shape).
 
     Raises:
       ArchitectureMismatchError: a bound architecture field differs from the checkpoint's
@@ -239,7 +244,7 @@ def model_config_from_checkpoint(ref: CheckpointRef, bindings: Mapping[str, Any]
         ) from None
     runtime, clashes = {}, []
     for name, value in sorted(bindings.items()):
-        if name in checkpoints.RUNTIME_FIELDS:
+        if reshape or name in checkpoints.RUNTIME_FIELDS or name == "scan_layers":
             runtime[name] = value
         elif _as_json(value) != _as_json(saved.get(name)):
             clashes.append(f"{name}={value!r} but the checkpoint has {name}={saved.get(name)!r}")
@@ -248,7 +253,8 @@ def model_config_from_checkpoint(ref: CheckpointRef, bindings: Mapping[str, Any]
             f"gin sets switch_t5.SwitchConfig.{'; '.join(clashes)} (initial checkpoint "
             f"{ref.step_dir}); the architecture comes from the checkpoint: drop those bindings "
             "(e.g. do not include a model gin file); only runtime fields (dtypes, capacity, "
-            "dropout, ...) may be changed"
+            "dropout, ...) and scan_layers may be changed, unless InitialCheckpoint.strict=False "
+            "or an assignment_map says how the params differ"
         )
     return dataclasses.replace(config, **runtime) if runtime else config
 

@@ -201,13 +201,15 @@ def resolve_model_config(
     vocabulary: Any,
     task: str,
     initial: init_checkpoint.CheckpointRef | None = None,
+    reshape: bool = False,
 ) -> SwitchConfig:
     """The model config with the vocabulary rule of the module docstring applied.
 
     Fine-tuning (`initial`, a checkpoint whose meta records its model config) with `config`
     None: the checkpoint's config, with the runtime fields gin binds explicitly
     (`init_checkpoint.model_config_from_checkpoint`; an architecture field bound to another
-    value is an error), so a run gin file needs no model gin.
+    value is an error, unless `reshape`: a non-strict restore or an assignment map), so a run
+    gin file needs no model gin.
     """
     from switch_t5.data import vocab as vocab_lib
 
@@ -215,7 +217,7 @@ def resolve_model_config(
     if config is None and initial is not None and initial.meta.get("model_config"):
         gin_utils.register_configurables()
         bindings = gin.get_bindings("switch_t5.SwitchConfig")
-        config = init_checkpoint.model_config_from_checkpoint(initial, bindings)
+        config = init_checkpoint.model_config_from_checkpoint(initial, bindings, reshape)
     if config is None:
         config = gin_utils.make_model_config()
         try:
@@ -612,7 +614,10 @@ def train(
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
     task_feature_lengths = data_gin.check_lengths(mixture_or_task_name, task_feature_lengths)
-    config = resolve_model_config(model_config, vocabulary, mixture_or_task_name, initial)
+    reshape = initial_checkpoint is not None and (
+        not initial_checkpoint.strict or bool(initial_checkpoint.assignment_map)
+    )
+    config = resolve_model_config(model_config, vocabulary, mixture_or_task_name, initial, reshape)
     from switch_t5.data import vocab as vocab_lib
 
     vocab_meta = {

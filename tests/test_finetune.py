@@ -599,3 +599,26 @@ def test_finetune_user_tsv_names_an_unreadable_recorded_vocabulary(tiny_pretrain
 
     line = gin_utils.format_error(e.value)
     assert "/nonexistent/spm.model" in line and "VOCABULARY_PATH" in line and "\n" not in line
+
+
+def test_model_config_from_checkpoint_overrides_runtime_fields_only():
+    from etils import epath
+
+    saved = tiny_config(scan_layers=False)
+    ref = init_checkpoint.CheckpointRef(
+        epath.Path("/ckpt/checkpoints/7"), 7, checkpoints.make_meta(saved)
+    )
+    config = init_checkpoint.model_config_from_checkpoint(
+        ref,
+        {"dropout_rate": 0.3, "scan_layers": True, "d_model": saved.d_model, "dtype": "float32"},
+    )
+    assert config == dataclasses.replace(saved, dropout_rate=0.3, scan_layers=True, dtype="float32")
+    bindings = {"d_model": saved.d_model * 2, "num_experts": saved.num_experts + 1}
+    with pytest.raises(init_checkpoint.ArchitectureMismatchError) as e:
+        init_checkpoint.model_config_from_checkpoint(ref, bindings)
+    msg = str(e.value)
+    assert f"d_model={saved.d_model * 2} but the checkpoint has d_model={saved.d_model}" in msg
+    assert f"num_experts={saved.num_experts + 1}" in msg and "/ckpt/checkpoints/7" in msg
+    # A non-strict restore or an assignment map: the model is meant to differ.
+    wider = init_checkpoint.model_config_from_checkpoint(ref, bindings, reshape=True)
+    assert (wider.d_model, wider.num_experts) == (saved.d_model * 2, saved.num_experts + 1)
