@@ -183,6 +183,82 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointRef | None:
     return CheckpointRef(step_dir=step_dir, step=int(step_dir.name), meta=meta)
 
 
+def recorded_vocabulary_path(ref: CheckpointRef) -> str | None:
+    """The vocabulary file the checkpoint's meta records, or None (e.g. T5X imports).
+
+    Raises:
+      InitialCheckpointError: a recorded file that cannot be read or is not a vocabulary (names
+        it, and VOCABULARY_PATH as the way to give a copy).
+    """
+    from switch_t5.data import vocab as vocab_lib
+
+    saved = ref.meta.get("vocabulary") or {}
+    path = saved.get("path")
+    if not path:
+        return None
+    try:
+        vocab_lib.check_sentencepiece_file(path)
+    except vocab_lib.VocabularyFileError as e:
+        detail = " ".join(str(e).split(";")[0].split())
+        raise InitialCheckpointError(
+            f"the initial checkpoint {ref.step_dir} was trained with vocabulary {path!r}, which "
+            f"cannot be used here ({detail}); set VOCABULARY_PATH to a copy of that file "
+            f"(sha256 {saved.get('hash')})"
+        ) from None
+    return path
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def model_config_from_checkpoint(
+    ref: CheckpointRef, bindings: Mapping[str, Any], reshape: bool = False
+):
+    """The checkpoint's recorded SwitchConfig, with the explicitly set fields of `bindings`.
+
+    Fields in `checkpoints.RUNTIME_FIELDS` (dtypes, capacity, dropout, ...) and `scan_layers`
+    (the layout converts on load) are overridden by `bindings`; an architecture field may be
+    bound only to the checkpoint's value, unless `reshape`.
+
+    Args:
+      ref: the initial checkpoint; its meta must hold "model_config".
+      bindings: {field: value} set explicitly (gin's `switch_t5.SwitchConfig.*` bindings).
+      reshape: every binding overrides (a non-strict restore or an assignment map: the model
+        is meant to differ from the checkpoint; `plan_restore` still checks each shape).
+
+    Raises:
+      ArchitectureMismatchError: a bound architecture field differs from the checkpoint's
+        (names every such field with both values).
+    """
+    from switch_t5 import checkpoints
+    from switch_t5.interop import checkpoint_io
+
+    saved = ref.meta["model_config"]
+    try:
+        config = checkpoint_io.config_from_dict(dict(saved))
+    except (TypeError, ValueError) as e:
+        raise InitialCheckpointError(
+            f"the initial checkpoint {ref.step_dir} records a model config this version cannot "
+            f"read ({e}); bind every switch_t5.SwitchConfig field in a model gin file instead"
+        ) from None
+    runtime, clashes = {}, []
+    for name, value in sorted(bindings.items()):
+        if reshape or name in checkpoints.RUNTIME_FIELDS or name == "scan_layers":
+            runtime[name] = value
+        elif _as_json(value) != _as_json(saved.get(name)):
+            clashes.append(f"{name}={value!r} but the checkpoint has {name}={saved.get(name)!r}")
+    if clashes:
+        raise ArchitectureMismatchError(
+            f"gin sets switch_t5.SwitchConfig.{'; '.join(clashes)} (initial checkpoint "
+            f"{ref.step_dir}); the architecture comes from the checkpoint: drop those bindings "
+            "(e.g. do not include a model gin file); only runtime fields (dtypes, capacity, "
+            "dropout, ...) and scan_layers may be changed, unless InitialCheckpoint.strict=False "
+            "or an assignment_map says how the params differ"
+        )
+    return dataclasses.replace(config, **runtime) if runtime else config
+
+
 def _name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 

@@ -196,11 +196,28 @@ def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
             )
 
 
-def resolve_model_config(config: SwitchConfig | None, vocabulary: Any, task: str) -> SwitchConfig:
-    """The model config with the vocabulary rule of the module docstring applied."""
+def resolve_model_config(
+    config: SwitchConfig | None,
+    vocabulary: Any,
+    task: str,
+    initial: init_checkpoint.CheckpointRef | None = None,
+    reshape: bool = False,
+) -> SwitchConfig:
+    """The model config with the vocabulary rule of the module docstring applied.
+
+    Fine-tuning (`initial`, a checkpoint whose meta records its model config) with `config`
+    None: the checkpoint's config, with the runtime fields gin binds explicitly
+    (`init_checkpoint.model_config_from_checkpoint`; an architecture field bound to another
+    value is an error, unless `reshape`: a non-strict restore or an assignment map), so a run
+    gin file needs no model gin.
+    """
     from switch_t5.data import vocab as vocab_lib
 
     padded = pad_vocab_size(vocabulary.vocab_size)
+    if config is None and initial is not None and initial.meta.get("model_config"):
+        gin_utils.register_configurables()
+        bindings = gin.get_bindings("switch_t5.SwitchConfig")
+        config = init_checkpoint.model_config_from_checkpoint(initial, bindings, reshape)
     if config is None:
         config = gin_utils.make_model_config()
         try:
@@ -595,10 +612,14 @@ def train(
     # Data and model config: every check that can fail does so before compiling.
     from switch_t5 import data_gin
 
+    initial = _initial_checkpoint_ref(initial_checkpoint)
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
     task_feature_lengths = data_gin.check_lengths(mixture_or_task_name, task_feature_lengths)
-    config = resolve_model_config(model_config, vocabulary, mixture_or_task_name)
+    reshape = initial_checkpoint is not None and (
+        not initial_checkpoint.strict or bool(initial_checkpoint.assignment_map)
+    )
+    config = resolve_model_config(model_config, vocabulary, mixture_or_task_name, initial, reshape)
     from switch_t5.data import vocab as vocab_lib
 
     vocab_meta = {
@@ -821,6 +842,35 @@ def train(
                 log.warning("closing the metrics logs failed too: %s", e)
         if lock is not None:
             lock.release()
+
+
+def _initial_checkpoint_ref(initial_checkpoint) -> init_checkpoint.CheckpointRef | None:
+    """The fine-tuning checkpoint (None: none given, or none there with fallback_to_scratch).
+
+    When its meta records a vocabulary and gin does not set VOCABULARY_PATH, the macro is set
+    to the checkpoint's vocabulary file, so that the task tokenizes as the checkpoint was
+    trained (and the run's config.gin records it for eval).
+    """
+    if initial_checkpoint is None:
+        return None
+    ref = init_checkpoint.find_checkpoint(initial_checkpoint.path, initial_checkpoint.step)
+    if ref is None:
+        if initial_checkpoint.fallback_to_scratch:
+            return None
+        raise init_checkpoint.InitialCheckpointError(
+            f"no complete checkpoint under {initial_checkpoint.path}; give a MODEL_DIR, its "
+            "checkpoints/ folder or one step's folder (.../checkpoints/N), or set "
+            "fallback_to_scratch=True"
+        )
+    try:
+        gin.query_parameter("VOCABULARY_PATH/macro.value")
+    except ValueError:
+        path = init_checkpoint.recorded_vocabulary_path(ref)
+        if path is not None:
+            log.info("VOCABULARY_PATH from the initial checkpoint: %s", path)
+            with gin.unlock_config():
+                gin.bind_parameter("VOCABULARY_PATH/macro.value", path)
+    return ref
 
 
 def _starting_state(

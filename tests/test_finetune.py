@@ -433,7 +433,11 @@ def test_finetune_experiments_parse_with_the_recipe(experiment):
             ],
         )
         config = gin_utils.make_model_config()
-        assert (config.d_model, config.num_experts) == (768, 8)
+        # No model gin: the architecture comes from the initial checkpoint's record.
+        assert set(gin.get_bindings("switch_t5.SwitchConfig")) == {
+            "dropout_rate",
+            "expert_dropout_rate",
+        }
         assert config.dropout_rate == 0.1 and config.expert_dropout == 0.4
         assert gin.query_parameter("train.lr_schedule") == "constant"
         assert gin.query_parameter("train.base_learning_rate") == 1e-3
@@ -462,3 +466,156 @@ def test_eval_and_infer_run_gins_parse():
         assert gin.query_parameter("switch_t5.infer.method") == "beam"
     finally:
         gin.clear_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune_user_tsv.gin from any checkpoint: architecture and vocabulary from its record.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    """A 2-step pretraining run with a generated vocabulary, and an RTE-like TSV pair."""
+    import gin
+
+    from switch_t5 import train
+    from switch_t5.data import vocab
+
+    root = tmp_path_factory.mktemp("any_ckpt")
+    rng = np.random.default_rng(1)
+    sentences = [" ".join(rng.choice(_WORDS, size=6)) for _ in range(40)]
+    for name, rows in (("train", sentences[:32]), ("dev", sentences[32:])):
+        with open(root / f"{name}.tsv", "w") as f:
+            f.write("index\tsentence1\tsentence2\tlabel\n")
+            for i, s in enumerate(rows):
+                label = ("entailment", "not_entailment")[i % 2]
+                f.write(f"{i}\t{s}\t{s[:20]}\t{label}\n")
+    text = root / "pretrain.txt"
+    text.write_text("".join(s + "\n" for s in sentences))
+    spm = vocab.train_sentencepiece(
+        sentences + ["rte sentence1: sentence2: entailment not_entailment"] * 20,
+        str(root / "spm.model"),
+        100 + 40,
+    )
+    model_gin = root / "model.gin"
+    model_gin.write_text(_MODEL_GIN)
+    pre_dir = str(root / "pretrain")
+    gin.clear_config()
+    try:
+        train.main(
+            [
+                f"--gin_file={model_gin}",
+                "--gin_file=configs/runs/pretrain.gin",
+                f"--gin.VOCABULARY_PATH='{spm}'",
+                f"--gin.switch_t5.data_gin.register_tasks.cache_dir='{root / 'cache'}'",
+                "--gin.train.progress='none'",
+                "--gin.train.make_plots=False",
+                f"--gin.MODEL_DIR='{pre_dir}'",
+                "--gin.MIXTURE_OR_TASK_NAME='text_files_span_corruption'",
+                f"--gin.TEXT_FILES='{text}'",
+                "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
+                "--gin.BATCH_SIZE=8",
+                "--gin.TRAIN_STEPS=2",
+                "--gin.EVAL_PERIOD=0",
+                "--gin.CHECKPOINT_PERIOD=2",
+            ]
+        )
+    finally:
+        gin.clear_config()
+    return {"root": root, "pre_dir": pre_dir, "spm": spm}
+
+
+def _finetune_user_tsv(tiny_pretrained, model_dir, *extra, initial=None):
+    import gin
+
+    from switch_t5 import train
+
+    root = tiny_pretrained["root"]
+    gin.clear_config()
+    try:
+        return train.main(
+            [
+                "--gin_file=configs/experiments/finetune_user_tsv.gin",
+                f"--gin.MODEL_DIR='{model_dir}'",
+                f"--gin.INITIAL_CHECKPOINT_PATH='{initial or tiny_pretrained['pre_dir']}'",
+                f"--gin.TRAIN_FILES='{root / 'train.tsv'}'",
+                f"--gin.VALIDATION_FILES='{root / 'dev.tsv'}'",
+                "--gin.TRAIN_STEPS=2",
+                # Only to keep the test fast on a CPU: the rest is the experiment's own recipe.
+                "--gin.BATCH_SIZE=16",
+                "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+                "--gin.train.progress='none'",
+                "--gin.train.make_plots=False",
+                "--gin.EVAL_PERIOD=0",
+                "--gin.INFER_EVAL_PERIOD=0",
+                *extra,
+            ]
+        )
+    finally:
+        gin.clear_config()
+
+
+def test_finetune_user_tsv_takes_model_and_vocabulary_from_the_checkpoint(tiny_pretrained):
+    ft_dir = tiny_pretrained["root"] / "ft"
+    result = _finetune_user_tsv(tiny_pretrained, ft_dir)
+    assert (result.start_step, result.step) == (0, 2)
+    written = (ft_dir / "config.gin").read_text()
+    # The checkpoint's architecture and vocabulary; the recipe's runtime dropout.
+    assert "#   SwitchConfig.d_model = 16" in written
+    assert "#   SwitchConfig.expert_dropout_rate = 0.4" in written
+    assert repr(tiny_pretrained["spm"]) in written
+    meta = json.loads(next((ft_dir / "checkpoints").glob("*/meta/metadata")).read_text())
+    assert meta["vocabulary"]["path"] == tiny_pretrained["spm"]
+
+
+def test_finetune_user_tsv_refuses_another_architecture_naming_both_values(tiny_pretrained):
+    with pytest.raises(init_checkpoint.ArchitectureMismatchError) as e:
+        _finetune_user_tsv(
+            tiny_pretrained,
+            tiny_pretrained["root"] / "ft_mismatch",
+            "--gin.switch_t5.SwitchConfig.d_model=32",
+        )
+    from switch_t5 import gin_utils
+
+    line = gin_utils.format_error(e.value)
+    assert "d_model=32" in line and "d_model=16" in line and "\n" not in line
+
+
+def test_finetune_user_tsv_names_an_unreadable_recorded_vocabulary(tiny_pretrained):
+    import shutil
+
+    copy = tiny_pretrained["root"] / "moved"
+    shutil.copytree(tiny_pretrained["pre_dir"], copy)
+    meta_file = next((copy / "checkpoints").glob("*/meta/metadata"))
+    meta = json.loads(meta_file.read_text())
+    meta["vocabulary"]["path"] = "/nonexistent/spm.model"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(init_checkpoint.InitialCheckpointError) as e:
+        _finetune_user_tsv(tiny_pretrained, tiny_pretrained["root"] / "ft_novocab", initial=copy)
+    from switch_t5 import gin_utils
+
+    line = gin_utils.format_error(e.value)
+    assert "/nonexistent/spm.model" in line and "VOCABULARY_PATH" in line and "\n" not in line
+
+
+def test_model_config_from_checkpoint_overrides_runtime_fields_only():
+    from etils import epath
+
+    saved = tiny_config(scan_layers=False)
+    ref = init_checkpoint.CheckpointRef(
+        epath.Path("/ckpt/checkpoints/7"), 7, checkpoints.make_meta(saved)
+    )
+    config = init_checkpoint.model_config_from_checkpoint(
+        ref,
+        {"dropout_rate": 0.3, "scan_layers": True, "d_model": saved.d_model, "dtype": "float32"},
+    )
+    assert config == dataclasses.replace(saved, dropout_rate=0.3, scan_layers=True, dtype="float32")
+    bindings = {"d_model": saved.d_model * 2, "num_experts": saved.num_experts + 1}
+    with pytest.raises(init_checkpoint.ArchitectureMismatchError) as e:
+        init_checkpoint.model_config_from_checkpoint(ref, bindings)
+    msg = str(e.value)
+    assert f"d_model={saved.d_model * 2} but the checkpoint has d_model={saved.d_model}" in msg
+    assert f"num_experts={saved.num_experts + 1}" in msg and "/ckpt/checkpoints/7" in msg
+    # A non-strict restore or an assignment map: the model is meant to differ.
+    wider = init_checkpoint.model_config_from_checkpoint(ref, bindings, reshape=True)
+    assert (wider.d_model, wider.num_experts) == (saved.d_model * 2, saved.num_experts + 1)
