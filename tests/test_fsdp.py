@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 from test_trainer import _batch
 from tiny import tiny_config
 
-from switch_t5 import network, optim, train_state, trainer
+from switch_t5 import checkpoints, network, optim, train_state, trainer
 
 # Scanned layers (4 per stack, 2 scan steps of a dense+sparse pair), no dropout or jitter so that
 # the two layouts compute the same function; capacity large enough that nothing drops.
@@ -127,3 +127,18 @@ def test_fsdp_gathers_one_layer_at_a_time_inside_the_scan(runs):
     # gathered inside the loop; the stacked [scan steps 2, 8, 3] never moves whole.
     assert "f32[8,3]" in in_loops, in_loops
     assert "f32[2,8,3]" not in everywhere, everywhere
+
+
+def test_checkpoint_moves_from_replicated_to_fsdp_layout(runs, tmp_path):
+    _, _, _, state_off, _ = runs[False]
+    st_on = runs[True][0]
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    ckpt.save(5, state_off, {}, checkpoints.make_meta(dataclasses.replace(CFG, fsdp=False)))
+    ckpt.close()
+    ckpt = checkpoints.Checkpointer(str(tmp_path))
+    meta = checkpoints.make_meta(dataclasses.replace(CFG, fsdp=True))  # fsdp may change on resume
+    restored = ckpt.restore(st_on.abstract_state, expected_meta=meta).state
+    ckpt.close()
+    assert checkpoints.tree_equal(restored, state_off)
+    q = restored.params["encoder"]["layers"]["subblock_0"]["attention"]["query"]["kernel"]
+    assert q.sharding.spec == PartitionSpec(None, ("data", "expert"), "model")
