@@ -265,6 +265,7 @@ RUNTIME_FIELDS = frozenset(
         "param_dtype",
         "moe_dtype",
         "remat_policy",
+        "fsdp",
         "dispatch",
         "train_capacity_factor",
         "eval_capacity_factor",

@@ -184,6 +184,9 @@ class SwitchConfig:
     # Memory and compilation at scale.
     scan_layers: bool = False
     remat_policy: RematPolicy = "none"
+    # FSDP: shard the non-expert weights (and so their gradients and optimizer state) over the
+    # batch axes too (`partitioning.WEIGHT_EMBED`). None = on when the non-expert params >= 0.5B.
+    fsdp: bool | None = None
 
     def __post_init__(self):
         problems = []

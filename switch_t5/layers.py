@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from switch_t5 import partitioning
 from switch_t5.config import SwitchConfig
 
 Initializer = Callable[..., jax.Array]
@@ -64,9 +65,12 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., features] in the compute dtype."""
+        # Under FSDP d_model of a (non-expert) weight has its own logical name.
+        embed = partitioning.weight_embed_axis(self.config)
+        axes = tuple(embed if a == "embed" else a for a in self.kernel_axes)
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(self.init, self.kernel_axes),
+            nn.with_logical_partitioning(self.init, axes),
             (x.shape[-1], self.features),
             param_dtype(self.config),
         )
@@ -87,7 +91,10 @@ class Embed(nn.Module):
         self.embedding = self.param(
             "embedding",
             # Mesh-TF/T5 embeddings are N(0, 1): no sqrt(d_model) scaling of the inputs either.
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0),
+                ("vocab", partitioning.weight_embed_axis(self.config)),
+            ),
             (self.config.vocab_size, self.config.d_model),
             param_dtype(self.config),
         )

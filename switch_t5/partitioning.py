@@ -19,6 +19,9 @@ from switch_t5 import errors
 
 MESH_AXES = ("data", "expert", "model")
 
+# d_model of a non-expert weight under FSDP (see the last rule).
+WEIGHT_EMBED = "weight_embed"
+
 # Logical name -> mesh axis (or axes). The batch is split over data AND expert: the expert axis
 # holds different tokens too, and experts exchange them with an all-to-all (arXiv 2101.03961
 # sec. 2.2, Figure 9).
@@ -38,7 +41,44 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("capacity", None),  # expert capacity slots / tokens inside a group
     ("unmodeled", None),  # small axes never worth sharding (router logits' expert dim, ...)
     ("layers", None),  # the stacked axis of scanned layers
+    # FSDP / ZeRO-3: d_model of the non-expert weights only (attention, dense MLPs, embeddings,
+    # logits), split over the batch axes; GSPMD all-gathers each layer's slice before use and
+    # reduce-scatters its gradient. A name of its own: "embed" also names activations, expert
+    # kernels and the all-to-all buffers, which must stay whole on d_model.
+    (WEIGHT_EMBED, ("data", "expert")),
 )
+
+
+# FSDP turns itself on from this many non-expert parameters (`SwitchConfig.fsdp=None`).
+FSDP_AUTO_MIN_PARAMS = 500_000_000
+
+
+def non_expert_params(config) -> int:
+    """Non-expert parameter count of a SwitchConfig (embeddings, untied logits, attention, dense
+    MLPs, routers; norms and relative-position biases left out), by arithmetic."""
+    d, inner = config.d_model, config.num_heads * config.head_dim
+    n = config.vocab_size * d * (1 if config.logits_via_embedding else 2)
+    n_mlp = len(config.mlp_activations) * d * config.d_ff + config.d_ff * d
+    for stack, attn in (("encoder", 1), ("decoder", 2)):
+        layers = config.num_layers(stack)
+        sparse = len(config.sparse_layers(stack)) if config.num_experts else 0
+        n += layers * attn * 4 * d * inner + (layers - sparse) * n_mlp
+        n += sparse * d * config.num_experts
+        if config.num_experts and config.sparse_extra_mlp:
+            n += sparse * n_mlp
+    return n
+
+
+def fsdp_enabled(config) -> bool:
+    """`config.fsdp`, or (None) whether the non-expert params reach FSDP_AUTO_MIN_PARAMS."""
+    if config.fsdp is not None:
+        return bool(config.fsdp)
+    return non_expert_params(config) >= FSDP_AUTO_MIN_PARAMS
+
+
+def weight_embed_axis(config) -> str:
+    """The logical name of d_model on a non-expert weight: WEIGHT_EMBED with FSDP, else "embed"."""
+    return WEIGHT_EMBED if fsdp_enabled(config) else "embed"
 
 
 def logical_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

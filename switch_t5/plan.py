@@ -39,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -187,6 +188,13 @@ class StepPlan:
       expert_kernel_all_gathers: all-gathers that rebuild (part of) an expert kernel beyond the
         device's own slice (`count_expert_kernel_gathers`); 0 = every device keeps its experts.
       compile_seconds: wall time of lowering and compiling.
+      gradient_bytes: the gradients on one device (the params' shardings, in the param dtype);
+        they live among the temporaries.
+      fsdp: whether the non-expert weights were sharded over the batch axes (`SwitchConfig.fsdp`).
+      collective_bytes: per op kind, the bytes its results move per step (one device's view);
+        "reduce-scatter" counts XLA:CPU's all-reduce + dynamic-slice pairs (it emits no
+        reduce-scatter), which are then left out of "all-reduce".
+      setup_seconds, lower_seconds, xla_compile_seconds: the split of the wall time.
     """
 
     mesh: dict[str, int]
@@ -202,6 +210,12 @@ class StepPlan:
     all_to_all_dtypes: list[str]
     expert_kernel_all_gathers: int
     compile_seconds: float
+    gradient_bytes: int = 0
+    fsdp: bool = False
+    collective_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    setup_seconds: float = 0.0
+    lower_seconds: float = 0.0
+    xla_compile_seconds: float = 0.0
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -447,6 +461,75 @@ def count_expert_kernel_gathers(
     return count
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of the HLO shapes in `text` ("f32[8,3]" or a tuple of them)."""
+    total = 0
+    for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", text):
+        size = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+        total += size * _DTYPE_BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
+    return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes the collectives of a compiled HLO module produce per step, per op kind (results of
+    ops in while bodies count once per iteration). An all-reduce whose result feeds a
+    dynamic-slice is counted as "reduce-scatter": XLA:CPU partitions a sharded gradient that way.
+    """
+    op_re = re.compile(
+        r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\("
+    )
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            computations[current] = []
+            if head.group(1):
+                entry = current
+        elif current is not None:
+            computations[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    memo: dict[str, dict[str, int]] = {}
+
+    def walk(name: str, depth: int = 0) -> dict[str, int]:
+        if name in memo:
+            return memo[name]
+        totals: dict[str, int] = {}
+        if depth > 64 or name not in computations:
+            return totals
+        lines = computations[name]
+        sliced = set()
+        for line in lines:
+            if " dynamic-slice(" in line:
+                sliced.update(re.findall(r"%([\w.\-]+)", line.split("dynamic-slice(", 1)[1]))
+        for line in lines:
+            op = op_re.search(line)
+            if op:
+                kind = op.group(3)
+                if kind == "all-reduce" and op.group(1) in sliced:
+                    kind = "reduce-scatter"
+                totals[kind] = totals.get(kind, 0) + _shape_bytes(op.group(2))
+            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            trips = int(trip.group(1)) if trip else 1
+            for callee in re.findall(r"(?:body|calls)=%?([\w.\-]+)", line):
+                times = trips if f"body=%{callee}" in line else 1
+                for k, v in walk(callee, depth + 1).items():
+                    totals[k] = totals.get(k, 0) + v * times
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                for callee in re.findall(r"%?([\w.\-]+)", group):
+                    for k, v in walk(callee, depth + 1).items():
+                        totals[k] = totals.get(k, 0) + v
+        memo[name] = totals
+        return totals
+
+    return walk(entry)
+
+
 def train_flops_per_step(config: SwitchConfig, params: Any, spec: StepSpec) -> float:
     """Model FLOPs of one train step: 3 x forward (2 per multiply-add), weights plus attention.
 
@@ -508,6 +591,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         devices=jax.devices()[:n],
     )
     t0 = time.perf_counter()
+    print("plan: setting up the abstract train state", file=sys.stderr, flush=True)
     schedule = optim.make_schedule("rsqrt")
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng),
@@ -536,13 +620,18 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         mesh,
         spec.num_microbatches,
     )
+    t1 = time.perf_counter()
+    print(f"plan: setup {t1 - t0:.1f} s; lowering", file=sys.stderr, flush=True)
     with jax.set_mesh(mesh), partitioning.axis_rules():
+        lowered = step.jitted.lower(setup.abstract_state, batch)
+        t2 = time.perf_counter()
+        print(f"plan: lowering {t2 - t1:.1f} s; XLA compiling", file=sys.stderr, flush=True)
         # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
         # memory analysis, and the partitioned collectives do not depend on them).
-        compiled = step.jitted.lower(setup.abstract_state, batch).compile(
-            compiler_options={"xla_backend_optimization_level": 0}
-        )
-    seconds = time.perf_counter() - t0
+        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    t3 = time.perf_counter()
+    print(f"plan: compile {t3 - t2:.1f} s", file=sys.stderr, flush=True)
+    seconds = t3 - t0
     memory = compiled.memory_analysis()
     hlo_text = compiled.as_text()
     collectives, a2a_dtypes = count_collectives(hlo_text)
@@ -566,6 +655,12 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         all_to_all_dtypes=a2a_dtypes,
         expert_kernel_all_gathers=count_expert_kernel_gathers(hlo_text, config, mesh_sizes),
         compile_seconds=round(seconds, 1),
+        gradient_bytes=_sharded_bytes(setup.abstract_state.params),
+        fsdp=partitioning.fsdp_enabled(config),
+        collective_bytes=collective_bytes(hlo_text),
+        setup_seconds=round(t1 - t0, 1),
+        lower_seconds=round(t2 - t1, 1),
+        xla_compile_seconds=round(t3 - t2, 1),
     )
 
 
@@ -615,21 +710,55 @@ def compile_in_subprocess(
         "spec": dataclasses.asdict(spec),
     }
     code = "import sys; from switch_t5 import plan; plan._worker(sys.argv[1])"
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", code, json.dumps(request)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=timeout,
     )
-    for line in proc.stdout.splitlines():
+    # Progress ("plan: ..." lines) goes to our stderr as it comes; the rest is kept for errors.
+    err_lines: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stderr:
+            # (a warning printed without its newline may precede the progress text)
+            head, tag, rest = line.partition("plan: ")
+            if tag:
+                print(tag + rest.rstrip(), file=sys.stderr, flush=True)
+                line = head + "\n" if head.strip() else ""
+            err_lines.append(line)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    # Only this thread reads stdout (communicate() would race the pump for stderr).
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    killer = threading.Timer(timeout, kill) if timeout else None
+    if killer:
+        killer.start()
+    try:
+        stdout = proc.stdout.read()
+        proc.wait()
+        pumper.join()
+    finally:
+        if killer:
+            killer.cancel()
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    stderr = "".join(err_lines)
+    for line in stdout.splitlines():
         if line.startswith(_WORKER_TAG):
             return StepPlan(**json.loads(line[len(_WORKER_TAG) :]))
         if line.startswith(_ERROR_TAG):
             raise PlanError(json.loads(line[len(_ERROR_TAG) :]))
     raise RuntimeError(
         f"compiling the train step for {n} simulated devices failed (exit {proc.returncode}):\n"
-        + proc.stderr[-4000:]
+        + stderr[-4000:]
     )
 
 
@@ -665,6 +794,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max_compiles", type=int, default=3, help="recommended meshes to try before giving up"
     )
     parser.add_argument("--compile_timeout", type=float, default=None, help="seconds")
+
+
+def partitioning_non_expert(config: SwitchConfig) -> str:
+    from switch_t5 import partitioning
+
+    return _human(partitioning.non_expert_params(config))
 
 
 def _gib(n: float) -> str:
@@ -708,6 +843,23 @@ def format_step_plan(
         f"params {_gib(step.param_bytes)} + optimizer {_gib(step.optimizer_bytes)} + batch "
         f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)} + temporaries "
         f"{_gib(step.temp_bytes)} GiB; TPU/GPU compilers schedule differently)",
+        f"per_device_breakdown_gib: params {_gib(step.param_bytes)}, optimizer state "
+        f"{_gib(step.optimizer_bytes)}, gradients {_gib(step.gradient_bytes)} (in the "
+        f"temporaries), activations and other temporaries "
+        f"{_gib(max(step.temp_bytes - step.gradient_bytes, 0))}, batch "
+        f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)}",
+        f"fsdp: {'on' if step.fsdp else 'off'}  (non-expert weights, gradients and optimizer "
+        f"state {'sharded over data x expert' if step.fsdp else 'replicated over data x expert'}"
+        f"; {partitioning_non_expert(config)} non-expert params)",
+        "collective_bytes_per_step: "
+        + (", ".join(f"{k} {_gib(v)} GiB" for k, v in sorted(step.collective_bytes.items())) or "-")
+        + (
+            "  (reduce-scatter = XLA:CPU's all-reduce + dynamic-slice)"
+            if "reduce-scatter" in step.collective_bytes
+            else ""
+        ),
+        f"compile_wall_seconds: setup {step.setup_seconds:.1f}, lowering "
+        f"{step.lower_seconds:.1f}, compile {step.xla_compile_seconds:.1f}",
         "collectives_per_step: "
         + ", ".join(f"{k} {v}" for k, v in step.collectives.items() if k != "collective-permute")
         + f" (collective-permute {step.collectives.get('collective-permute', 0)})",

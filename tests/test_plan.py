@@ -101,6 +101,31 @@ def test_collectives_count_loop_bodies_per_iteration():
     assert dtypes == ["bf16", "f32"]
 
 
+# XLA:CPU's form of a scanned FSDP gradient: all-reduce, then each device slices its shard.
+RS_HLO = """HloModule m
+
+%body (p: (s32[], f32[8,3])) -> (s32[], f32[8,3]) {
+  %g = f32[8,3]{1,0} all-reduce(%x), channel_id=1, to_apply=%add
+  %s = f32[2,3]{1,0} dynamic-slice(%g, %i, %j), dynamic_slice_sizes={2,3}
+  %a = f32[8,3]{1,0} all-gather(%w), channel_id=2, dimensions={0}
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %w = (s32[], f32[8,3]) while(%t), condition=%c, body=%body, \
+backend_config={"known_trip_count":{"n":"5"}}
+  %r = bf16[4]{0} all-reduce(%z), channel_id=3, to_apply=%add
+}
+"""
+
+
+def test_collective_bytes_count_all_reduce_plus_slice_as_reduce_scatter():
+    assert plan.collective_bytes(RS_HLO) == {
+        "reduce-scatter": 5 * 8 * 3 * 4,
+        "all-gather": 5 * 8 * 3 * 4,
+        "all-reduce": 4 * 2,
+    }
+
+
 def test_train_flops_of_a_dense_model_by_hand():
     config = dataclasses.replace(TINY, num_experts=0, num_encoder_layers=1, num_decoder_layers=1)
     params = network.init_abstract(config)["params"]
@@ -173,6 +198,13 @@ def test_planner_compiles_the_real_train_step_and_enforces_the_budget():
     # 4 sparse layer calls x (dispatch + combine) x (forward + backward); two of those layers
     # run per iteration of the scanned loops, so the trip counts must be applied.
     assert out["collectives_per_step"].startswith("all-to-all 16, ")
+    # The breakdown, the FSDP switch (off for tiny: auto below 0.5B), bytes moved, wall time.
+    assert out["per_device_breakdown_gib"].startswith("params 0.00, optimizer state 0.00, grad")
+    assert out["fsdp"].startswith("off  (non-expert weights")
+    assert "all-to-all" in out["collective_bytes_per_step"]
+    assert out["compile_wall_seconds"].startswith("setup ")
+    for stage in ("plan: setup ", "plan: lowering ", "plan: compile "):
+        assert stage in result.stderr, stage
 
 
 def test_bfloat16_optimizer_state_halves_its_bytes_and_tracks_float32():
