@@ -377,16 +377,8 @@ def recommend_meshes(
     return sorted(found, key=key)
 
 
-def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
-    """Collectives executed per step by a compiled (SPMD-partitioned) HLO module.
-
-    Ops in a while body (the scanned layers, microbatch accumulation) count once per iteration
-    (XLA's `known_trip_count`); async pairs count once (`-start`).
-
-    Returns:
-      ({op kind: count}, sorted element types of the all-to-alls).
-    """
-    op_re = re.compile(r"=\s*(\(?[a-z0-9]+)\[.*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+def split_computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """The computations of an HLO module's text ({name: body lines}) and the ENTRY one's name."""
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -400,6 +392,20 @@ def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
             computations[current].append(line)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
+    """Collectives executed per step by a compiled (SPMD-partitioned) HLO module.
+
+    Ops in a while body (the scanned layers, microbatch accumulation) count once per iteration
+    (XLA's `known_trip_count`); async pairs count once (`-start`).
+
+    Returns:
+      ({op kind: count}, sorted element types of the all-to-alls).
+    """
+    op_re = re.compile(r"=\s*(\(?[a-z0-9]+)\[.*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    computations, entry = split_computations(hlo_text)
     dtypes: set[str] = set()
     memo: dict[str, dict[str, int]] = {}
 
@@ -481,19 +487,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     op_re = re.compile(
         r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\("
     )
-    computations: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if head and not line.startswith(" "):
-            current = head.group(2)
-            computations[current] = []
-            if head.group(1):
-                entry = current
-        elif current is not None:
-            computations[current].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+    computations, entry = split_computations(hlo_text)
     memo: dict[str, dict[str, int]] = {}
 
     def walk(name: str, depth: int = 0) -> dict[str, int]:
