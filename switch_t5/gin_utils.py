@@ -22,7 +22,7 @@ from typing import Any
 import gin
 
 from switch_t5 import config as config_lib
-from switch_t5 import errors
+from switch_t5 import console, errors
 
 # The repository's configs/ folder: `--gin_file=configs/models/tiny.gin` works from anywhere.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +112,40 @@ def parse_flags(
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    """`--debug`: show the traceback of a setting error (`run_console_main`)."""
+    """`--debug`: show the traceback of a setting error; `--verbose`: keep the log lines of
+    TensorFlow, XLA, absl and orbax (`run_console_main`)."""
     parser.add_argument(
         "--debug",
         action="store_true",
         help="on a setting error, show the Python traceback instead of one error line",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the log lines of TensorFlow, XLA, absl and orbax (hidden by default)",
+    )
+
+
+# Libraries whose INFO/WARNING log lines are noise on the console (uncached datasets, missing
+# checkpoint metadata, no GPU found); their errors still show, and so do switch_t5's warnings.
+QUIET_LOGGERS = ("absl", "tensorflow", "orbax", "jax._src.xla_bridge")
+
+
+def configure_console_logging(verbose: bool = False) -> None:
+    """Hides the library log noise of a command unless `verbose`.
+
+    Sets TF_CPP_MIN_LOG_LEVEL=3 (TensorFlow's and XLA's C++ `I0000 ... cudart_stub` and
+    `E0000 ... cuInit` lines; read when they log first, so this runs before a command touches
+    TensorFlow or a JAX backend) unless the environment sets it, and raises the Python loggers
+    of `QUIET_LOGGERS` to ERROR. Real errors are exceptions and still print.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    console.quiet_native_logs()
 
 
 def _resolve_gin_file(path: str) -> str:
@@ -337,10 +365,11 @@ def run_console_main(
     A setting error (`switch_t5.errors.UserError`, `FileNotFoundError` or one of `errors_`,
     whose message names the fix) prints one `error: ...` line (plus indented detail lines) and
     exits with status 2; with `--debug` it keeps its traceback. Any other exception is a bug and
-    keeps its traceback.
+    keeps its traceback. Library log noise is hidden unless `--verbose`
+    (`configure_console_logging`).
     """
     argv = sys.argv[1:]
-    logging.basicConfig(level=logging.WARNING)
+    configure_console_logging(verbose="--verbose" in argv)
     try:
         main(argv)
     except (errors.UserError, FileNotFoundError, *errors_) as e:

@@ -56,6 +56,12 @@ DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_ca
 REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS")
 
 
+def _progress(text: str) -> None:
+    """A short line on stderr (main process) of what the first minute of a run is doing."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
 class TrainConfigError(errors.UserError):
     """A train setting is missing, of the wrong type or out of range (raised before compiling)."""
 
@@ -613,6 +619,7 @@ def train(
     from switch_t5 import data_gin
 
     initial = _initial_checkpoint_ref(initial_checkpoint)
+    _progress(f"loading the task {mixture_or_task_name} and its vocabulary ...")
     data_gin.register_tasks(mixture_or_task_name)
     vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
     task_feature_lengths = data_gin.check_lengths(mixture_or_task_name, task_feature_lengths)
@@ -653,6 +660,7 @@ def train(
         if is_main:
             checkpoints.makedirs(model_dir)
 
+        _progress("initializing the model and the data pipeline ...")
         module = network.EncoderDecoder(config)
         schedule = optim.make_schedule(lr_schedule, base_learning_rate, warmup_steps, decay_steps)
         setup = train_state.setup_train_state(
@@ -1026,7 +1034,16 @@ def _loop(
                 * jax.process_count()
             )
             batch = _global_batch(local, b_shardings, train_pipe.global_batch_size)
-            state, metrics = train_step(state, batch)
+            if step == start_step:
+                _progress("compiling the train step ...")
+                t_compile = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                jax.block_until_ready(state.step)
+                _progress(
+                    f"compiling the train step ... done in {time.perf_counter() - t_compile:.0f} s"
+                )
+            else:
+                state, metrics = train_step(state, batch)
             step += 1
             faults.at_step(step)  # fault-injection hooks (SWITCH_T5_FAULT); no-ops when unset
             pending.add(step, metrics, tokens)

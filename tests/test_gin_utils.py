@@ -274,3 +274,61 @@ def test_eval_cli_loads_a_runs_config_gin_with_its_train_bindings(tmp_path):
 def test_a_misspelt_parameter_names_the_closest_one():
     with pytest.raises(gin_utils.GinConfigError, match=r"Did you mean train\.batch_size\?"):
         gin_utils.parse_gin([QUICKSTART], ["train.batch_sizee = 3"])
+
+
+_NOISE = ("cudart_stub", "cuInit", "I0000", "WARNING:absl", "absl::InitializeLog")
+_LOG_SCRIPT = """
+import logging, sys
+from switch_t5 import gin_utils
+gin_utils.configure_console_logging(verbose="--verbose" in sys.argv)
+from switch_t5.data import hide_gpus_from_tf
+hide_gpus_from_tf()  # imports TensorFlow, which logs natively at import and device setup
+logging.getLogger("absl").warning("library noise")
+logging.getLogger("switch_t5.infer").warning("our own warning")
+logging.getLogger("absl").error("a library error")
+"""
+
+
+def _quiet_env():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return {**env, "PYTHONPATH": gin_utils.REPO_ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+_SHOW_ARGS = (
+    "--task=embedded_span_corruption",
+    "--num_examples=1",
+    "--feature_lengths=inputs:64,targets:16",
+)
+
+
+def test_commands_hide_library_log_noise_by_default():
+    proc = subprocess.run(
+        [sys.executable, "-m", "switch_t5.data.show", *_SHOW_ARGS],
+        capture_output=True,
+        text=True,
+        env=_quiet_env(),
+        cwd=gin_utils.REPO_ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert not [line for line in proc.stderr.splitlines() if any(n in line for n in _NOISE)], (
+        proc.stderr
+    )
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_keeps_library_logs_and_our_warnings_and_errors_always_show(verbose):
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOG_SCRIPT, *(["--verbose"] if verbose else [])],
+        capture_output=True,
+        text=True,
+        env=_quiet_env(),
+        cwd=gin_utils.REPO_ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING:switch_t5.infer:our own warning" in proc.stderr
+    assert "ERROR:absl:a library error" in proc.stderr
+    assert ("WARNING:absl:library noise" in proc.stderr) == verbose, proc.stderr
+    assert ("cudart_stub" in proc.stderr) == verbose, proc.stderr

@@ -21,8 +21,11 @@ def hide_gpus_from_tf() -> None:
         return
     import tensorflow as tf
 
+    from switch_t5 import console
+
     try:
-        tf.config.set_visible_devices([], "GPU")
+        with console.native_stderr_filtered():  # no `failed call to cuInit` line on a CPU host
+            tf.config.set_visible_devices([], "GPU")
     except RuntimeError as e:  # TF already initialised its devices.
         logging.warning("could not hide GPUs from TensorFlow (%s); it may reserve GPU memory", e)
     _HIDDEN = True
