@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from switch_t5 import moe
+from switch_t5 import errors, moe
 
 PyTree = Any
 
@@ -77,9 +77,9 @@ def _cur_token(sequences: jax.Array, index: jax.Array) -> jax.Array:
 
 def _check_lengths(batch_size: int, max_decode_length: int) -> None:
     if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
+        raise errors.UserError(f"batch_size={batch_size} must be positive")
     if max_decode_length <= 0:
-        raise ValueError(f"max_decode_length={max_decode_length} must be positive")
+        raise errors.UserError(f"max_decode_length={max_decode_length} must be positive")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def _sampling_fn(
     def choose(logits: jax.Array, rng: jax.Array) -> jax.Array:
         vocab = logits.shape[-1]
         if top_k > vocab:
-            raise ValueError(
+            raise errors.UserError(
                 f"top_k={top_k} exceeds the vocabulary size {vocab}; use top_k<={vocab}"
             )
         if temperature < MIN_TEMPERATURE:
@@ -256,11 +256,11 @@ def temperature_sample(
         (temperature 1, no truncation), so samples can be scored or reranked.
     """
     if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        raise errors.UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k limit)")
+        raise errors.UserError(f"top_k={top_k} must be >= 0 (0 = no top-k limit)")
     if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in [0, 1] (0 = off)")
+        raise errors.UserError(f"top_p={top_p} must be in [0, 1] (0 = off)")
     choose = _sampling_fn(float(temperature), int(top_k), float(top_p))
     return _sample_loop(
         tokens_to_logits,
@@ -390,7 +390,7 @@ def beam_search(
     """
     _check_lengths(batch_size, max_decode_length)
     if num_beams <= 0:
-        raise ValueError(f"num_beams={num_beams} must be positive")
+        raise errors.UserError(f"num_beams={num_beams} must be positive")
     b, k, length = batch_size, num_beams, max_decode_length
     _map_cache_rows(lambda leaf: leaf, cache, b * k, cache_batch_axis)  # fail early, clearly
 
@@ -575,7 +575,7 @@ def decode_batch(
       A `DecodeOutput`.
     """
     if method not in ("greedy", "sample", "beam"):
-        raise ValueError(f"method={method!r}: use 'greedy', 'sample' or 'beam'")
+        raise errors.UserError(f"method={method!r}: use 'greedy', 'sample' or 'beam'")
     if method == "sample" and rng is None:
         raise ValueError("method='sample' needs rng=jax.random.key(seed) (samples must be seeded)")
     if "encoder_input_tokens" not in batch:

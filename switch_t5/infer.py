@@ -191,10 +191,10 @@ def infer(
       not decoded).
     """
     if checkpoint_dir is gin.REQUIRED or not checkpoint_dir:
-        raise ValueError("give the checkpoint: --checkpoint_dir=MODEL_DIR (or one step's folder)")
+        raise UserError("give the checkpoint: --checkpoint_dir=MODEL_DIR (or one step's folder)")
     texts = [str(t) for t in inputs]
     if not texts:
-        raise ValueError("no inputs: pass --input=TEXT (repeatable) or --input_file=FILE")
+        raise UserError("no inputs: pass --input=TEXT (repeatable) or --input_file=FILE")
     checkpoints.check_model_dir(
         checkpoint_dir,
         "--checkpoint_dir",

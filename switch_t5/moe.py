@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from switch_t5 import errors
 from switch_t5 import grouped_matmul as gmm_lib
 from switch_t5 import routing as routing_lib
 from switch_t5.config import SwitchConfig
@@ -93,7 +94,7 @@ def resolve_dispatch(dispatch: str) -> str:
     if dispatch == "auto":
         return "einsum" if jax.default_backend() == "tpu" else "scatter"
     if dispatch not in ("einsum", "scatter", *DROPLESS_IMPLS):
-        raise ValueError(
+        raise errors.UserError(
             f"dispatch={dispatch!r}: use 'auto', 'einsum', 'scatter', 'dropless' or 'ragged'"
         )
     return dispatch
@@ -133,7 +134,9 @@ def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
     Depends only on the global token count and the configured group size (never on the mesh).
     """
     if num_tokens <= 0 or group_size <= 0:
-        raise ValueError(f"num_tokens={num_tokens} and group_size={group_size} must be positive")
+        raise errors.UserError(
+            f"num_tokens={num_tokens} and group_size={group_size} must be positive"
+        )
     if num_tokens <= group_size:
         return 1, num_tokens
     best = 1
@@ -216,7 +219,7 @@ def _check_groups_fit_mesh(num_tokens: int, num_groups: int, group_size: int) ->
     if num_tokens % shards == 0:
         _, fit = group_layout(num_tokens // shards, group_size)
         hint = f" (e.g. group_size={fit})"
-    raise ValueError(
+    raise errors.UserError(
         f"MoE routing: {num_tokens} tokens in groups of {num_tokens // num_groups} make "
         f"{num_groups} groups, which cannot be split evenly over the {shards} shards of mesh "
         f"axes {axes} that hold the logical 'group' axis. Set SwitchConfig.group_size so that "

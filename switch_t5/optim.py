@@ -26,6 +26,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from switch_t5 import errors
+
 # Logical axis names whose entries are independent matrices for the optimizer (T5X FactorDim.BATCH).
 BATCH_LOGICAL_AXES: tuple[str, ...] = ("expert", "layers")
 
@@ -44,7 +46,9 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10_000) 
     1/sqrt(step) (T5, arXiv 1910.10683 sec. 3.1.2; T5X `constant * rsqrt_decay`).
     """
     if warmup_steps <= 0:
-        raise ValueError(f"warmup_steps={warmup_steps} must be positive for the rsqrt schedule")
+        raise errors.UserError(
+            f"warmup_steps={warmup_steps} must be positive for the rsqrt schedule"
+        )
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -77,7 +81,7 @@ def make_schedule(
         return lambda step: jnp.full((), base_learning_rate, jnp.float32)
     if name == "linear_rsqrt":
         if warmup_steps <= 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be positive for linear_rsqrt")
+            raise errors.UserError(f"warmup_steps={warmup_steps} must be positive for linear_rsqrt")
         peak = base_learning_rate / math.sqrt(warmup_steps)
 
         def schedule(step):
@@ -90,14 +94,14 @@ def make_schedule(
         return schedule
     if name == "cosine":
         if decay_steps is None or decay_steps <= warmup_steps:
-            raise ValueError(
+            raise errors.UserError(
                 f"the cosine schedule needs decay_steps > warmup_steps, got "
                 f"decay_steps={decay_steps}, warmup_steps={warmup_steps}"
             )
         return optax.warmup_cosine_decay_schedule(
             0.0, base_learning_rate, max(warmup_steps, 1), decay_steps, end_learning_rate
         )
-    raise ValueError(
+    raise errors.UserError(
         f"unknown learning-rate schedule {name!r}: use 'rsqrt', 'constant', 'linear_rsqrt' "
         "or 'cosine'"
     )
@@ -439,7 +443,7 @@ def make_optimizer(
             )
 
         return Optimizer(name, tx, schedule, shardings)
-    raise ValueError(f"unknown optimizer {name!r}: use 'adafactor' or 'adamw'")
+    raise errors.UserError(f"unknown optimizer {name!r}: use 'adafactor' or 'adamw'")
 
 
 def logical_specs_of(boxed_variables: Any) -> Any:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from switch_t5 import errors
 from switch_t5.config import SwitchConfig
 
 STACKS = ("encoder", "decoder")
@@ -37,7 +38,9 @@ def is_scanned(params: Mapping[str, Any]) -> bool:
     """True when the tree holds the scanned layout (`encoder/layers/...`)."""
     for stack in STACKS:
         if stack not in params:
-            raise ValueError(f"params have no {stack!r} subtree (top level: {sorted(params)})")
+            raise errors.UserError(
+                f"params have no {stack!r} subtree (top level: {sorted(params)})"
+            )
     return "layers" in params["encoder"]
 
 
@@ -54,7 +57,7 @@ def scan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, An
         n, period = config.num_layers(stack), config.scan_period(stack)
         missing = [i for i in range(n) if f"layers_{i}" not in tree]
         if missing:
-            raise ValueError(
+            raise errors.UserError(
                 f"{stack} has no layers {missing} (found {sorted(k for k in tree if 'layer' in k)}"
                 f"); the params are not an unscanned {n}-layer {stack}"
             )
@@ -63,7 +66,7 @@ def scan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, An
         for i, layer in enumerate(layers):
             has_experts = "expert" in layer.get("mlp", {})
             if has_experts != (i in sparse):
-                raise ValueError(
+                raise errors.UserError(
                     f"{stack}/layers_{i} is {'sparse' if has_experts else 'dense'} in the params "
                     f"but {'sparse' if i in sparse else 'dense'} in the config (sparse layers "
                     f"{sorted(sparse)}); convert with the config the params were trained with"
@@ -74,7 +77,7 @@ def scan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, An
             structure = jax.tree.structure(group[0])
             for b, layer in enumerate(group):
                 if jax.tree.structure(layer) != structure:
-                    raise ValueError(
+                    raise errors.UserError(
                         f"{stack}/layers_{b * period + j} differs in structure from "
                         f"{stack}/layers_{j}; both must be {'sparse' if j else 'alike'} to share "
                         f"subblock_{j} (scan period {period}) - check the config's sparse layers"
@@ -95,11 +98,13 @@ def unscan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, 
     for stack in STACKS:
         tree = dict(params[stack])
         if "layers" not in tree:
-            raise ValueError(f"{stack} has no scanned 'layers' subtree; is it already unscanned?")
+            raise errors.UserError(
+                f"{stack} has no scanned 'layers' subtree; is it already unscanned?"
+            )
         block = tree.pop("layers")
         n, period = config.num_layers(stack), config.scan_period(stack)
         if sorted(block) != [f"subblock_{j}" for j in range(period)]:
-            raise ValueError(
+            raise errors.UserError(
                 f"{stack}/layers holds {sorted(block)} but the config's scan period is {period} "
                 f"(subblock_0 ... subblock_{period - 1}); the params are of another layout"
             )
@@ -108,7 +113,7 @@ def unscan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, 
             sub = block[f"subblock_{j}"]
             leads = {x.shape[0] for x in jax.tree.leaves(sub)}
             if leads != {n_blocks}:
-                raise ValueError(
+                raise errors.UserError(
                     f"{stack}/layers/subblock_{j} has leading (layers) sizes {sorted(leads)}; "
                     f"the config needs {n_blocks} blocks of {period} layers ({n} layers)"
                 )

@@ -30,6 +30,8 @@ import numpy as np
 import scipy.stats
 import sklearn.metrics
 
+from switch_t5 import errors
+
 MetricFn = Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
 
 
@@ -40,7 +42,9 @@ def _check_pairs(targets: Sequence[Any], predictions: Sequence[Any], metric: str
             "pass one prediction per target, in the same order."
         )
     if not targets:
-        raise ValueError(f"{metric}: no examples to score (targets and predictions are empty).")
+        raise errors.UserError(
+            f"{metric}: no examples to score (targets and predictions are empty)."
+        )
 
 
 def accuracy(targets: Sequence[Any], predictions: Sequence[Any]) -> dict[str, float]:
@@ -64,7 +68,7 @@ def f1_score_with_invalid(targets: Sequence[int], predictions: Sequence[int]) ->
     targets_arr = np.asarray(targets, dtype=np.int64)
     predictions_arr = np.array(predictions, dtype=np.int64)
     if not np.isin(targets_arr, (0, 1)).all():
-        raise ValueError(
+        raise errors.UserError(
             f"f1: targets must be class ids 0 or 1, got {sorted(set(targets_arr.tolist()))}; "
             "for more than two classes use 'macro_f1' or 'accuracy'."
         )
@@ -91,7 +95,7 @@ def _correlation(
     """{name: 100 * correlate(targets, predictions)[0]}; NaN when either side is constant."""
     _check_pairs(targets, predictions, name)
     if len(targets) < 2:
-        raise ValueError(f"{name}: needs at least 2 examples.")
+        raise errors.UserError(f"{name}: needs at least 2 examples.")
     t, p = np.asarray(targets, np.float64), np.asarray(predictions, np.float64)
     if np.ptp(t) == 0 or np.ptp(p) == 0:
         return {name: float("nan")}
@@ -115,7 +119,7 @@ def mean_multiclass_f1(num_classes: int) -> MetricFn:
     true positive anywhere. The key is T5's: `mean_{num_classes}class_f1`.
     """
     if num_classes < 2:
-        raise ValueError(f"mean_multiclass_f1 needs at least 2 classes, got {num_classes}.")
+        raise errors.UserError(f"mean_multiclass_f1 needs at least 2 classes, got {num_classes}.")
     key = f"mean_{num_classes}class_f1"
 
     def macro_f1(targets: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:
@@ -279,7 +283,7 @@ def metric_target_kind(name: str) -> str:
 def _canonical(name: str) -> str:
     key = _ALIASES.get(name, name)
     if key not in _NAMED_METRICS:
-        raise ValueError(
+        raise errors.UserError(
             f"Unknown metric {name!r}. Known metrics: {', '.join(METRIC_NAMES)} "
             f"(aliases: {', '.join(sorted(_ALIASES))})."
         )
@@ -299,14 +303,16 @@ def get_metric_fns(names: Sequence[str], num_classes: int | None = None) -> list
     if isinstance(names, str):
         raise TypeError(f"metric names must be a list such as [{names!r}], not a string.")
     if not names:
-        raise ValueError("No metrics given; name at least one, e.g. ['accuracy'].")
+        raise errors.UserError("No metrics given; name at least one, e.g. ['accuracy'].")
     fns = []
     for name in names:
         key = _canonical(name)
         fn = _NAMED_METRICS[key][0]
         if key == "macro_f1":
             if num_classes is None:
-                raise ValueError("'macro_f1' needs the label names (LABEL_NAMES) to count classes.")
+                raise errors.UserError(
+                    "'macro_f1' needs the label names (LABEL_NAMES) to count classes."
+                )
             fn = mean_multiclass_f1(num_classes)
         fns.append(fn)
     return fns
@@ -357,7 +363,7 @@ def benchmark_average(
         if metric not in results.get(task, {})
     ]
     if missing:
-        raise ValueError(
+        raise errors.UserError(
             f"Cannot compute the benchmark average: no result for {', '.join(missing)}. "
             "Evaluate every task of the mixture on its validation split first."
         )

@@ -52,6 +52,7 @@ from typing import Any
 import seqio
 import tensorflow as tf
 
+from switch_t5 import errors
 from switch_t5.data import glue, hide_gpus_from_tf, lengths, readers, tasks, vocab
 from switch_t5.data import metrics as metrics_lib
 from switch_t5.data.readers import DataFileError
@@ -287,12 +288,14 @@ def read_examples(
 
 def _template_columns(template: str) -> tuple[str, ...]:
     if not isinstance(template, str) or not template:
-        raise ValueError("INPUT_TEMPLATE must be a non-empty format string over column names.")
+        raise errors.UserError(
+            "INPUT_TEMPLATE must be a non-empty format string over column names."
+        )
     columns = []
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise ValueError(
+        raise errors.UserError(
             f"INPUT_TEMPLATE {template!r} is not a valid format string ({e}); write literal "
             "braces as {{ and }}"
         ) from e
@@ -301,13 +304,15 @@ def _template_columns(template: str) -> tuple[str, ...]:
             continue
         name = field.split(".")[0].split("[")[0]
         if not name or name.isdigit():
-            raise ValueError(
+            raise errors.UserError(
                 f"INPUT_TEMPLATE {template!r} has a positional field {{{field}}}; name the "
                 "column, e.g. {sentence1}"
             )
         columns.append(name)
     if not columns:
-        raise ValueError(f"INPUT_TEMPLATE {template!r} uses no column; e.g. 'rte: {{sentence}}'")
+        raise errors.UserError(
+            f"INPUT_TEMPLATE {template!r} uses no column; e.g. 'rte: {{sentence}}'"
+        )
     return tuple(dict.fromkeys(columns))
 
 
@@ -320,17 +325,17 @@ def _check_metrics(
     if label_names is not None:
         bad = [n for n, k in kinds.items() if k in ("numbers", "text")]
         if bad:
-            raise ValueError(
+            raise errors.UserError(
                 f"METRICS {bad} score free-text or numeric targets; with LABEL_NAMES use "
                 "accuracy, f1, macro_f1 or matthews_corrcoef, or omit LABEL_NAMES"
             )
         return fns, False
     need_labels = [n for n, k in kinds.items() if k == "class ids"]
     if need_labels:
-        raise ValueError(f"METRICS {need_labels} need class labels; set LABEL_NAMES")
+        raise errors.UserError(f"METRICS {need_labels} need class labels; set LABEL_NAMES")
     numeric = [n for n, k in kinds.items() if k == "numbers"]
     if numeric and len(numeric) != len(kinds):
-        raise ValueError(
+        raise errors.UserError(
             f"METRICS {list(names)} mix correlations (numeric targets) with text metrics; "
             "use either pearson/spearman or accuracy/squad"
         )
@@ -378,36 +383,44 @@ def register_files_text_to_text(
     """
     if vocabulary is None:
         if not vocabulary_path:
-            raise ValueError("Give the vocabulary: set VOCABULARY_PATH to a SentencePiece model.")
+            raise errors.UserError(
+                "Give the vocabulary: set VOCABULARY_PATH to a SentencePiece model."
+            )
         vocabulary = vocab.get_vocabulary(vocabulary_path)
     elif vocabulary_path:
-        raise ValueError("Give either vocabulary or vocabulary_path, not both.")
+        raise errors.UserError("Give either vocabulary or vocabulary_path, not both.")
     if train_files is None and validation_files is None:
-        raise ValueError("Give TRAIN_FILES and/or VALIDATION_FILES (globs of TSV/CSV/JSONL files).")
+        raise errors.UserError(
+            "Give TRAIN_FILES and/or VALIDATION_FILES (globs of TSV/CSV/JSONL files)."
+        )
     template_columns = _template_columns(input_template)
     if not isinstance(target_column, str) or not target_column:
-        raise ValueError("TARGET_COLUMN must name the column holding the label or target text.")
+        raise errors.UserError(
+            "TARGET_COLUMN must name the column holding the label or target text."
+        )
     if label_names is not None:
         if isinstance(label_names, str) or not label_names:
-            raise ValueError(
+            raise errors.UserError(
                 f"LABEL_NAMES must be a non-empty list such as ['entailment', 'not_entailment'], "
                 f"got {label_names!r}"
             )
         label_names = tuple(str(n) for n in label_names)
         if len(set(label_names)) != len(label_names):
-            raise ValueError(f"LABEL_NAMES {list(label_names)} has duplicates.")
+            raise errors.UserError(f"LABEL_NAMES {list(label_names)} has duplicates.")
     if has_header and column_names is not None:
-        raise ValueError(
+        raise errors.UserError(
             "COLUMN_NAMES is for files without a header row; set HAS_HEADER=False with it, or "
             "drop COLUMN_NAMES to use the header."
         )
     if not has_header:
         if not column_names or isinstance(column_names, str):
-            raise ValueError("HAS_HEADER=False needs COLUMN_NAMES, the list of columns in order.")
+            raise errors.UserError(
+                "HAS_HEADER=False needs COLUMN_NAMES, the list of columns in order."
+            )
         column_names = tuple(column_names)
         missing = [c for c in (*template_columns, target_column) if c not in column_names]
         if missing:
-            raise ValueError(
+            raise errors.UserError(
                 f"COLUMN_NAMES {list(column_names)} lacks {missing}, used by INPUT_TEMPLATE or "
                 "TARGET_COLUMN."
             )
@@ -436,7 +449,9 @@ def register_files_text_to_text(
 
     def read_split(split: str) -> list[tuple[str, str]]:
         if split not in split_files:
-            raise ValueError(f"Task {name!r} has no {split!r} split; it has {list(split_files)}.")
+            raise errors.UserError(
+                f"Task {name!r} has no {split!r} split; it has {list(split_files)}."
+            )
         if split not in cache:
             stats = RowStats()
             cache[split] = read_examples(split_files[split], fmt, stats)

@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import ml_dtypes
 import numpy as np
 
+from switch_t5 import errors
+
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB
 # A chunk's bytes are at most budget / 16: it is alive as read, transposed and cast copies plus
 # TensorStore's encode buffers at the same time.
@@ -182,10 +184,10 @@ def read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            raise errors.UserError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
         if n > 100 << 20:
-            raise ValueError(f"{path}: header of {n} bytes; not a safetensors file")
+            raise errors.UserError(f"{path}: header of {n} bytes; not a safetensors file")
         header = json.loads(f.read(n))
     return header, 8 + n
 
@@ -223,7 +225,9 @@ class SafetensorsSource:
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+                    raise errors.UserError(
+                        f"{file}: tensor {name} has unsupported dtype {info['dtype']}"
+                    )
                 begin, _ = info["data_offsets"]
                 self._entries[name] = (
                     file,
@@ -628,7 +632,7 @@ def run_plan(
       ValueError: a piece does not fit its target (names both shapes).
     """
     if budget_bytes < 4096:
-        raise ValueError(f"budget_bytes={budget_bytes} is too small; use at least 4096")
+        raise errors.UserError(f"budget_bytes={budget_bytes} is too small; use at least 4096")
     fix_malloc_mmap_threshold()
     plan = plan_chunks(plan, source, budget_bytes)
     chunk_bytes = max(budget_bytes // _CHUNK_FRACTION, 1)
@@ -691,7 +695,7 @@ def check_plan_covers(plan: Plan) -> None:
     written = {p.dst for p in plan.pieces}
     missing = sorted(set(plan.targets) - written)
     if missing:
-        raise ValueError(f"no source for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise errors.UserError(f"no source for {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
 def nbytes(targets: Mapping[str, TargetSpec]) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from switch_t5 import errors
 from switch_t5.config import SwitchConfig
 from switch_t5.interop import streaming
 
@@ -92,20 +93,20 @@ def open_t5x(path: str, step: int | None = None) -> streaming.ZarrSource:
         contents = serialization.msgpack_restore(f.read())
     state = contents.get("optimizer", contents) if contents.get("version", 0) else contents
     if "target" not in state:
-        raise ValueError(f"{file} has no optimizer/target tree; not a T5X checkpoint")
+        raise errors.UserError(f"{file} has no optimizer/target tree; not a T5X checkpoint")
     specs: dict[str, Any] = {}
     for name, leaf in _flatten(state["target"], "target").items():
         if isinstance(leaf, dict):
             spec = dict(leaf)
             kv = dict(spec.get("kvstore", {}))
             if kv.get("driver", "file") not in ("file", "gfile"):
-                raise ValueError(
+                raise errors.UserError(
                     f"{name} is stored with the {kv.get('driver')!r} driver; copy the checkpoint "
                     "to a local directory first (gsutil -m cp -r gs://... DIR)"
                 )
             rel = kv.get("path", spec.pop("path", None))
             if rel is None:
-                raise ValueError(f"{name}: TensorStore spec without a path: {leaf}")
+                raise errors.UserError(f"{name}: TensorStore spec without a path: {leaf}")
             kv.update(driver="file", path=os.path.join(directory, rel))
             spec["kvstore"] = kv
             specs[from_t5x_name(name)] = spec
@@ -126,7 +127,7 @@ def config_from_t5x(
 
     enc, dec = layers("encoder"), layers("decoder")
     if not enc or not dec:
-        raise ValueError("the checkpoint has no encoder/decoder layers_N; not a T5 model")
+        raise errors.UserError("the checkpoint has no encoder/decoder layers_N; not a T5 model")
     vocab, d_model = source.shape("token_embedder/embedding")
     heads, buckets = source.shape("encoder/relpos_bias/rel_embedding")
     head_dim = source.shape("encoder/layers_0/attention/query/kernel")[1] // heads
@@ -188,7 +189,7 @@ def t5x_to_orbax(
     targets = hf._our_targets(config)
     missing = sorted(set(targets) - set(source.names()))
     if missing:
-        raise ValueError(
+        raise errors.UserError(
             f"the T5X checkpoint lacks {[to_t5x_name(m) for m in missing[:3]]} that a model of "
             "the inferred config needs"
         )

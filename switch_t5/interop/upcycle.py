@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from switch_t5 import errors
 from switch_t5.config import SwitchConfig
 from switch_t5.interop import checkpoint_io, hf, streaming
 
@@ -41,18 +42,22 @@ def upcycle_plan(
         (names every differing field).
     """
     if dense.config.is_sparse:
-        raise ValueError("the source checkpoint already has MoE layers; upcycle a dense model")
+        raise errors.UserError(
+            "the source checkpoint already has MoE layers; upcycle a dense model"
+        )
     diff = [
         f"{f}: dense {getattr(dense.config, f)!r} != sparse {getattr(config, f)!r}"
         for f in _SIZE_FIELDS
         if getattr(dense.config, f) != getattr(config, f)
     ]
     if diff:
-        raise ValueError(
+        raise errors.UserError(
             "the sparse model config must keep the dense model's sizes; " + "; ".join(diff)
         )
     if not config.is_sparse:
-        raise ValueError("the target config has no sparse layers (num_experts=0?); nothing to do")
+        raise errors.UserError(
+            "the target config has no sparse layers (num_experts=0?); nothing to do"
+        )
     targets = hf._our_targets(config)
     rng = np.random.default_rng(seed)
     pieces: list[streaming.Piece] = []
