@@ -49,6 +49,9 @@ RUN = {
 
 
 def _train(model_dir, train_steps, mesh=(2, 2, 2), config_overrides=None, **kw):
+    # `train` is gin-configurable and eval's model loading applies `switch_t5.SwitchConfig.*`
+    # bindings: bindings an earlier test parsed would silently change this run.
+    gin.clear_config()
     args = {**RUN, "mesh_data": mesh[0], "mesh_expert": mesh[1], "mesh_model": mesh[2], **kw}
     return train_lib.train(
         model_dir=str(model_dir),
