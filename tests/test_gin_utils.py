@@ -301,15 +301,20 @@ _SHOW_ARGS = (
 )
 
 
-def test_commands_hide_library_log_noise_by_default():
-    proc = subprocess.run(
-        [sys.executable, "-m", "switch_t5.data.show", *_SHOW_ARGS],
+def _run_quiet(*argv):
+    """`python ARGV` from the repository root with TF_CPP_MIN_LOG_LEVEL unset."""
+    return subprocess.run(
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
         env=_quiet_env(),
         cwd=gin_utils.REPO_ROOT,
         timeout=300,
     )
+
+
+def test_commands_hide_library_log_noise_by_default():
+    proc = _run_quiet("-m", "switch_t5.data.show", *_SHOW_ARGS)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert not [line for line in proc.stderr.splitlines() if any(n in line for n in _NOISE)], (
@@ -319,14 +324,7 @@ def test_commands_hide_library_log_noise_by_default():
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_verbose_keeps_library_logs_and_our_warnings_and_errors_always_show(verbose):
-    proc = subprocess.run(
-        [sys.executable, "-c", _LOG_SCRIPT, *(["--verbose"] if verbose else [])],
-        capture_output=True,
-        text=True,
-        env=_quiet_env(),
-        cwd=gin_utils.REPO_ROOT,
-        timeout=300,
-    )
+    proc = _run_quiet("-c", _LOG_SCRIPT, *(["--verbose"] if verbose else []))
     assert proc.returncode == 0, proc.stderr
     assert "WARNING:switch_t5.infer:our own warning" in proc.stderr
     assert "ERROR:absl:a library error" in proc.stderr

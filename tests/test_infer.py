@@ -63,6 +63,24 @@ def ckpt(tmp_path_factory):
     }
 
 
+def _infer_file(ckpt, input_file, out_file, *extra):
+    """`python -m switch_t5.infer` in-process on an input file, from a clean gin config."""
+    gin.clear_config()
+    try:
+        return infer.main(
+            [
+                f"--checkpoint_dir={ckpt['dir']}",
+                *extra,
+                f"--input_file={input_file}",
+                f"--output_file={out_file}",
+                f"--inputs_length={LENGTH}",
+                f"--max_decode_length={LENGTH}",
+            ]
+        )
+    finally:
+        gin.clear_config()
+
+
 def _direct(ckpt, texts, length=LENGTH, **kwargs):
     """Greedy outputs decoded one input at a time, without a mesh."""
     vocabulary = ckpt["vocabulary"]
@@ -92,18 +110,7 @@ def test_cli_inputs_and_file_match_direct_decoding(ckpt, tmp_path, capsys):
     input_file = tmp_path / "inputs.txt"
     input_file.write_text("\n".join(more) + "\n\n")  # ends with a blank line: an empty output
     out_file = tmp_path / "out.jsonl"
-    gin.clear_config()
-    predictions = infer.main(
-        [
-            f"--checkpoint_dir={ckpt['dir']}",
-            *(f"--input={t}" for t in texts),
-            f"--input_file={input_file}",
-            f"--output_file={out_file}",
-            f"--inputs_length={LENGTH}",
-            f"--max_decode_length={LENGTH}",
-        ]
-    )
-    gin.clear_config()
+    predictions = _infer_file(ckpt, input_file, out_file, *(f"--input={t}" for t in texts))
     everything = texts + more  # 10 inputs: two batches of 8, the second padded
     expected = [*_direct(ckpt, everything), ""]
     assert [p.input for p in predictions] == [*everything, ""]
@@ -136,17 +143,7 @@ def test_blank_lines_keep_one_output_per_input_line(ckpt, tmp_path, capsys):
         "cloud",
     ]
     out_file = tmp_path / "out.jsonl"
-    gin.clear_config()
-    predictions = infer.main(
-        [
-            f"--checkpoint_dir={ckpt['dir']}",
-            f"--input_file={input_file}",
-            f"--output_file={out_file}",
-            f"--inputs_length={LENGTH}",
-            f"--max_decode_length={LENGTH}",
-        ]
-    )
-    gin.clear_config()
+    predictions = _infer_file(ckpt, input_file, out_file)
     direct = _direct(ckpt, ["apple river", "green music", "cloud"])
     expected = [direct[0], "", direct[1], "", direct[2]]
     assert [p.prediction for p in predictions] == expected
