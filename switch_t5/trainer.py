@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from switch_t5 import errors, optim, partitioning
 from switch_t5 import moe as moe_lib
-from switch_t5 import optim, partitioning
 from switch_t5.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -53,17 +53,51 @@ MODEL_FEATURES = (
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Weights of the loss terms.
+    """Weights of the loss terms: the one place the train and eval steps read them.
+
+    The router weights belong to the model as well (a converted Hugging Face model carries its
+    `router_aux_loss_coef`), so None takes the model config's value (`for_model`).
 
     Attributes:
-      z_loss: output-logit z-loss coefficient (T5X default 1e-4).
-      load_balancing_loss_weight: alpha (SwitchConfig.load_balancing_loss_weight).
-      router_z_loss_weight: beta (SwitchConfig.router_z_loss_weight).
+      z_loss: output-logit z-loss coefficient (T5X default 1e-4; gin `train.z_loss`).
+      load_balancing_loss_weight: alpha of the load-balancing loss (arXiv 2101.03961 eq. 4);
+        None = SwitchConfig.load_balancing_loss_weight.
+      router_z_loss_weight: beta of the router z-loss (ST-MoE, arXiv 2202.08906 eq. 5); None =
+        SwitchConfig.router_z_loss_weight.
     """
 
     z_loss: float = 1e-4
-    load_balancing_loss_weight: float = 1e-2
-    router_z_loss_weight: float = 0.0
+    load_balancing_loss_weight: float | None = None
+    router_z_loss_weight: float | None = None
+
+    def __post_init__(self):
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name != "z_loss":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"{f.name}={value!r} must be a number >= 0")
+        if problems:
+            raise errors.UserError("bad loss weights: " + "; ".join(problems))
+
+    def for_model(self, config: Any) -> LossConfig:
+        """The weights with the router ones the model config gives where left None."""
+        return dataclasses.replace(
+            self,
+            load_balancing_loss_weight=_first_set(
+                self.load_balancing_loss_weight, config.load_balancing_loss_weight
+            ),
+            router_z_loss_weight=_first_set(self.router_z_loss_weight, config.router_z_loss_weight),
+        )
+
+    def check_resolved(self) -> None:
+        if self.load_balancing_loss_weight is None or self.router_z_loss_weight is None:
+            raise ValueError("LossConfig: router weights unset; use loss_config.for_model(config)")
+
+
+def _first_set(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def loss_weights(batch: Batch) -> jax.Array:
@@ -290,6 +324,7 @@ class EvalAccumulator:
     """Adds eval-batch sums on the host; `result()` gives the eval metrics over all batches."""
 
     def __init__(self, loss_config: LossConfig):
+        loss_config.check_resolved()
         self.loss_config = loss_config
         self.sums: dict[str, Any] = {}
         self.batches = 0
@@ -340,6 +375,7 @@ def make_train_step(
     num_microbatches: int = 1,
 ):
     """The jitted train step with explicit in/out shardings (the state is donated)."""
+    loss_config.check_resolved()
     fn = functools.partial(
         train_step,
         module=module,
@@ -371,6 +407,7 @@ def make_eval_step(
     mesh: jax.sharding.Mesh,
 ):
     """The jitted eval step with explicit in/out shardings."""
+    loss_config.check_resolved()
     fn = functools.partial(eval_step, module=module, loss_config=loss_config)
     jitted = jax.jit(
         fn,

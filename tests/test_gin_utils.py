@@ -133,14 +133,14 @@ def test_a_required_macro_left_unset_is_a_gin_config_error():
 
 
 def test_project_setting_errors_are_user_errors():
-    from switch_t5 import checkpoints, eval, init_checkpoint, multihost, plan, train
+    from switch_t5 import checkpoints, eval, init_checkpoint, loop, multihost, plan, train
     from switch_t5.data import readers, vocab
     from switch_t5.interop import hf
 
     for cls in (
         gin_utils.GinConfigError,
         train.TrainConfigError,
-        train.NonFiniteLossError,
+        loop.NonFiniteLossError,
         data_gin.MissingMacroError,
         vocab.VocabularyMismatchError,
         checkpoints.ModelDirLockedError,
@@ -157,7 +157,7 @@ def test_project_setting_errors_are_user_errors():
         assert issubclass(cls, errors.UserError), cls
     # Callers that caught the old bases keep working.
     assert issubclass(checkpoints.CheckpointSaveError, RuntimeError)
-    assert issubclass(train.NonFiniteLossError, FloatingPointError)
+    assert issubclass(loop.NonFiniteLossError, FloatingPointError)
 
 
 def _run_main(monkeypatch, argv, exc):
@@ -254,10 +254,14 @@ def test_entry_points_print_one_error_line_with_status_2(module, argv, message):
 def test_eval_cli_loads_a_runs_config_gin_with_its_train_bindings(tmp_path):
     """The run's config.gin (train.* bindings included) parses in `python -m switch_t5.eval`;
     the command then stops at the unknown task, after gin."""
-    from switch_t5 import config, train
+    from switch_t5 import config, run_dir, training
+    from switch_t5.training_config import TrainingConfig
 
     gin_utils.parse_gin([QUICKSTART], [f"MODEL_DIR = '{tmp_path}'"])
-    train._write_config(str(tmp_path), config.SwitchConfig(), {"batch_size": 16})
+    settings = training.RunSettings(TrainingConfig(str(tmp_path), 2, "t"), lambda specs: None)
+    training.write_config(
+        run_dir.RunDir(tmp_path), gin.config_str(), settings, config.SwitchConfig()
+    )
     gin.clear_config()
     proc = _cli(
         "switch_t5.eval",

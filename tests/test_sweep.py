@@ -70,7 +70,9 @@ def test_the_trainer_logs_the_cross_entropy_under_that_name():
     """The name the sweep reads is the one the eval metrics carry."""
     from switch_t5 import trainer
 
-    acc = trainer.EvalAccumulator(trainer.LossConfig(load_balancing_loss_weight=0.01))
+    acc = trainer.EvalAccumulator(
+        trainer.LossConfig(load_balancing_loss_weight=0.01, router_z_loss_weight=0.0)
+    )
     acc.add(
         {
             "cross_entropy_sum": 6.0,

@@ -27,7 +27,9 @@ from switch_t5 import (
     optim,
     partitioning,
     train_state,
+    training,
 )
+from switch_t5 import loop as loop_lib
 from switch_t5 import train as train_lib
 from switch_t5.config import SwitchConfig
 
@@ -272,7 +274,7 @@ def test_nan_loss_stops_naming_the_step_and_saves_no_nan(tmp_path, clean_gin):
         "EVAL_PERIOD = 0",
         "LOG_EVERY = 3",
     )
-    with pytest.raises(train_lib.NonFiniteLossError) as e:
+    with pytest.raises(loop_lib.NonFiniteLossError) as e:
         train_lib.main(argv)
     m = re.search(
         r"diverged at step (\d+): (loss is (nan|inf)|parameters are not finite)", str(e.value)
@@ -417,7 +419,7 @@ def test_refused_resume_keeps_config_gin_and_restart_data_stream(run_a, tmp_path
     with open(config_gin, "rb") as f:
         before = f.read()
     quick = {"eval_period": 0, "make_plots": False}
-    with pytest.raises(train_lib.DataStreamChangedError) as e:
+    with pytest.raises(training.DataStreamChangedError) as e:
         _train(d, 8, random_seed=1, **quick)
     assert "seed saved 0, now 1" in str(e.value)
     assert "--gin.train.restart_data_stream=True" in str(e.value)
@@ -427,14 +429,14 @@ def test_refused_resume_keeps_config_gin_and_restart_data_stream(run_a, tmp_path
         assert f.read() == before
 
     # restart_data_stream: params, optimizer state and step of checkpoint 6, a new data order.
-    starts, starting_state = [], train_lib._starting_state
+    starts, starting_state = [], training.starting_state
 
     def spy(*args, **kwargs):
         state, step, message = starting_state(*args, **kwargs)
         starts.append((jax.device_get(state), step, message))  # the train step donates state
         return state, step, message
 
-    monkeypatch.setattr(train_lib, "_starting_state", spy)
+    monkeypatch.setattr(training, "starting_state", spy)
     result = _train(d, 7, random_seed=1, restart_data_stream=True, **quick)
     assert result.start_step == 6 and result.step == 7
     state, step, message = starts[0]
@@ -457,7 +459,7 @@ def test_refused_resume_keeps_config_gin_and_restart_data_stream(run_a, tmp_path
 def test_first_sigint_requests_a_save_and_a_second_aborts():
     """The handler of the loop: SIGINT sets the flag SIGTERM sets and hands SIGINT back to the
     system's default action (terminate at once); leaving restores Python's handler."""
-    preemption = train_lib._Preemption()
+    preemption = loop_lib.Preemption()
     with preemption:
         assert not preemption.reached(1)
         os.kill(os.getpid(), signal.SIGINT)

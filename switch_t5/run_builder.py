@@ -1,0 +1,174 @@
+"""Building a run: mesh, model, optimizer, train state, jitted steps, input pipelines.
+
+One path for everyone who needs the train step: `switch_t5.train` runs it, `switch_t5.plan`
+compiles it abstractly for a pod, the benchmarks time it. So the planner's memory figure is the
+figure of the step training runs.
+
+    run = build_run(config, mesh, make_optimizer, losses, num_microbatches=2)
+    state = run.setup.init_fn()
+    state, metrics = run.train_step(state, batch)       # batch laid out by run.batch_shardings
+    run.train_step.jitted.lower(run.setup.abstract_state, run.abstract_batch(256, lengths))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from switch_t5 import network, optim, scan_utils, train_state, trainer
+from switch_t5.config import SwitchConfig
+
+DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_cache")
+
+
+def feature_keys() -> tuple[str, ...]:
+    """The batch features a train step takes (the input pipeline's output keys)."""
+    from switch_t5.data import pipeline as pipeline_lib
+
+    return pipeline_lib.FEATURE_KEYS
+
+
+def feature_length(key: str, lengths: Mapping[str, int]) -> int:
+    """The length of a feature: `encoder_*` features have the inputs length, the rest targets."""
+    return lengths["inputs" if key.startswith("encoder") else "targets"]
+
+
+@dataclasses.dataclass
+class Run:
+    """A model, its train state setup and its jitted steps on one mesh.
+
+    Attributes:
+      config: the network config.
+      mesh: the (data, expert, model) mesh.
+      module: the `network.EncoderDecoder`.
+      setup: `train_state.StateSetup` (abstract state, shardings, optimizer, init_fn).
+      losses: the loss weights.
+      batch_shardings: {feature: NamedSharding} of a global batch.
+      train_step: the jitted train step (`trainer.make_train_step`).
+      num_microbatches: gradient-accumulation microbatches per step.
+    """
+
+    config: SwitchConfig
+    mesh: jax.sharding.Mesh
+    module: network.EncoderDecoder
+    setup: train_state.StateSetup
+    losses: trainer.LossConfig
+    batch_shardings: dict[str, Any]
+    train_step: Any
+    num_microbatches: int
+
+    @functools.cached_property
+    def eval_step(self):
+        """The jitted eval step (no dropout, eval capacity factor)."""
+        return trainer.make_eval_step(
+            self.module, self.losses, self.setup.shardings.params, self.batch_shardings, self.mesh
+        )
+
+    def abstract_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, Any]:
+        """{feature: ShapeDtypeStruct} of a global batch, with its shardings."""
+        return {
+            key: jax.ShapeDtypeStruct(
+                (batch_size, feature_length(key, lengths)), np.int32, sharding=sharding
+            )
+            for key, sharding in self.batch_shardings.items()
+        }
+
+    def moe_layer_names(self, batch_size: int, lengths: Mapping[str, int]) -> list[str]:
+        """The MoE layers' names, in the order the train step reports their metrics."""
+        shapes = {
+            k: jax.ShapeDtypeStruct((batch_size, feature_length(k, lengths)), np.int32)
+            for k in self.batch_shardings
+        }
+        return trainer.moe_layer_names(self.module, self.setup.abstract_state.params, shapes)
+
+
+def build_run(
+    config: SwitchConfig,
+    mesh: jax.sharding.Mesh,
+    make_optimizer: Callable[[Any], optim.Optimizer],
+    losses: trainer.LossConfig,
+    *,
+    seed: int = 0,
+    num_microbatches: int = 1,
+) -> Run:
+    """Builds the model, the abstract train state and the jitted train step on `mesh`.
+
+    Args:
+      config: the network config.
+      mesh: from `partitioning.make_mesh` or `multihost.make_mesh_for_job`.
+      make_optimizer: logical specs of the params -> `optim.Optimizer`
+        (e.g. `optimizer_config.build`).
+      losses: the loss weights (`trainer.LossConfig.for_model(config, ...)`).
+      seed: RANDOM_SEED of the parameter init.
+      num_microbatches: gradient accumulation per step.
+    """
+    setup = train_state.setup_train_state(
+        lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
+    )
+    module = network.EncoderDecoder(config)
+    b_shardings = trainer.batch_shardings({k: None for k in feature_keys()}, mesh)
+    step = trainer.make_train_step(
+        module, setup.optimizer, losses, setup.shardings, b_shardings, mesh, num_microbatches
+    )
+    return Run(config, mesh, module, setup, losses, b_shardings, step, num_microbatches)
+
+
+def decoding_model(config: SwitchConfig) -> tuple[network.EncoderDecoder, Callable[[Any], Any]]:
+    """(module, params converter) for decoding: the model as inference runs it
+    (`SwitchConfig.for_inference`: each sequence its own routing group). The KV cache is per
+    layer, so a scanned model decodes as its unscanned twin with converted params (a copy)."""
+    decoder = network.EncoderDecoder(dataclasses.replace(config.for_inference(), scan_layers=False))
+    if not config.scan_layers:
+        return decoder, lambda params: params
+    return decoder, lambda params: scan_utils.unscan_params(params, config)
+
+
+def input_pipeline(task, split, lengths, batch_size, seed, *, shuffle, pack, repeat):
+    """The seqio-backed `data.pipeline.InputPipeline` of one split (imports TensorFlow)."""
+    from switch_t5.data import pipeline as pipeline_lib
+
+    return pipeline_lib.InputPipeline(
+        task, split, lengths, batch_size, seed=seed, shuffle=shuffle, pack=pack, repeat=repeat
+    )
+
+
+def configure_compilation_cache(cache_dir: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache so restarts and reruns do not recompile.
+
+    None: `~/.cache/switch_t5/jax_cache`, unless a cache dir is already configured (e.g. by the
+    tests); "": leave it off.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if cache_dir is None:
+        if current:
+            return current
+        cache_dir = DEFAULT_COMPILATION_CACHE_DIR
+    if cache_dir == "":
+        return None
+    cache_dir = os.path.expanduser(cache_dir)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return cache_dir
+
+
+def train_flops_per_step(run: Run, batch_size: int, lengths: Mapping[str, int]) -> float:
+    """6 x (params each token touches) per token, encoder params on encoder tokens, decoder
+    params and the (tied) output projection on decoder tokens; one expert per MoE layer."""
+    config = run.config
+    enc, dec = 0.0, 0.0
+    flat = jax.tree_util.tree_flatten_with_path(run.setup.abstract_state.params)[0]
+    k_over_e = config.num_selected_experts / max(config.num_experts, 1)
+    for path, leaf in flat:
+        names = [str(getattr(p, "key", p)) for p in path]
+        n = float(np.prod(leaf.shape)) * (k_over_e if "expert" in names[:-1] else 1.0)
+        if names[0] == "encoder":
+            enc += n
+        else:
+            dec += n
+    return 6.0 * batch_size * (enc * lengths["inputs"] + dec * lengths["targets"])
