@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from switch_t5 import errors, gin_utils, network
+from switch_t5 import flops as flops_lib
 from switch_t5.config import REMAT_POLICIES, SwitchConfig
 
 
@@ -524,35 +525,6 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return walk(entry)
 
 
-def train_flops_per_step(config: SwitchConfig, params: Any, spec: StepSpec) -> float:
-    """Model FLOPs of one train step: 3 x forward (2 per multiply-add), weights plus attention.
-
-    Weights: each token multiplies the encoder's (inputs) or the decoder's and the logits'
-    (targets) matrices, experts weighted by k / num_experts. Attention: QK^T and PV per layer.
-    Rematerialisation's recomputation is not counted (model FLOPs, as for MFU).
-    """
-    k_over_e = config.num_selected_experts / max(config.num_experts, 1)
-    enc = dec = 0.0
-    for path, leaf in network._leaves_with_paths(params):
-        if "relpos_bias" in path:  # a table lookup, not a matmul
-            continue
-        n = float(np.prod(leaf.shape)) * (k_over_e if "expert" in path[:-1] else 1.0)
-        if path[0] == "encoder":
-            enc += n
-        elif path[0] == "decoder":
-            dec += n
-        elif path[0] == "token_embedder" and config.logits_via_embedding:
-            dec += n  # the tied output projection; the input lookup is free
-    li, lt = spec.inputs_length, spec.targets_length
-    hd = config.num_heads * config.head_dim
-    attention = (
-        config.num_encoder_layers * 4 * li * li * hd
-        + config.num_decoder_layers * 4 * lt * (lt + li) * hd
-    )
-    forward = spec.batch * (2 * (enc * li + dec * lt) + attention)
-    return 3.0 * forward
-
-
 def _sharded_bytes(tree: Any) -> int:
     import jax
 
@@ -932,7 +904,12 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
             raise PlanError("pass --devices=N (or --mesh=data:D,expert:E,model:M)")
         candidates = recommend_meshes(config, model_plan, rest.devices, spec, usable)
         candidates, recommended = candidates[: max(rest.max_compiles, 1)], True
-    flops = train_flops_per_step(config, network.init_abstract(config)["params"], spec)
+    flops = flops_lib.train_flops_per_step(
+        network.init_abstract(config)["params"],
+        config,
+        spec.batch,
+        {"inputs": spec.inputs_length, "targets": spec.targets_length},
+    )
     for i, mesh in enumerate(candidates):
         step = compile_in_subprocess(
             flags.gin_files, flags.gin_bindings, overrides, mesh, spec, rest.compile_timeout
