@@ -15,9 +15,9 @@ Steps alternate between the two models in interleaved rounds (`scripts/bench_uti
 ratio is the median over rounds of dense step time / Switch step time, i.e. Switch tokens/s over
 dense tokens/s (wall clock; the CPU-time ratio is printed too).
 
-MFU counts the active FLOPs only: 6 x (params a token touches, one expert per MoE layer) per
-token, plus the attention score and value matmuls; with `--peak_tflops` (per device) it prints
-model FLOPs/s over the peak.
+MFU counts model FLOPs (`switch_t5.flops.train_flops_per_step`: 6 x the weights a token
+multiplies, experts at k / E, plus the attention score and value matmuls); with `--peak_tflops`
+(per device) it prints model FLOPs/s over the peak.
 
 The input pipeline's rate comes from scripts/bench_input.py (TensorFlow/seqio) with the same
 batch and feature lengths, run as a separate process (`--input_bench=run`), read from its JSON
@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_utils
 
+from switch_t5 import flops as flops_lib
 from switch_t5 import moe, network, optim, partitioning, train_state, trainer
 from switch_t5.config import SwitchConfig
 
@@ -103,33 +104,6 @@ PRESETS: dict[str, tuple[dict[str, Any], int, int, int]] = {
         114,
     ),
 }
-
-
-def active_flops_per_step(config: SwitchConfig, batch: int, inputs: int, targets: int) -> float:
-    """Training FLOPs of one step counting one expert per MoE layer (top-1), no recompute.
-
-    6 x params-per-token (forward 2, backward 4) for every matmul weight a token uses: attention
-    projections, one feed-forward (dense or the chosen expert), the router, and for decoder tokens
-    the output projection; plus 6 x (2 x kv_length x heads x head_dim) per token and attention
-    (QK^T and AV).
-    """
-    d, f, hd = config.d_model, config.d_ff, config.num_heads * config.head_dim
-    ffn = len(config.mlp_activations) * d * f + f * d
-    attn = 4 * d * hd
-    k = config.num_selected_experts
-    total = 0.0
-    for stack, length in (("encoder", inputs), ("decoder", targets)):
-        n = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
-        sparse = set(config.sparse_layers(stack))
-        for i in range(n):
-            per_token = attn + (k * ffn + d * config.num_experts if i in sparse else ffn)
-            scores = 2 * length * hd
-            if stack == "decoder":
-                per_token += attn  # cross-attention
-                scores += 2 * inputs * hd
-            total += 6.0 * batch * length * (per_token + scores)
-    total += 6.0 * batch * targets * d * config.vocab_size
-    return total
 
 
 def _batch(config: SwitchConfig, batch: int, inputs: int, targets: int, seed: int):
@@ -263,8 +237,13 @@ def main() -> None:
     }
     timings = bench_utils.interleaved(runners, rounds)
     flops = {
-        "switch": active_flops_per_step(switch, batch, inputs, targets),
-        "dense": active_flops_per_step(dense, batch, inputs, targets),
+        name: flops_lib.train_flops_per_step(
+            network.init_abstract(config)["params"],
+            config,
+            batch,
+            {"inputs": inputs, "targets": targets},
+        )
+        for name, config in (("switch", switch), ("dense", dense))
     }
     print(f"{'model':>7} {'params':>12} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for name, runner in runners.items():

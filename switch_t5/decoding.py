@@ -13,6 +13,7 @@ Shape letters: b = batch, k = beams, l = max decode length, v = vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -479,6 +480,110 @@ def beam_search(
 # ----------------------------------------------------------------------------------------------
 
 DecodeMethod = Literal["greedy", "sample", "beam"]
+
+
+DECODE_METHODS = ("greedy", "sample", "beam")
+
+
+class DecodingConfigError(errors.UserError):
+    """A DecodingConfig field is invalid; lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingConfig:
+    """How to decode: the ONE home of the settings that infer, eval and training samples share.
+
+    The entry points keep their own parameter names, which are these field names
+    (`switch_t5.infer.method`, `switch_t5.evaluate.num_beams`, infer's `--top_k`, ...).
+
+    Attributes:
+      method: "greedy", "sample" (temperature / top-k / top-p) or "beam".
+      max_decode_length: output tokens; None = the caller's default (eval: the targets length).
+      num_beams: beams per example (beam only).
+      alpha: length-penalty exponent, ((5 + length) / 6) ** alpha (beam only; 0 = plain
+        log-probability).
+      temperature: sampling temperature (sample only; 0 = greedy).
+      top_k: sample among the k most likely tokens, 0 = all (sample only).
+      top_p: nucleus sampling mass, 0 = off (sample only).
+      seed: the sampling seed (sample only); a caller's batch i uses fold_in(key(seed), i).
+    """
+
+    method: DecodeMethod = "greedy"
+    max_decode_length: int | None = None
+    num_beams: int = 4
+    alpha: float = 0.6
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.method not in DECODE_METHODS:
+            problems.append(f"method={self.method!r}: use 'greedy', 'sample' or 'beam'")
+        if self.max_decode_length is not None and not _positive_int(self.max_decode_length):
+            problems.append(f"max_decode_length={self.max_decode_length!r} must be positive")
+        if not _positive_int(self.num_beams):
+            problems.append(f"num_beams={self.num_beams!r} must be positive")
+        if not _number(self.alpha):
+            problems.append(f"alpha={self.alpha!r} must be a number")
+        if not _number(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if not _int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k={self.top_k!r} must be >= 0 (0 = no top-k limit)")
+        if not _number(self.top_p) or not 0 <= self.top_p <= 1:
+            problems.append(f"top_p={self.top_p!r} must be in [0, 1] (0 = off)")
+        if not _int(self.seed):
+            problems.append(f"seed={self.seed!r} must be an integer")
+        if problems:
+            raise DecodingConfigError("Invalid decoding settings: " + "; ".join(problems))
+
+    def with_default_length(self, max_decode_length: int) -> DecodingConfig:
+        """This config with `max_decode_length` filled in where it is None."""
+        if self.max_decode_length is not None:
+            return self
+        return dataclasses.replace(self, max_decode_length=max_decode_length)
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `decode_batch` (all but the rng)."""
+        if self.max_decode_length is None:
+            raise DecodingConfigError(
+                "max_decode_length is not set: give it (e.g. --max_decode_length=N)"
+            )
+        return {
+            "method": self.method,
+            "max_decode_length": self.max_decode_length,
+            "num_beams": self.num_beams,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+        }
+
+
+# The command-line type of each DecodingConfig field (infer's --method, --num_beams, ...).
+FLAG_TYPES: dict[str, type] = {
+    "method": str,
+    "max_decode_length": int,
+    "num_beams": int,
+    "alpha": float,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _int(value) and value > 0
 
 
 class DecodeOutput(NamedTuple):

@@ -181,9 +181,9 @@ class BatchDecoder:
       model: the `network.EncoderDecoder` (dropout off and the eval capacity factor are used).
       mesh: the (data, expert, model) mesh the params live on.
       batch_size: global rows per decode batch; a multiple of the mesh's data x expert size.
-      max_decode_length, method, num_beams, alpha, temperature, top_k, top_p: see
-        `decoding.decode_batch`.
-      seed: the sampling seed (method "sample"); batch i samples with fold_in(key(seed), i).
+      max_decode_length: output tokens; None = `settings.max_decode_length`.
+      settings: how to decode (`decoding.DecodingConfig`; default greedy). With method "sample",
+        batch i samples with fold_in(key(settings.seed), i).
     """
 
     def __init__(
@@ -191,44 +191,33 @@ class BatchDecoder:
         model: nn.Module,
         mesh: Mesh,
         batch_size: int,
-        max_decode_length: int,
+        max_decode_length: int | None = None,
         *,
-        method: decoding.DecodeMethod = "greedy",
-        num_beams: int = 4,
-        alpha: float = 0.6,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 0.0,
-        seed: int = 0,
+        settings: decoding.DecodingConfig | None = None,
     ):
+        settings = settings or decoding.DecodingConfig()
         shards = mesh.shape["data"] * mesh.shape["expert"]
         if batch_size <= 0 or batch_size % shards:
             raise EvalConfigError(
                 f"decode batch_size={batch_size} must be a positive multiple of the {shards} "
                 f"batch shards (data x expert = {mesh.shape['data']} x {mesh.shape['expert']})"
             )
-        if max_decode_length <= 0:
-            raise EvalConfigError(f"max_decode_length={max_decode_length} must be positive")
+        if max_decode_length is not None:
+            settings = dataclasses.replace(settings, max_decode_length=max_decode_length)
+        kwargs = settings.decode_kwargs()
         self.mesh = mesh
         self.batch_size = batch_size
-        self.max_decode_length = max_decode_length
-        self._rng = jax.random.PRNGKey(seed)
-        kwargs = dict(
-            method=method,
-            max_decode_length=max_decode_length,
-            num_beams=num_beams,
-            alpha=alpha,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
+        self.settings = settings
+        self.max_decode_length = settings.max_decode_length
+        self._rng = jax.random.PRNGKey(settings.seed)
+        sample = settings.method == "sample"
 
         def decode(params, tokens, rng):
             out = decoding.decode_batch(
                 model,
                 params,
                 {"encoder_input_tokens": tokens},
-                rng=rng if method == "sample" else None,
+                rng=rng if sample else None,
                 **kwargs,
             )
             return out.tokens, out.scores, out.fraction_dropped
@@ -288,10 +277,9 @@ class Evaluator:
       batch_size: global rows per decode batch; a multiple of the mesh's data x expert size.
       mesh: the (data, expert, model) mesh the params live on.
       split: the split to score.
-      max_decode_length: None = M.
       max_examples: score only the first N examples of each task (None = all).
-      **decode_kwargs: method, num_beams, alpha, temperature, top_k, top_p, seed (see
-        `BatchDecoder`).
+      settings: how to decode (`decoding.DecodingConfig`; default greedy); its
+        max_decode_length None = M.
     """
 
     def __init__(
@@ -303,12 +291,12 @@ class Evaluator:
         mesh: Mesh,
         *,
         split: str = "validation",
-        max_decode_length: int | None = None,
         max_examples: int | None = None,
-        **decode_kwargs: Any,
+        settings: decoding.DecodingConfig | None = None,
     ):
         import seqio
 
+        settings = settings or decoding.DecodingConfig()
         if set(feature_lengths) != {"inputs", "targets"}:
             raise EvalConfigError(
                 f"feature_lengths={dict(feature_lengths)}: give {{'inputs': N, 'targets': M}}"
@@ -320,8 +308,7 @@ class Evaluator:
             model,
             mesh,
             batch_size,
-            max_decode_length or self.feature_lengths["targets"],
-            **decode_kwargs,
+            settings=settings.with_default_length(self.feature_lengths["targets"]),
         )
         self.tasks = eval_tasks(mixture_or_task_name, split)
         self.is_mixture = isinstance(seqio.get_mixture_or_task(mixture_or_task_name), seqio.Mixture)
@@ -742,7 +729,7 @@ def run_eval(
       batch_size: BATCH_SIZE, rows per decode batch (multiple of data x expert mesh size).
       split: the split to score.
       method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed: decoding
-        (see `decoding.decode_batch`; max_decode_length None = the targets length).
+        (`decoding.DecodingConfig`; max_decode_length None = the targets length).
       max_examples: score the first N examples of each task only (None = all).
       mesh_data, mesh_expert, mesh_model: the mesh (see `partitioning.make_mesh`).
 
@@ -753,6 +740,10 @@ def run_eval(
 
     if model_dir is gin.REQUIRED or not model_dir:
         raise EvalConfigError("MODEL_DIR is required: --gin.MODEL_DIR=\"'/path/to/run'\"")
+    # Checked before anything is loaded; max_decode_length None = the targets length.
+    settings = decoding.DecodingConfig(
+        method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed
+    )
     checkpoints.check_model_dir(
         model_dir, fix="give the folder a training run wrote (it holds checkpoints/)"
     )
@@ -784,15 +775,8 @@ def run_eval(
             lengths,
             batch_size,
             split=split,
-            max_decode_length=max_decode_length,
             max_examples=max_examples,
-            method=method,
-            num_beams=num_beams,
-            alpha=alpha,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+            settings=settings,
             step=ref.step,
         )
     else:

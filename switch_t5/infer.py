@@ -183,7 +183,7 @@ def infer(
       batch_size: rows per decode batch; None = enough for the inputs (at most 32), rounded up
         to a multiple of the data x expert mesh size.
       method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed: decoding
-        (see `decoding.decode_batch`).
+        (`decoding.DecodingConfig`).
       mesh_data, mesh_expert, mesh_model: the mesh (see `partitioning.make_mesh`).
 
     Returns:
@@ -195,6 +195,10 @@ def infer(
     texts = [str(t) for t in inputs]
     if not texts:
         raise UserError("no inputs: pass --input=TEXT (repeatable) or --input_file=FILE")
+    # Checked before the checkpoint is loaded.
+    settings = decoding.DecodingConfig(
+        method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed
+    )
     checkpoints.check_model_dir(
         checkpoint_dir,
         "--checkpoint_dir",
@@ -230,19 +234,7 @@ def infer(
             file=sys.stderr,
             flush=True,
         )
-    decoder = eval_lib.BatchDecoder(
-        model,
-        mesh,
-        batch_size,
-        max_decode_length,
-        method=method,
-        num_beams=num_beams,
-        alpha=alpha,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-    )
+    decoder = eval_lib.BatchDecoder(model, mesh, batch_size, settings=settings)
     out, scores = decoder(params, tokens)
     report_drops(decoder.fraction_dropped)
     predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
@@ -267,15 +259,9 @@ def report_drops(fraction_dropped: float) -> None:
         log.info("MoE routing dropped no token-to-expert assignment")
 
 
+# The flags that override `infer`'s parameters: the decoding settings, then the rest.
 _DECODE_FLAGS = {
-    "method": str,
-    "max_decode_length": int,
-    "num_beams": int,
-    "alpha": float,
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "seed": int,
+    **decoding.FLAG_TYPES,
     "batch_size": int,
     "inputs_length": int,
     "step": int,

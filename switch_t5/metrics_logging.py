@@ -49,15 +49,6 @@ def peak_flops_per_device(device_kind: str) -> float | None:
     return None
 
 
-def train_flops_per_token(active_params: int) -> float:
-    """6 N FLOPs per token (forward 2N + backward 4N) for N parameters a token touches.
-
-    Attention over the sequence is left out: this is the usual rough estimate (Kaplan et al.
-    2020), fine for the short sequences of span-corruption pretraining.
-    """
-    return 6.0 * active_params
-
-
 def _to_json(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()

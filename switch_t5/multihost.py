@@ -24,6 +24,7 @@ only the data axis crosses the slower data-center network (gradient all-reduce).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -183,6 +184,7 @@ def make_mesh_for_job(
       ValueError: expert x model does not fit inside one slice/node, or sizes do not match.
     """
     devices = list(jax.devices() if devices is None else devices)
+    mesh_config = partitioning.MeshConfig(data, expert, model)  # validates the sizes
     granules = _granules(devices)
     if len(granules) == 1:
         return partitioning.make_mesh(data, expert, model, num_experts=num_experts, devices=devices)
@@ -191,23 +193,41 @@ def make_mesh_for_job(
         raise ValueError(
             f"slices/processes hold different device counts: {[len(g) for g in granules]}"
         )
+    per_slice = per_slice_sizes(mesh_config, per, len(granules), num_experts)
+    return make_hybrid_mesh(per_slice, len(granules), num_experts=num_experts, devices=devices)
+
+
+def per_slice_sizes(
+    mesh_config: partitioning.MeshConfig, per: int, num_slices: int, num_experts: int = 0
+) -> tuple[int, int, int]:
+    """(data, expert, model) inside one of `num_slices` slices/nodes of `per` devices each, for
+    a job mesh whose data axis (`mesh_config.data`, -1 = the rest) spans all of them.
+
+    Raises:
+      UserError: expert x model does not fit inside one slice/node, or data is not the total.
+    """
+    data, expert, model = mesh_config.data, mesh_config.expert, mesh_config.model
     if expert is None:
         expert = partitioning.default_expert_size(per, num_experts, model)
+    if -1 in (expert, model):
+        raise errors.UserError(
+            f"expert={expert}, model={model}: on {num_slices} slices/nodes give the expert and "
+            "model sizes inside one of them (positive; only data may be -1)"
+        )
     if per % (expert * model):
         raise errors.UserError(
             f"expert x model = {expert} x {model} does not fit inside one slice/node of {per} "
             f"devices; the expert all-to-all and model axis must stay on ICI/NVLink: use "
             f"expert x model dividing {per}"
         )
-    per_data = per // (expert * model)
-    if data not in (-1, per_data * len(granules)):
+    # Inside one slice/node the data axis takes what expert x model leave.
+    sizes = dataclasses.replace(mesh_config, data=-1, expert=expert).resolve(per, num_experts)
+    if data not in (-1, sizes[0] * num_slices):
         raise errors.UserError(
             f"data={data}: with expert x model = {expert * model} per slice/node of {per} "
-            f"devices and {len(granules)} of them, data must be {per_data * len(granules)} (or -1)"
+            f"devices and {num_slices} of them, data must be {sizes[0] * num_slices} (or -1)"
         )
-    return make_hybrid_mesh(
-        (per_data, expert, model), len(granules), num_experts=num_experts, devices=devices
-    )
+    return sizes
 
 
 def axis_stays_within_granules(mesh: Mesh, axis: str) -> bool:

@@ -366,84 +366,266 @@ class Optimizer:
     state_shardings: Callable[[Any, Any], Any]
 
 
-# What `make_optimizer` accepts (entry points validate against these before compiling).
-OPTIMIZERS = ("adafactor", "adamw")
 STATE_DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("rsqrt", "constant", "linear_rsqrt", "cosine")
+# The schedules that divide by sqrt(warmup_steps), hence need it positive.
+_RSQRT_SCHEDULES = ("rsqrt", "linear_rsqrt")
+
+
+class OptimizerConfigError(errors.UserError):
+    """An OptimizerConfig field (or a combination of fields) is invalid; lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Every setting of the optimizer and its learning-rate schedule (defaults: T5X's Adafactor).
+
+    Field names follow `switch_t5.train.train`'s parameters where those exist (`train.optimizer`
+    is `name`, `train.optimizer_state_dtype` is `state_dtype`).
+
+    Attributes:
+      name: a registered optimizer (`register_optimizer`): "adafactor" or "adamw" built in.
+      state_dtype: "float32" or "bfloat16": Adafactor's second moments, AdamW's first moment
+        (optax keeps AdamW's second moment in the param dtype).
+      lr_schedule: "rsqrt", "constant", "linear_rsqrt" or "cosine" (`make_schedule`).
+      base_learning_rate: see the schedule (rsqrt: lr = base / sqrt(max(step, warmup))).
+      warmup_steps: warm-up length (positive for the rsqrt schedules).
+      decay_steps: the cosine schedule's length (> warmup_steps; cosine only).
+      end_learning_rate: the cosine schedule's final value.
+      weight_decay: decoupled weight decay: Adafactor's rate times lr (None = none, as T5X);
+        AdamW's (None = 0.01).
+      b1, b2, eps: AdamW's moment decays and denominator epsilon.
+      decay_rate: Adafactor's second-moment decay exponent (beta2_t = 1 - t**-decay_rate).
+      clipping_threshold: Adafactor's update clipping on the RMS per matrix (None = off).
+      multiply_by_parameter_scale: Adafactor scales the step by the RMS of each matrix.
+      epsilon1: Adafactor: added to the squared gradient.
+      epsilon2: Adafactor: floor of the parameter scale.
+      factored: Adafactor factors the second moments of large enough matrices.
+      min_dim_size_to_factor: Adafactor factors matrices whose two largest free dims reach it.
+    """
+
+    name: str = "adafactor"
+    state_dtype: str = "float32"
+    lr_schedule: str = "rsqrt"
+    base_learning_rate: float = 1.0
+    warmup_steps: int = 10_000
+    decay_steps: int | None = None
+    end_learning_rate: float = 0.0
+    weight_decay: float | None = None
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    decay_rate: float = 0.8
+    clipping_threshold: float | None = 1.0
+    multiply_by_parameter_scale: bool = True
+    epsilon1: float = 1e-30
+    epsilon2: float = 1e-3
+    factored: bool = True
+    min_dim_size_to_factor: int = 128
+
+    def __post_init__(self):
+        problems = self._name_problems() + self._schedule_problems() + self._setting_problems()
+        if problems:
+            raise OptimizerConfigError("Invalid OptimizerConfig: " + "; ".join(problems))
+
+    def _name_problems(self) -> list[str]:
+        problems = []
+        if self.name not in _OPTIMIZER_BUILDERS:
+            problems.append(
+                f"unknown optimizer {self.name!r}: use {_quoted(_OPTIMIZER_BUILDERS)} (or "
+                "register one with switch_t5.optim.register_optimizer)"
+            )
+        if self.state_dtype not in STATE_DTYPES:
+            problems.append(f"state_dtype={self.state_dtype!r}: use {_quoted(STATE_DTYPES)}")
+        return problems
+
+    def _schedule_problems(self) -> list[str]:
+        problems = []
+        if self.lr_schedule not in SCHEDULES:
+            problems.append(
+                f"unknown learning-rate schedule {self.lr_schedule!r}: use {_quoted(SCHEDULES)}"
+            )
+        if not _is_number(self.base_learning_rate) or self.base_learning_rate < 0:
+            problems.append(f"base_learning_rate={self.base_learning_rate!r} must be >= 0")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        elif self.lr_schedule in _RSQRT_SCHEDULES and self.warmup_steps == 0:
+            problems.append(f"warmup_steps=0 must be positive for the {self.lr_schedule} schedule")
+        if self.lr_schedule == "cosine" and (
+            not _is_int(self.decay_steps)
+            or not _is_int(self.warmup_steps)
+            or self.decay_steps <= self.warmup_steps
+        ):
+            problems.append(
+                f"the cosine schedule needs decay_steps > warmup_steps, got "
+                f"decay_steps={self.decay_steps}, warmup_steps={self.warmup_steps}"
+            )
+        return problems
+
+    def _setting_problems(self) -> list[str]:
+        problems = []
+        if self.weight_decay is not None and (
+            not _is_number(self.weight_decay) or self.weight_decay < 0
+        ):
+            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0 or None")
+        for field in ("b1", "b2"):
+            value = getattr(self, field)
+            if not _is_number(value) or not 0 <= value < 1:
+                problems.append(f"{field}={value!r} must be in [0, 1) (AdamW's moment decay)")
+        for field in ("eps", "decay_rate", "epsilon1", "epsilon2"):
+            value = getattr(self, field)
+            if not _is_number(value) or value < 0:
+                problems.append(f"{field}={value!r} must be >= 0")
+        if self.clipping_threshold is not None and (
+            not _is_number(self.clipping_threshold) or self.clipping_threshold <= 0
+        ):
+            problems.append(
+                f"clipping_threshold={self.clipping_threshold!r} must be > 0 or None (no clipping)"
+            )
+        if not _is_int(self.min_dim_size_to_factor) or self.min_dim_size_to_factor < 1:
+            problems.append(f"min_dim_size_to_factor={self.min_dim_size_to_factor!r} must be >= 1")
+        return problems
+
+    def make_schedule(self) -> Schedule:
+        """The learning rate as a function of the step (`make_schedule` of these fields)."""
+        return make_schedule(
+            self.lr_schedule,
+            self.base_learning_rate,
+            self.warmup_steps,
+            self.decay_steps,
+            self.end_learning_rate,
+        )
+
+
+def _quoted(names) -> str:
+    names = [repr(n) for n in names]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# name -> builder(config, schedule, logical_specs) -> Optimizer.
+OptimizerBuilder = Callable[[OptimizerConfig, Schedule, Any], Optimizer]
+_OPTIMIZER_BUILDERS: dict[str, OptimizerBuilder] = {}
+# The registered optimizer names (entry points validate against them before compiling); kept
+# up to date by `register_optimizer`, so read it as `optim.OPTIMIZERS` at call time.
+OPTIMIZERS: tuple[str, ...] = ()
+
+
+def register_optimizer(name: str, builder: OptimizerBuilder) -> OptimizerBuilder:
+    """Makes `OptimizerConfig(name=name)` build its Optimizer with `builder`.
+
+    Args:
+      name: the optimizer's name (`OptimizerConfig.name`, gin `train.optimizer`).
+      builder: (config, schedule, logical_specs) -> Optimizer; logical_specs are the params'
+        logical PartitionSpecs, or None (no per-expert structure known).
+
+    Returns:
+      `builder`, so that this can decorate it.
+    """
+    global OPTIMIZERS
+    _OPTIMIZER_BUILDERS[name] = builder
+    OPTIMIZERS = tuple(_OPTIMIZER_BUILDERS)
+    return builder
+
+
+def optax_state_shardings(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
+    """State shardings of an optax transformation whose per-param state mirrors the params
+    (AdamW's moments, SGD's momentum): each like its param; counts and the rest replicated."""
+
+    def shardings(param_shardings, abstract_params):
+        state = jax.eval_shape(tx.init, abstract_params)
+        mesh = jax.tree.leaves(param_shardings)[0].mesh
+        return optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            state,
+            param_shardings,
+            transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+        )
+
+    return shardings
+
+
+def _build_adafactor(config: OptimizerConfig, schedule: Schedule, logical_specs: Any) -> Optimizer:
+    batch_axes = None if logical_specs is None else batch_axes_from_logical(logical_specs)
+    tx = adafactor(
+        schedule,
+        batch_axes,
+        decay_rate=config.decay_rate,
+        clipping_threshold=config.clipping_threshold,
+        multiply_by_parameter_scale=config.multiply_by_parameter_scale,
+        epsilon1=config.epsilon1,
+        epsilon2=config.epsilon2,
+        factored=config.factored,
+        min_dim_size_to_factor=config.min_dim_size_to_factor,
+        weight_decay_rate=config.weight_decay,
+        state_dtype=jnp.dtype(config.state_dtype),
+    )
+
+    def shardings(param_shardings, abstract_params):
+        return adafactor_state_shardings(
+            param_shardings,
+            abstract_params,
+            batch_axes,
+            factored=config.factored,
+            min_dim_size_to_factor=config.min_dim_size_to_factor,
+        )
+
+    return Optimizer(config.name, tx, schedule, shardings)
+
+
+def _build_adamw(config: OptimizerConfig, schedule: Schedule, logical_specs: Any) -> Optimizer:
+    del logical_specs  # AdamW's moments are elementwise: no per-expert structure to mark
+    tx = optax.adamw(
+        schedule,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=0.01 if config.weight_decay is None else config.weight_decay,
+        mu_dtype=jnp.dtype(config.state_dtype),
+    )
+    return Optimizer(config.name, tx, schedule, optax_state_shardings(tx))
+
+
+register_optimizer("adafactor", _build_adafactor)
+register_optimizer("adamw", _build_adamw)
 
 
 def make_optimizer(
-    name: str,
-    schedule: Schedule,
+    config: OptimizerConfig | str = OptimizerConfig(),
+    schedule: Schedule | None = None,
     logical_specs: Any = None,
-    *,
-    decay_rate: float = 0.8,
-    clipping_threshold: float | None = 1.0,
-    multiply_by_parameter_scale: bool = True,
-    min_dim_size_to_factor: int = 128,
-    weight_decay: float | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    state_dtype: str = "float32",
+    **settings: Any,
 ) -> Optimizer:
-    """Adafactor (T5X defaults) or AdamW, with explicit state-sharding rules.
+    """Builds the optimizer `config` names through the registry (`register_optimizer`).
 
     Args:
-      name: "adafactor" or "adamw".
-      schedule: learning rate per step.
+      config: an OptimizerConfig; or, as before it existed, an optimizer name, with the other
+        OptimizerConfig fields given as keyword `settings` (e.g. `weight_decay=`, `b1=`,
+        `state_dtype=`, `min_dim_size_to_factor=`).
+      schedule: learning rate per step; None = `config.make_schedule()`.
       logical_specs: logical PartitionSpecs of the params (marks per-expert matrices).
-      decay_rate, clipping_threshold, multiply_by_parameter_scale, min_dim_size_to_factor:
-        Adafactor settings (see `adafactor`).
-      weight_decay: Adafactor: decoupled rate times lr (default none, as T5X); AdamW: default 0.01.
-      b1, b2, eps: AdamW settings.
-      state_dtype: "float32" or "bfloat16": Adafactor's second moments, AdamW's first moment
-        (optax keeps AdamW's second moment in the param dtype).
+
+    Raises:
+      OptimizerConfigError: an unknown name or invalid settings (all of them listed).
     """
-    if name == "adafactor":
-        batch_axes = None if logical_specs is None else batch_axes_from_logical(logical_specs)
-        tx = adafactor(
-            schedule,
-            batch_axes,
-            decay_rate=decay_rate,
-            clipping_threshold=clipping_threshold,
-            multiply_by_parameter_scale=multiply_by_parameter_scale,
-            min_dim_size_to_factor=min_dim_size_to_factor,
-            weight_decay_rate=weight_decay,
-            state_dtype=jnp.dtype(state_dtype),
+    if isinstance(config, str):
+        config = OptimizerConfig(name=config, **settings)
+    elif settings:
+        raise TypeError(
+            f"make_optimizer got an OptimizerConfig and settings {sorted(settings)}: put them "
+            "in the config (dataclasses.replace)"
         )
-
-        def shardings(param_shardings, abstract_params):
-            return adafactor_state_shardings(
-                param_shardings,
-                abstract_params,
-                batch_axes,
-                min_dim_size_to_factor=min_dim_size_to_factor,
-            )
-
-        return Optimizer(name, tx, schedule, shardings)
-    if name == "adamw":
-        tx = optax.adamw(
-            schedule,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            weight_decay=0.01 if weight_decay is None else weight_decay,
-            mu_dtype=jnp.dtype(state_dtype),
-        )
-
-        def shardings(param_shardings, abstract_params):
-            state = jax.eval_shape(tx.init, abstract_params)
-            mesh = jax.tree.leaves(param_shardings)[0].mesh
-            return optax.tree_map_params(
-                tx,
-                lambda _, s: s,
-                state,
-                param_shardings,
-                transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
-            )
-
-        return Optimizer(name, tx, schedule, shardings)
-    raise errors.UserError(f"unknown optimizer {name!r}: use 'adafactor' or 'adamw'")
+    if schedule is None:
+        schedule = config.make_schedule()
+    return _OPTIMIZER_BUILDERS[config.name](config, schedule, logical_specs)
 
 
 def logical_specs_of(boxed_variables: Any) -> Any:

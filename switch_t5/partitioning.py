@@ -6,8 +6,9 @@ and `nn.with_logical_constraint`); this table is the only place that maps them o
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -85,29 +86,23 @@ def logical_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     return LOGICAL_AXIS_RULES
 
 
+class MeshConfigError(errors.UserError):
+    """The mesh sizes are invalid, or do not fit the devices, the model or the batch."""
+
+
 def _resolve_sizes(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
     sizes = tuple(int(s) for s in sizes)
-    unknown = [i for i, s in enumerate(sizes) if s == -1]
-    if len(unknown) > 1:
-        raise errors.UserError(
-            f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1"
-        )
-    if any(s == 0 or s < -1 for s in sizes):
-        raise errors.UserError(
-            f"mesh sizes {dict(zip(MESH_AXES, sizes))}: sizes must be positive "
-            "(or -1 for 'the rest')"
-        )
     known = math.prod(s for s in sizes if s != -1)
-    if unknown:
+    if -1 in sizes:
         if num_devices % known:
-            raise errors.UserError(
+            raise MeshConfigError(
                 f"mesh sizes {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, "
                 f"which does not divide the {num_devices} devices; pick sizes whose product "
                 f"divides {num_devices}"
             )
         sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
     if math.prod(sizes) != num_devices:
-        raise errors.UserError(
+        raise MeshConfigError(
             f"mesh sizes data={sizes[0]} x expert={sizes[1]} x model={sizes[2]} = "
             f"{math.prod(sizes)} but there are {num_devices} devices; make the product equal "
             f"{num_devices} (or set one axis to -1)"
@@ -120,6 +115,152 @@ def default_expert_size(num_devices: int, num_experts: int, model: int = 1) -> i
     if num_experts <= 0:
         return 1
     return math.gcd(num_devices // max(model, 1), num_experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The (data, expert, model) mesh sizes a run asks for (gin `train.mesh_data` etc.).
+
+    Attributes:
+      data: data-parallel size; -1 = the devices the other axes leave.
+      expert: expert-parallel size; None = as many partitions as the experts allow
+        (`default_expert_size`); -1 = the rest.
+      model: model-parallel (tensor) size; -1 = the rest.
+    """
+
+    data: int = -1
+    expert: int | None = None
+    model: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "expert": self.expert, "model": self.model}
+        problems = []
+        for name, value in sizes.items():
+            if value is None and name == "expert":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name}={value!r} must be an integer")
+            elif value == 0 or value < -1:
+                problems.append(f"{name}={value} must be positive (or -1 for 'the rest')")
+        if list(sizes.values()).count(-1) > 1:
+            problems.append("at most one axis may be -1")
+        if problems:
+            raise MeshConfigError(f"mesh sizes {sizes}: " + "; ".join(problems))
+
+    def resolve(self, device_count: int, num_experts: int = 0) -> tuple[int, int, int]:
+        """(data, expert, model) for `device_count` devices and `num_experts` experts per MoE
+        layer (0 = dense: no expert-axis constraint).
+
+        Raises:
+          MeshConfigError: the sizes do not multiply to the device count, or the expert axis
+            does not divide the experts; the message names the fix.
+        """
+        expert, model = self.expert, self.model
+        if expert is None:
+            if model != -1 and device_count % model:
+                raise MeshConfigError(
+                    f"model={model} does not divide the {device_count} devices; pick a divisor "
+                    f"of {device_count}"
+                )
+            expert = default_expert_size(device_count, num_experts, model if model > 0 else 1)
+        sizes = _resolve_sizes((self.data, expert, model), device_count)
+        if num_experts and num_experts % sizes[1]:
+            raise MeshConfigError(
+                f"the expert mesh axis ({sizes[1]}) does not divide num_experts={num_experts}; "
+                f"use an expert axis size that divides {num_experts} (e.g. "
+                f"{math.gcd(sizes[1], num_experts)})"
+            )
+        return sizes
+
+
+def routing_groups_problem(
+    stack: str, tokens: int, num_groups: int, group_size: int, shards: int
+) -> str | None:
+    """Why `num_groups` routing groups of `tokens` tokens cannot be split over `shards` batch
+    shards (None when they can: one group, or a multiple of the shards). Routing never adapts
+    its groups to the mesh, so that a batch routes identically on every mesh."""
+    if num_groups == 1 or num_groups % shards == 0:
+        return None
+    from switch_t5 import moe
+
+    hint = ""
+    if tokens % shards == 0:
+        hint = f" (e.g. group_size={moe.group_layout(tokens // shards, group_size)[1]})"
+    return (
+        f"the {stack}'s {tokens} tokens per microbatch make {num_groups} routing groups of "
+        f"{tokens // num_groups}, which cannot be split over the {shards} batch shards; set "
+        f"--gin.switch_t5.SwitchConfig.group_size so that the group count is a multiple of "
+        f"{shards}{hint}"
+    )
+
+
+def _axes_problems(config, data: int, expert: int, model: int) -> list[str]:
+    problems = []
+    if config.num_experts and config.num_experts % expert:
+        problems.append(
+            f"the expert axis ({expert}) does not divide num_experts={config.num_experts}; use "
+            f"a divisor of {config.num_experts}"
+        )
+    if not config.num_experts and expert > 1:
+        problems.append(f"expert axis {expert} > 1 but the model is dense; use expert:1")
+    if model > 1:
+        for name in ("num_heads", "d_ff", "vocab_size"):
+            if getattr(config, name) % model:
+                problems.append(
+                    f"the model axis ({model}) does not divide {name}={getattr(config, name)}; "
+                    f"use a divisor of {getattr(config, name)}"
+                )
+    return problems
+
+
+def mesh_problems(
+    config,
+    mesh_sizes: Mapping[str, int],
+    batch_size: int,
+    num_microbatches: int,
+    lengths: Mapping[str, int],
+) -> list[str]:
+    """Why a (data, expert, model) mesh cannot train `config` on this batch; empty when it can.
+
+    The ONE mesh-fit rule: the batch splits into microbatches, each microbatch's rows over the
+    data x expert batch shards; the expert axis divides the experts (a dense model has none);
+    the model axis divides heads, d_ff and the vocabulary; and, for the capacity dispatches,
+    each sparse stack's routing groups (`moe.call_groups`) split over the batch shards.
+
+    Args:
+      config: the SwitchConfig.
+      mesh_sizes: {"data": D, "expert": E, "model": M} (e.g. `dict(mesh.shape)`).
+      batch_size: global sequences per optimizer step.
+      num_microbatches: gradient-accumulation steps per optimizer step.
+      lengths: {"inputs": encoder tokens, "targets": decoder tokens} per sequence.
+    """
+    from switch_t5 import moe
+
+    data, expert, model = (mesh_sizes[a] for a in MESH_AXES)
+    shards = data * expert
+    problems = []
+    if batch_size % num_microbatches:
+        problems.append(
+            f"batch {batch_size} is not divisible by num_microbatches={num_microbatches}"
+        )
+    rows = batch_size // num_microbatches
+    if rows % shards:
+        problems.append(
+            f"{rows} sequences per microbatch cannot be split over the data x expert = "
+            f"{data} x {expert} = {shards} batch shards; use a batch that is a multiple of "
+            f"{shards} or smaller data/expert axes"
+        )
+    problems += _axes_problems(config, data, expert, model)
+    dropless = moe.resolve_dispatch(config.dispatch) in moe.DROPLESS_IMPLS
+    if config.is_sparse and not dropless and not problems:
+        for stack, length in (("encoder", lengths["inputs"]), ("decoder", lengths["targets"])):
+            if config.sparse_layers(stack):
+                groups, _ = moe.call_groups(config, rows, length)
+                problem = routing_groups_problem(
+                    stack, rows * length, groups, config.group_size, shards
+                )
+                problems += [problem] if problem else []
+    return problems
 
 
 def mesh_of(device_array: np.ndarray) -> Mesh:
@@ -150,19 +291,7 @@ def make_mesh(
         the expert axis does not divide the number of experts.
     """
     devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
-    if expert is None:
-        if model != -1 and n % max(model, 1):
-            raise errors.UserError(
-                f"model={model} does not divide the {n} devices; pick a divisor of {n}"
-            )
-        expert = default_expert_size(n, num_experts, model if model > 0 else 1)
-    sizes = _resolve_sizes((data, expert, model), n)
-    if num_experts and num_experts % sizes[1]:
-        raise errors.UserError(
-            f"the expert mesh axis ({sizes[1]}) does not divide num_experts={num_experts}; use an "
-            f"expert axis size that divides {num_experts} (e.g. {math.gcd(sizes[1], num_experts)})"
-        )
+    sizes = MeshConfig(data, expert, model).resolve(len(devices), num_experts)
     try:
         device_array = mesh_utils.create_device_mesh(sizes, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from switch_t5 import errors, gin_utils, network
+from switch_t5 import flops as flops_lib
 from switch_t5.config import REMAT_POLICIES, SwitchConfig
 
 
@@ -238,79 +239,34 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def resolve_mesh(sizes: Mapping[str, int], devices: int | None) -> tuple[dict[str, int], int]:
-    """Fills a -1 axis and checks the product against the device count."""
-    sizes = dict(sizes)
-    unknown = [a for a, s in sizes.items() if s == -1]
-    bad = [f"{a}:{s}" for a, s in sizes.items() if s == 0 or s < -1]
-    if bad or len(unknown) > 1:
-        raise PlanError(f"mesh {sizes}: sizes must be positive, with at most one -1 ({bad})")
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if unknown:
-        if devices is None or devices % known:
+    """Fills a -1 axis and checks the product against the device count
+    (`partitioning.MeshConfig.resolve`)."""
+    from switch_t5 import partitioning
+
+    try:
+        mesh_config = partitioning.MeshConfig(**sizes)
+        if devices is None:
+            if -1 in sizes.values():
+                raise PlanError(f"mesh {dict(sizes)}: a -1 axis needs --devices=N")
+            return dict(sizes), math.prod(sizes.values())
+        product = math.prod(sizes.values())
+        if -1 not in sizes.values() and product != devices:
             raise PlanError(
-                f"mesh {sizes}: a -1 axis needs --devices divisible by the other axes ({known})"
+                f"mesh data:{sizes['data']},expert:{sizes['expert']},model:{sizes['model']} has "
+                f"{product} devices but --devices={devices}; make the product {devices}"
             )
-        sizes[unknown[0]] = devices // known
-    product = math.prod(sizes.values())
-    if devices is not None and product != devices:
-        raise PlanError(
-            f"mesh data:{sizes['data']},expert:{sizes['expert']},model:{sizes['model']} has "
-            f"{product} devices but --devices={devices}; make the product {devices}"
-        )
-    return sizes, product
+        resolved = dict(zip(MESH_AXES, mesh_config.resolve(devices)))
+    except partitioning.MeshConfigError as e:
+        raise PlanError(str(e)) from None
+    return resolved, devices
 
 
-def mesh_problems(config: SwitchConfig, mesh: Mapping[str, int], spec: StepSpec) -> list[str]:
-    """Why `mesh` cannot run `config` on `spec`'s batch (empty when it can)."""
-    from switch_t5 import moe
+def _fit_problems(config: SwitchConfig, mesh: Mapping[str, int], spec: StepSpec) -> list[str]:
+    """`partitioning.mesh_problems` for a StepSpec's batch."""
+    from switch_t5 import partitioning
 
-    problems = []
-    data, expert, model = (mesh[a] for a in MESH_AXES)
-    shards = data * expert
-    if spec.batch % spec.num_microbatches:
-        problems.append(
-            f"batch {spec.batch} is not divisible by num_microbatches={spec.num_microbatches}"
-        )
-    rows = spec.batch // spec.num_microbatches
-    if rows % shards:
-        problems.append(
-            f"{rows} sequences per microbatch cannot be split over the data x expert = "
-            f"{data} x {expert} = {shards} batch shards; use a batch that is a multiple of "
-            f"{shards} or smaller data/expert axes"
-        )
-    if config.num_experts and config.num_experts % expert:
-        problems.append(
-            f"the expert axis ({expert}) does not divide num_experts={config.num_experts}; use "
-            f"a divisor of {config.num_experts}"
-        )
-    if not config.num_experts and expert > 1:
-        problems.append(f"expert axis {expert} > 1 but the model is dense; use expert:1")
-    if model > 1:
-        for name in ("num_heads", "d_ff", "vocab_size"):
-            if getattr(config, name) % model:
-                problems.append(
-                    f"the model axis ({model}) does not divide {name}={getattr(config, name)}; "
-                    f"use a divisor of {getattr(config, name)}"
-                )
-    dropless = moe.resolve_dispatch(config.dispatch) in moe.DROPLESS_IMPLS
-    if config.is_sparse and not dropless and not problems:
-        for stack, length in (("encoder", spec.inputs_length), ("decoder", spec.targets_length)):
-            if not config.sparse_layers(stack):
-                continue
-            tokens = rows * length
-            groups, per_group = moe.group_layout(tokens, config.group_size)
-            if groups > 1 and groups % shards:
-                hint = ""
-                if tokens % shards == 0:
-                    fit = moe.group_layout(tokens // shards, config.group_size)[1]
-                    hint = f" (e.g. group_size={fit})"
-                problems.append(
-                    f"the {stack}'s {tokens} tokens per microbatch make {groups} routing groups "
-                    f"of {per_group}, which cannot be split over the {shards} batch shards; set "
-                    f"--gin.switch_t5.SwitchConfig.group_size so that the group count is a "
-                    f"multiple of {shards}{hint}"
-                )
-    return problems
+    lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
+    return partitioning.mesh_problems(config, mesh, spec.batch, spec.num_microbatches, lengths)
 
 
 def _divisors(n: int) -> list[int]:
@@ -353,7 +309,7 @@ def recommend_meshes(
     for model in _divisors(devices):
         for expert in _divisors(devices // model):
             mesh = {"data": devices // (model * expert), "expert": expert, "model": model}
-            if not mesh_problems(config, mesh, spec):
+            if not _fit_problems(config, mesh, spec):
                 found.append(mesh)
     if not found:
         plain = {"data": devices, "expert": 1, "model": 1}
@@ -366,7 +322,7 @@ def recommend_meshes(
         raise PlanError(
             f"no (data, expert, model) mesh of {devices} devices fits this config and batch; "
             f"e.g. data:{plain['data']},expert:{plain['expert']},model:1: "
-            + "; ".join(mesh_problems(config, plain, spec))
+            + "; ".join(_fit_problems(config, plain, spec))
         )
 
     def key(mesh):
@@ -522,35 +478,6 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         return totals
 
     return walk(entry)
-
-
-def train_flops_per_step(config: SwitchConfig, params: Any, spec: StepSpec) -> float:
-    """Model FLOPs of one train step: 3 x forward (2 per multiply-add), weights plus attention.
-
-    Weights: each token multiplies the encoder's (inputs) or the decoder's and the logits'
-    (targets) matrices, experts weighted by k / num_experts. Attention: QK^T and PV per layer.
-    Rematerialisation's recomputation is not counted (model FLOPs, as for MFU).
-    """
-    k_over_e = config.num_selected_experts / max(config.num_experts, 1)
-    enc = dec = 0.0
-    for path, leaf in network._leaves_with_paths(params):
-        if "relpos_bias" in path:  # a table lookup, not a matmul
-            continue
-        n = float(np.prod(leaf.shape)) * (k_over_e if "expert" in path[:-1] else 1.0)
-        if path[0] == "encoder":
-            enc += n
-        elif path[0] == "decoder":
-            dec += n
-        elif path[0] == "token_embedder" and config.logits_via_embedding:
-            dec += n  # the tied output projection; the input lookup is free
-    li, lt = spec.inputs_length, spec.targets_length
-    hd = config.num_heads * config.head_dim
-    attention = (
-        config.num_encoder_layers * 4 * li * li * hd
-        + config.num_decoder_layers * 4 * lt * (lt + li) * hd
-    )
-    forward = spec.batch * (2 * (enc * li + dec * lt) + attention)
-    return 3.0 * forward
 
 
 def _sharded_bytes(tree: Any) -> int:
@@ -923,7 +850,7 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
     config = dataclasses.replace(config, **overrides)
     if rest.mesh is not None:
         mesh, _ = resolve_mesh(parse_mesh(rest.mesh), rest.devices)
-        problems = mesh_problems(config, mesh, spec)
+        problems = _fit_problems(config, mesh, spec)
         if problems:
             raise PlanError(f"the mesh {rest.mesh} does not fit: " + "; ".join(problems))
         candidates, recommended = [mesh], False
@@ -932,7 +859,12 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
             raise PlanError("pass --devices=N (or --mesh=data:D,expert:E,model:M)")
         candidates = recommend_meshes(config, model_plan, rest.devices, spec, usable)
         candidates, recommended = candidates[: max(rest.max_compiles, 1)], True
-    flops = train_flops_per_step(config, network.init_abstract(config)["params"], spec)
+    flops = flops_lib.train_flops_per_step(
+        network.init_abstract(config)["params"],
+        config,
+        spec.batch,
+        {"inputs": spec.inputs_length, "targets": spec.targets_length},
+    )
     for i, mesh in enumerate(candidates):
         step = compile_in_subprocess(
             flags.gin_files, flags.gin_bindings, overrides, mesh, spec, rest.compile_timeout

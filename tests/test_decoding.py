@@ -599,3 +599,63 @@ def test_model_decoding_on_the_mesh_matches_one_device(tiny, mesh_222):
             )(sharded, {"encoder_input_tokens": tokens})
             np.testing.assert_array_equal(out.tokens, ref.tokens)
             np.testing.assert_allclose(out.scores, ref.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_decoding_config_lists_every_problem():
+    with pytest.raises(decoding.DecodingConfigError) as info:
+        decoding.DecodingConfig(
+            method="topk", max_decode_length=0, num_beams=0, temperature=-1.0, top_k=-2, top_p=1.5
+        )
+    message = str(info.value)
+    for part in (
+        "method='topk': use 'greedy', 'sample' or 'beam'",
+        "max_decode_length=0 must be positive",
+        "num_beams=0 must be positive",
+        "temperature=-1.0 must be >= 0",
+        "top_k=-2 must be >= 0",
+        "top_p=1.5 must be in [0, 1]",
+    ):
+        assert part in message, part
+    assert message.count(";") == 5
+
+
+def test_decoding_config_fills_the_length_and_gives_decode_batch_its_arguments():
+    import dataclasses
+    import inspect
+
+    config = decoding.DecodingConfig(method="beam", num_beams=2, alpha=0.0)
+    assert config.with_default_length(7).max_decode_length == 7
+    assert config.with_default_length(7).with_default_length(9).max_decode_length == 7
+    with pytest.raises(decoding.DecodingConfigError, match="max_decode_length is not set"):
+        config.decode_kwargs()
+    kwargs = config.with_default_length(7).decode_kwargs()
+    assert kwargs["method"] == "beam" and kwargs["num_beams"] == 2 and kwargs["alpha"] == 0.0
+    # Every setting but the seed (a caller's rng) is a decode_batch argument of the same name.
+    params = inspect.signature(decoding.decode_batch).parameters
+    assert set(kwargs) <= set(params)
+    fields = {f.name for f in dataclasses.fields(decoding.DecodingConfig)}
+    assert set(kwargs) == fields - {"seed"}
+    assert set(decoding.FLAG_TYPES) == fields
+
+
+def test_entry_points_take_the_decoding_settings_by_their_names():
+    """infer and evaluate keep their gin/flag names, which are DecodingConfig's field names, with
+    its defaults (infer decodes 64 tokens by default, eval the targets length)."""
+    import dataclasses
+    import inspect
+
+    from switch_t5 import eval as eval_lib
+    from switch_t5 import infer
+
+    defaults = {f.name: f.default for f in dataclasses.fields(decoding.DecodingConfig)}
+    for fn, own in ((infer.infer, {"max_decode_length": 64}), (eval_lib.run_eval, {})):
+        params = inspect.signature(fn.__wrapped__).parameters
+        for name, default in {**defaults, **own}.items():
+            assert params[name].default == default, (fn.__name__, name)
+
+
+def test_a_bad_decoding_setting_fails_before_any_checkpoint_is_read(tmp_path):
+    from switch_t5 import infer
+
+    with pytest.raises(decoding.DecodingConfigError, match=r"top_p=2\.0 must be in \[0, 1\]"):
+        infer.infer(checkpoint_dir=str(tmp_path / "missing"), inputs=["a"], top_p=2.0)

@@ -245,5 +245,20 @@ def test_hybrid_mesh_checks_sizes(mesh_222):
     assert dict(mesh.shape) == {"data": 2, "expert": 2, "model": 2}
 
 
+def test_per_slice_sizes_lay_expert_and_model_inside_a_slice():
+    from switch_t5 import partitioning
+
+    sizes = multihost.per_slice_sizes
+    # 4 nodes of 8 devices: expert x model inside one, data = the rest of a node x 4 nodes.
+    assert sizes(partitioning.MeshConfig(-1, 4, 2), 8, 4, num_experts=8) == (1, 4, 2)
+    assert sizes(partitioning.MeshConfig(16, None, 1), 8, 4, num_experts=2) == (4, 2, 1)
+    with pytest.raises(ValueError, match="does not fit inside one slice/node of 8"):
+        sizes(partitioning.MeshConfig(-1, 4, 4), 8, 4)
+    with pytest.raises(ValueError, match="data must be 8"):
+        sizes(partitioning.MeshConfig(16, 2, 2), 8, 4)
+    with pytest.raises(ValueError, match="only data may be -1"):
+        sizes(partitioning.MeshConfig(2, 2, -1), 8, 4)
+
+
 if __name__ == "__main__":
     _worker(*sys.argv[1:4])

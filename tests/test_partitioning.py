@@ -56,6 +56,39 @@ def test_minus_one_takes_the_rest_and_expert_defaults_to_the_experts():
     assert mesh.axis_types == (AxisType.Auto,) * 3
 
 
+def test_mesh_config_lists_every_problem_and_resolves():
+    with pytest.raises(partitioning.MeshConfigError) as info:
+        partitioning.MeshConfig(data=-1, expert=-1, model=0)
+    assert "model=0 must be positive" in str(info.value)
+    assert "at most one axis may be -1" in str(info.value)
+    with pytest.raises(partitioning.MeshConfigError, match=r"expert=2\.0 must be an integer"):
+        partitioning.MeshConfig(expert=2.0)
+    assert partitioning.MeshConfig().resolve(8, num_experts=4) == (2, 4, 1)
+    assert partitioning.MeshConfig(model=2).resolve(8, num_experts=8) == (1, 4, 2)
+    with pytest.raises(partitioning.MeshConfigError, match="make the product equal 8"):
+        partitioning.MeshConfig(data=2, expert=None).resolve(8)
+    assert partitioning.MeshConfig(2, -1, 1).resolve(8) == (2, 4, 1)
+    with pytest.raises(partitioning.MeshConfigError, match="does not divide num_experts=6"):
+        partitioning.MeshConfig(2, 4, 1).resolve(8, num_experts=6)
+
+
+def test_mesh_problems_of_per_sequence_routing_groups():
+    """Per-sequence routing groups are the batch rows: they split wherever the rows do, whatever
+    group_size says (the token-group rule would wrongly refuse this mesh)."""
+    config = tiny_config(group_size=64, routing_groups="sequence", dispatch="einsum")
+    mesh = {"data": 2, "expert": 2, "model": 1}
+    lengths = {"inputs": 16, "targets": 8}
+    assert partitioning.mesh_problems(config, mesh, 16, 1, lengths) == []
+    tokens = dataclasses.replace(config, routing_groups="tokens")
+    (problem,) = partitioning.mesh_problems(tokens, mesh, 16, 1, lengths)
+    assert "decoder's 128 tokens per microbatch make 2 routing groups" in problem
+    problems = partitioning.mesh_problems(config, mesh, 12, 2, lengths)
+    assert problems == [
+        "6 sequences per microbatch cannot be split over the data x expert = 2 x 2 = 4 batch "
+        "shards; use a batch that is a multiple of 4 or smaller data/expert axes"
+    ]
+
+
 def _boxed_leaves(tree):
     return jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny import TINY_FIELDS, tiny_config
 
-from switch_t5 import gin_utils, network, plan
+from switch_t5 import gin_utils, partitioning, plan
 
 # Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis changes the bytes.
 _SIZES = dict(vocab_size=256, num_encoder_layers=4, num_decoder_layers=4, group_size=16)
@@ -36,17 +36,22 @@ def test_parse_and_resolve_mesh():
         plan.resolve_mesh(plan.parse_mesh("data:2,expert:2,model:2"), 16)
 
 
+def _problems(config, mesh, spec):
+    lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
+    return partitioning.mesh_problems(config, mesh, spec.batch, spec.num_microbatches, lengths)
+
+
 def test_mesh_problems_name_the_fix():
     ok = {"data": 2, "expert": 2, "model": 2}
-    assert plan.mesh_problems(TINY, ok, SPEC) == []
-    problems = plan.mesh_problems(TINY, {"data": 1, "expert": 8, "model": 1}, SPEC)
+    assert _problems(TINY, ok, SPEC) == []
+    problems = _problems(TINY, {"data": 1, "expert": 8, "model": 1}, SPEC)
     assert any("does not divide num_experts=4" in p for p in problems)
-    problems = plan.mesh_problems(TINY, {"data": 1, "expert": 1, "model": 4}, SPEC)
+    problems = _problems(TINY, {"data": 1, "expert": 1, "model": 4}, SPEC)
     assert problems == ["the model axis (4) does not divide num_heads=2; use a divisor of 2"]
-    problems = plan.mesh_problems(TINY, ok, dataclasses.replace(SPEC, batch=6))
+    problems = _problems(TINY, ok, dataclasses.replace(SPEC, batch=6))
     assert any("6 sequences per microbatch cannot be split" in p for p in problems)
     # 16 x 8 decoder tokens in groups of 64 make 2 groups: not a multiple of 4 batch shards.
-    problems = plan.mesh_problems(dataclasses.replace(TINY, group_size=64), ok, SPEC)
+    problems = _problems(dataclasses.replace(TINY, group_size=64), ok, SPEC)
     assert len(problems) == 1
     assert "decoder's 128 tokens per microbatch make 2 routing groups" in problems[0]
     assert "group_size=32" in problems[0]
@@ -56,7 +61,7 @@ def test_recommendation_prefers_the_smallest_model_axis_that_fits():
     model_plan = plan.plan_model(TINY)
     meshes = plan.recommend_meshes(TINY, model_plan, 8, SPEC, usable_bytes=None)
     assert meshes[0] == {"data": 2, "expert": 4, "model": 1}
-    assert all(plan.mesh_problems(TINY, m, SPEC) == [] for m in meshes)
+    assert all(_problems(TINY, m, SPEC) == [] for m in meshes)
     # A budget that model:1 overflows (by the state estimate) but model:2 does not.
     one = plan.estimate_state_bytes(TINY, model_plan, {"data": 2, "expert": 4, "model": 1}, "a")
     two = plan.estimate_state_bytes(TINY, model_plan, {"data": 1, "expert": 4, "model": 2}, "a")
@@ -124,18 +129,6 @@ def test_collective_bytes_count_all_reduce_plus_slice_as_reduce_scatter():
         "all-gather": 5 * 8 * 3 * 4,
         "all-reduce": 4 * 2,
     }
-
-
-def test_train_flops_of_a_dense_model_by_hand():
-    config = dataclasses.replace(TINY, num_experts=0, num_encoder_layers=1, num_decoder_layers=1)
-    params = network.init_abstract(config)["params"]
-    spec = plan.StepSpec(batch=2, inputs_length=5, targets_length=3)
-    d, hd, f, v = 8, 6, 16, 256
-    enc = 4 * d * hd + 2 * d * f + 3 * d  # attention, MLP, two norms and the final one
-    dec = 8 * d * hd + 2 * d * f + 3 * d + v * d + d  # two attentions, MLP, norms, tied logits
-    attention = 4 * 5 * 5 * hd + 4 * 3 * (3 + 5) * hd
-    want = 3 * 2 * (2 * (enc * 5 + dec * 3) + attention)
-    assert plan.train_flops_per_step(config, params, spec) == want
 
 
 def test_a_mesh_that_does_not_fit_exits_before_compiling():
