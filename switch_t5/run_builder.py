@@ -155,20 +155,3 @@ def configure_compilation_cache(cache_dir: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return cache_dir
-
-
-def train_flops_per_step(run: Run, batch_size: int, lengths: Mapping[str, int]) -> float:
-    """6 x (params each token touches) per token, encoder params on encoder tokens, decoder
-    params and the (tied) output projection on decoder tokens; one expert per MoE layer."""
-    config = run.config
-    enc, dec = 0.0, 0.0
-    flat = jax.tree_util.tree_flatten_with_path(run.setup.abstract_state.params)[0]
-    k_over_e = config.num_selected_experts / max(config.num_experts, 1)
-    for path, leaf in flat:
-        names = [str(getattr(p, "key", p)) for p in path]
-        n = float(np.prod(leaf.shape)) * (k_over_e if "expert" in names[:-1] else 1.0)
-        if names[0] == "encoder":
-            enc += n
-        else:
-            dec += n
-    return 6.0 * batch_size * (enc * lengths["inputs"] + dec * lengths["targets"])

@@ -28,7 +28,16 @@ from typing import Any
 import gin
 import jax
 
-from switch_t5 import errors, gin_utils, init_checkpoint, multihost, optim, run_dir, training
+from switch_t5 import (
+    errors,
+    gin_utils,
+    init_checkpoint,
+    multihost,
+    optim,
+    partitioning,
+    run_dir,
+    training,
+)
 from switch_t5 import eval as _eval  # noqa: F401  (registers the eval configurables for run gins)
 from switch_t5.config import SwitchConfig
 from switch_t5.trainer import LossConfig
@@ -45,77 +54,64 @@ REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS")
 # `train.*`: the gin names users write, mapped onto the typed configs.
 # ---------------------------------------------------------------------------------------------
 
-# The optimizer settings `train.*` has always taken (optim's own names where they differ).
-_OPTIMIZER_DEFAULTS = {
-    "optimizer": "adafactor",
-    "optimizer_state_dtype": "float32",
-    "lr_schedule": "rsqrt",
-    "base_learning_rate": 1.0,
-    "warmup_steps": 10_000,
-    "decay_steps": None,
-    "weight_decay": None,
-}
-_MESH_DEFAULTS = {"mesh_data": -1, "mesh_expert": None, "mesh_model": 1}
+# `train.<name>` -> OptimizerConfig field where the names differ; its other fields keep theirs.
+_OPTIMIZER_RENAMES = {"optimizer": "name", "optimizer_state_dtype": "state_dtype"}
+# `train.mesh_*` -> MeshConfig field.
+_MESH_NAMES = {"mesh_data": "data", "mesh_expert": "expert", "mesh_model": "model"}
+
+
+def _flat_names() -> dict[str, tuple[type, str]]:
+    """{train.<name>: (config class, field)}: every field of the typed configs `train` builds."""
+    out = {f.name: (TrainingConfig, f.name) for f in dataclasses.fields(TrainingConfig)}
+    to_flat = {v: k for k, v in _OPTIMIZER_RENAMES.items()}
+    for f in dataclasses.fields(optim.OptimizerConfig):
+        out[to_flat.get(f.name, f.name)] = (optim.OptimizerConfig, f.name)
+    out.update({k: (partitioning.MeshConfig, v) for k, v in _MESH_NAMES.items()})
+    out["z_loss"] = (LossConfig, "z_loss")
+    return out
 
 
 def _flat_defaults() -> dict[str, Any]:
     """{train.<name>: default}; each default lives in its config class."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainingConfig):
-        out[f.name] = gin.REQUIRED if f.name in REQUIRED else f.default
-    out.update(_OPTIMIZER_DEFAULTS)
-    out.update(_MESH_DEFAULTS)
-    out["z_loss"] = LossConfig.z_loss
+    for flat, (cls, field) in _flat_names().items():
+        default = {f.name: f.default for f in dataclasses.fields(cls)}[field]
+        out[flat] = gin.REQUIRED if cls is TrainingConfig and field in REQUIRED else default
     out["initial_checkpoint"] = None
     out["model_config"] = None
     return out
 
 
 def _settings(values: dict[str, Any]) -> training.RunSettings:
-    names = [f.name for f in dataclasses.fields(TrainingConfig)]
-    flat = {k: (None if v is gin.REQUIRED else v) for k, v in values.items()}
+    """The typed configs from `train.*` values (each lists all its problems at once)."""
+    fields: dict[type, dict[str, Any]] = {}
+    for flat, (cls, field) in _flat_names().items():
+        value = values[flat]
+        fields.setdefault(cls, {})[field] = None if value is gin.REQUIRED else value
+    built, problems = {}, []
+    for cls, kwargs in fields.items():
+        try:
+            built[cls] = cls(**kwargs)
+        except errors.UserError as e:
+            problems.append(str(e))
+    if problems:  # every config's problems in one error
+        raise TrainConfigError("; ".join(problems))
     return training.RunSettings(
-        training=TrainingConfig(**{k: flat[k] for k in names}),
-        make_optimizer=_optimizer_factory(flat),
-        losses=LossConfig(z_loss=flat["z_loss"]),
-        mesh=(flat["mesh_data"], flat["mesh_expert"], flat["mesh_model"]),
-        initial_checkpoint=flat["initial_checkpoint"],
+        training=built[TrainingConfig],
+        optimizer=built[optim.OptimizerConfig],
+        losses=built[LossConfig],
+        mesh=built[partitioning.MeshConfig],
+        initial_checkpoint=values["initial_checkpoint"],
     )
-
-
-def _optimizer_factory(flat: dict[str, Any]):
-    problems = []
-    for name, allowed in (
-        ("optimizer", optim.OPTIMIZERS),
-        ("optimizer_state_dtype", optim.STATE_DTYPES),
-    ):
-        if flat[name] not in allowed:
-            problems.append(f"{name}={flat[name]!r}: use {' or '.join(map(repr, allowed))}")
-    if problems:
-        raise TrainConfigError("bad train settings: " + "; ".join(problems))
-    schedule = optim.make_schedule(
-        flat["lr_schedule"], flat["base_learning_rate"], flat["warmup_steps"], flat["decay_steps"]
-    )
-
-    def make(specs):
-        return optim.make_optimizer(
-            flat["optimizer"],
-            schedule,
-            specs,
-            weight_decay=flat["weight_decay"],
-            state_dtype=flat["optimizer_state_dtype"],
-        )
-
-    return make
 
 
 def train(**kwargs: Any) -> TrainResult:
     """Pretrains or fine-tunes (or resumes) a Switch Transformer: `train.*` gin bindings ->
     `training.run_training`. Every keyword is a field of `TrainingConfig` (documented there),
-    an optimizer setting (optimizer, optimizer_state_dtype, lr_schedule, base_learning_rate,
-    warmup_steps, decay_steps, weight_decay; see `optim`), a mesh axis size (mesh_data = -1: the
-    rest; mesh_expert = None: as many partitions as the experts allow; mesh_model),
-    `z_loss` (`trainer.LossConfig`), `initial_checkpoint` (an `init_checkpoint.
+    of `optim.OptimizerConfig` (`optimizer` and `optimizer_state_dtype` are its `name` and
+    `state_dtype`; AdamW's b1/b2/eps, Adafactor's decay_rate, clipping_threshold, ...), of
+    `partitioning.MeshConfig` (mesh_data, mesh_expert, mesh_model), `z_loss`
+    (`trainer.LossConfig`), `initial_checkpoint` (an `init_checkpoint.
     InitialCheckpoint`: fine-tuning) or `model_config` (a SwitchConfig; None = from gin, or from
     the initial checkpoint when its meta records one)."""
     values = {**_flat_defaults(), **kwargs}

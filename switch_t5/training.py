@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,10 +32,12 @@ from switch_t5 import (
     multihost,
     network,
     optim,
+    partitioning,
     run_builder,
     run_dir,
     trainer,
 )
+from switch_t5 import flops as flops_lib
 from switch_t5 import loop as loop_lib
 from switch_t5.config import SwitchConfig, pad_vocab_size
 from switch_t5.training_config import TrainConfigError, TrainingConfig
@@ -54,19 +56,17 @@ class RunSettings:
 
     Attributes:
       training: what the run does.
-      make_optimizer: logical param specs -> `optim.Optimizer` (e.g. an OptimizerConfig's
-        `build`).
+      optimizer: the optimizer and its learning-rate schedule.
       losses: the loss weights; the router weights left None come from the model config.
-      mesh: (data, expert, model) axis sizes; -1 = the rest, expert None = as many partitions as
-        the experts allow.
+      mesh: the (data, expert, model) axis sizes.
       initial_checkpoint: fine-tuning: where the params start from (a checkpoint already in
         MODEL_DIR wins: the run resumes).
     """
 
     training: TrainingConfig
-    make_optimizer: Callable[[Any], optim.Optimizer]
+    optimizer: optim.OptimizerConfig = dataclasses.field(default_factory=optim.OptimizerConfig)
     losses: trainer.LossConfig = dataclasses.field(default_factory=trainer.LossConfig)
-    mesh: tuple[int, int | None, int] = (-1, None, 1)
+    mesh: partitioning.MeshConfig = dataclasses.field(default_factory=partitioning.MeshConfig)
     initial_checkpoint: init_checkpoint.InitialCheckpoint | None = None
 
 
@@ -139,19 +139,17 @@ def prepare(
     return Prepared(config, lengths, record, meta)
 
 
-def make_mesh(settings: RunSettings, config: SwitchConfig) -> jax.sharding.Mesh:
-    """The job's mesh (several slices/nodes: expert and model axes inside each), checked
-    against the batch: each microbatch's rows must split over data x expert."""
-    t = settings.training
-    data, expert, model = settings.mesh
-    mesh = multihost.make_mesh_for_job(data, expert, model, num_experts=config.num_experts)
-    shards = mesh.shape["data"] * mesh.shape["expert"]
-    rows = t.batch_size // t.num_microbatches
-    if rows % shards:
-        raise TrainConfigError(
-            f"batch_size={t.batch_size} / num_microbatches={t.num_microbatches} = {rows} rows "
-            f"cannot be split over the {shards} batch shards (data x expert = "
-            f"{mesh.shape['data']} x {mesh.shape['expert']}); use a multiple of {shards}"
+def make_mesh(settings: RunSettings, config: SwitchConfig, lengths) -> jax.sharding.Mesh:
+    """The job's mesh (several slices/nodes: expert and model axes inside each), checked by the
+    one mesh-fit rule (`partitioning.mesh_problems`) against the model and the batch."""
+    t, m = settings.training, settings.mesh
+    mesh = multihost.make_mesh_for_job(m.data, m.expert, m.model, num_experts=config.num_experts)
+    problems = partitioning.mesh_problems(
+        config, dict(mesh.shape), t.batch_size, t.num_microbatches, lengths
+    )
+    if problems:
+        raise partitioning.MeshConfigError(
+            f"mesh {dict(mesh.shape)} does not fit this run: " + "; ".join(problems)
         )
     return mesh
 
@@ -184,7 +182,7 @@ def run_training(
     checkpoints.check_model_dir(t.model_dir)
     cache_dir = run_builder.configure_compilation_cache(t.compilation_cache_dir)
     prepared = prepare(t, model_config, vocab_size_from_task)
-    mesh = make_mesh(settings, prepared.config)
+    mesh = make_mesh(settings, prepared.config, prepared.lengths)
     is_main = jax.process_index() == 0
     lock = checkpoints.ModelDirLock(t.model_dir) if is_main else None
     if lock is not None:
@@ -231,7 +229,7 @@ def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -
     run = run_builder.build_run(
         config,
         mesh,
-        settings.make_optimizer,
+        lambda specs: optim.make_optimizer(settings.optimizer, logical_specs=specs),
         settings.losses.for_model(config),
         seed=t.random_seed,
         num_microbatches=t.num_microbatches,
@@ -378,7 +376,8 @@ def write_config(
         ("SwitchConfig", config),
     ):
         lines += [f"#   {name}.{k} = {v!r}" for k, v in dataclasses.asdict(value).items()]
-    lines.append(f"#   mesh (data, expert, model) = {settings.mesh!r}")
+    lines.append(f"#   {settings.optimizer!r}")
+    lines.append(f"#   {settings.mesh!r}")
     fileio.write_text(folder.config_file, "\n".join(lines) + "\n")
 
 
@@ -399,7 +398,9 @@ def make_actions(
     peak = t.peak_flops_per_device or metrics_logging.peak_flops_per_device(
         jax.devices()[0].device_kind
     )
-    flops = run_builder.train_flops_per_step(run, t.batch_size, prepared.lengths)
+    flops = flops_lib.train_flops_per_step(
+        run.setup.abstract_state.params, run.config, t.batch_size, prepared.lengths
+    )
     actions.append(loop_lib.LogMetrics(t.log_every, logger, flops, peak))
     saver = loop_lib.SaveCheckpoint(t.checkpoint_period, session.checkpointer, prepared.meta)
     actions += [loop_lib.SaveAndStop(saver, logger, lambda: preemption.signal_name), saver]

@@ -258,7 +258,7 @@ def test_eval_cli_loads_a_runs_config_gin_with_its_train_bindings(tmp_path):
     from switch_t5.training_config import TrainingConfig
 
     gin_utils.parse_gin([QUICKSTART], [f"MODEL_DIR = '{tmp_path}'"])
-    settings = training.RunSettings(TrainingConfig(str(tmp_path), 2, "t"), lambda specs: None)
+    settings = training.RunSettings(TrainingConfig(str(tmp_path), 2, "t"))
     training.write_config(
         run_dir.RunDir(tmp_path), gin.config_str(), settings, config.SwitchConfig()
     )
