@@ -303,7 +303,7 @@ def test_nan_loss_stops_naming_the_step_and_saves_no_nan(tmp_path, clean_gin):
     [
         ("train.train_stepz = 3", "train_stepz"),  # unknown parameter (gin names near matches)
         ("TRAIN_STEPS = 'ten'", "train.train_steps='ten' is a str; expected int"),
-        ("BATCH_SIZE = 7", "cannot be split over the 4 batch shards"),
+        ("BATCH_SIZE = 7", "cannot be split over the data x expert = 2 x 2 = 4 batch shards"),
         ("switch_t5.SwitchConfig.vocab_size = 32128", "vocab_size=32128"),
         ("train.optimizer_state_dtype = 'float16'", "use 'float32' or 'bfloat16'"),
     ],
