@@ -620,16 +620,10 @@ def teacher_forced_eval(
 
 
 def vocabulary_record(vocabulary: Any) -> dict[str, Any]:
-    """The vocabulary record checkpoints store ({"path", "hash", ...}), as training writes it."""
+    """The vocabulary record checkpoints store (`switch_t5.data.vocab.vocabulary_record`)."""
     from switch_t5.data import vocab as vocab_lib
 
-    fingerprint = vocab_lib.vocab_fingerprint(vocabulary)
-    return {
-        "path": getattr(vocabulary, "sentencepiece_model_file", ""),
-        "hash": fingerprint.split("sha256=")[-1],
-        "fingerprint": fingerprint,
-        "size": int(vocabulary.vocab_size),
-    }
+    return vocab_lib.vocabulary_record(vocabulary)
 
 
 def config_with_gin_overrides(saved: Mapping[str, Any]) -> SwitchConfig:
