@@ -100,6 +100,8 @@ def test_macros_follow_the_registry_and_names_are_checked(recorded):
         registry.register_task_builder("bad_macro", lambda *a: None, macros=("NOT A NAME",))
     with pytest.raises(registry.TaskRegistryError, match="give task names"):
         registry.register_task_builder("*", lambda *a: None)
+    with pytest.raises(registry.TaskRegistryError, match="give a function builder"):
+        registry.register_task_builder("not_callable", "my_tasks.build")
 
 
 def test_the_gin_edge_passes_macro_values_and_settings(recorded, clean_gin):
@@ -169,6 +171,22 @@ def test_a_gin_import_line_registers_a_user_task_that_builds_batches(
     finally:
         cleanup()
     assert registry.find_builder(name) is None and "TOY_FILES" not in data_gin.MACROS
+
+
+def test_a_seqio_task_a_user_module_registers_itself_is_used_as_is(toy_files, clean_gin):
+    import seqio
+    import toy_task
+
+    _, cleanup = toy_task.register()
+    cleanup()  # only its `build` function is used here
+    macros = {"TOY_FILES": str(toy_files["root"] / "*.txt"), "VOCABULARY_PATH": toy_files["spm"]}
+    toy_task.build("toy_direct", {**macros, "TOY_PREFIX": "r:"}, registry.DataSettings())
+    try:
+        assert registry.find_builder("toy_direct") is None
+        data_gin.register_tasks("toy_direct")
+        assert data_gin.get_vocabulary("toy_direct").sentencepiece_model_file == toy_files["spm"]
+    finally:
+        seqio.TaskRegistry.remove("toy_direct")
 
 
 def test_a_user_task_macro_misspelt_is_refused_and_a_missing_module_named(

@@ -175,6 +175,11 @@ def register_task_builder(
     names = (names,) if isinstance(names, str) else tuple(names)
     if not names or not all(isinstance(n, str) and n.strip("*") for n in names):
         raise TaskRegistryError(f"task builder names {names!r}: give task names (`my_task`)")
+    if not callable(builder):
+        raise TaskRegistryError(
+            f"task builder for {names[0]!r} is a {type(builder).__name__}; give a function "
+            "builder(name, macros, settings)"
+        )
     entry = TaskBuilder(
         names, builder, tuple(_macro(m) for m in macros), description or ", ".join(names)
     )
