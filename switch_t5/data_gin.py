@@ -1,24 +1,22 @@
 """The gin edge of the data pipeline: registers the task a run names, from gin macros only.
 
-The only data module that imports gin. Entry points (train, eval, show) import it BEFORE parsing
-gin (so `switch_t5.data_gin.register_tasks.*` bindings are known), then call `register_tasks()`,
-`get_vocabulary(name)` and `check_lengths(name, TASK_FEATURE_LENGTHS)` (which refuses lengths
-that are not positive integers or would cut the task's labels or targets, before anything is
-built). A user sets only the macros the chosen task needs:
+The only data module that imports gin, and the one place that reads the data macros. Entry
+points (train, eval, show) import it BEFORE parsing gin (so `switch_t5.data_gin.register_tasks.*`
+bindings are known), then call `register_tasks()`, `get_vocabulary(name)` and
+`check_lengths(name, TASK_FEATURE_LENGTHS)` (which refuses lengths that are not positive integers
+or would cut the task's labels or targets, before anything is built).
 
-- `embedded_span_corruption`: no macro needed.
-- `text_files_span_corruption`: TEXT_FILES, VOCABULARY_PATH; optional VALIDATION_FILES.
-- `c4_span_corruption`, `c4_v220_span_corruption`: optional VOCABULARY_PATH (default T5's
-  cc_all.32000) and TFDS_DATA_DIR.
-- GLUE / SuperGLUE tasks and mixtures (`glue_*`, `super_glue_*`, `dpr_*`): optional
-  VOCABULARY_PATH, TFDS_DATA_DIR.
-- `files_text_to_text`: VOCABULARY_PATH, INPUT_TEMPLATE, TARGET_COLUMN, and TRAIN_FILES and/or
-  VALIDATION_FILES; optional LABEL_NAMES, METRICS, HAS_HEADER, COLUMN_NAMES (see
-  `switch_t5.data.user_tasks`).
+Which task builder serves a name, and which macros it reads, is `switch_t5.data.registry`'s
+business (the shipped tasks and their macros: `switch_t5.data.builtin_tasks`). `register_tasks`
+reads the builder's macros once and passes their values to it; a user sets only the macros the
+chosen task needs. `MACROS` (every macro read by name: MIXTURE_OR_TASK_NAME and the builders')
+is derived from the registry, so a user task's macros imported by a gin `import my_tasks` line
+count as used too.
 
 `VOCABULARY_PATH = "embedded"` names the embedded corpus's vocabulary (to fine-tune a model
-pretrained on `embedded_span_corruption`). A task already in seqio's registry (registered by the
-user's own module) is left alone. A missing required macro raises `MissingMacroError` naming it.
+pretrained on `embedded_span_corruption`). A task already in seqio's registry that no builder
+serves (registered by the user's own module) is left alone. A missing required macro raises
+`MissingMacroError` naming it.
 
     # configs/runs/my_text.gin
     MIXTURE_OR_TASK_NAME = "text_files_span_corruption"
@@ -28,47 +26,35 @@ user's own module) is left alone. A missing required macro raises `MissingMacroE
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gin
 
 from switch_t5 import errors
-from switch_t5.data.lengths import DEFAULT_TARGET_SCAN_EXAMPLES
+from switch_t5.data import corpus, registry
+from switch_t5.data.registry import DataSettings
 
-_UNSET = object()
-_GLUE_PREFIXES = ("glue_", "super_glue_", "dpr_")
-_SPAN_TASKS = (
-    "embedded_span_corruption",
-    "text_files_span_corruption",
-    "c4_span_corruption",
-    "c4_v220_span_corruption",
-)
-_FINETUNE_MACROS = (
-    "TRAIN_FILES",
-    "VALIDATION_FILES",
-    "VOCABULARY_PATH",
-    "INPUT_TEMPLATE",
-    "TARGET_COLUMN",
-    "LABEL_NAMES",
-    "METRICS",
-    "HAS_HEADER",
-    "COLUMN_NAMES",
-)
-# Every macro `macro()` reads by name: set without any `%NAME` reference in a binding, they are
-# still used (`gin_utils.check_macros_used` refuses other macros that no binding references).
-MACROS = (
-    "MIXTURE_OR_TASK_NAME",
-    "VOCABULARY_PATH",
-    "TEXT_FILES",
-    "TFDS_DATA_DIR",
-    *_FINETUNE_MACROS,
-)
-EMBEDDED_VOCABULARY = "embedded"
+_UNSET = registry.REQUIRED
+TASK_MACRO = "MIXTURE_OR_TASK_NAME"
+EMBEDDED_VOCABULARY = corpus.EMBEDDED_VOCABULARY
+MissingMacroError = registry.MissingMacroError
 
 
-class MissingMacroError(errors.UserError):
-    """A task needs a gin macro that is not set."""
+def macro_names() -> tuple[str, ...]:
+    """Every macro `macro()` reads by name: MIXTURE_OR_TASK_NAME and each task builder's.
+
+    Set without any `%NAME` reference in a binding, they are still used
+    (`gin_utils.check_macros_used` refuses other macros that no binding references).
+    """
+    return (TASK_MACRO, *(m for m in registry.macro_names() if m != TASK_MACRO))
+
+
+def __getattr__(name: str) -> Any:
+    # `MACROS` is computed on each read: a user module imported while parsing may add macros.
+    if name == "MACROS":
+        return macro_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def macro(name: str, default: Any = _UNSET, *, needed_by: str = "") -> Any:
@@ -76,7 +62,7 @@ def macro(name: str, default: Any = _UNSET, *, needed_by: str = "") -> Any:
 
     `name` must be in `MACROS`, so that setting it is not refused as unused.
     """
-    if name not in MACROS:
+    if name not in macro_names():
         raise AssertionError(f"macro {name!r} is read by code but missing from data_gin.MACROS")
     try:
         value = gin.query_parameter(f"{name}/macro.value")
@@ -95,108 +81,76 @@ def macro(name: str, default: Any = _UNSET, *, needed_by: str = "") -> Any:
     return value
 
 
+def set_macros() -> dict[str, Any]:
+    """The data macros this run sets (MIXTURE_OR_TASK_NAME aside) and their values."""
+    values = {name: macro(name, None) for name in macro_names() if name != TASK_MACRO}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def bind_unset_macros(values: Mapping[str, Any]) -> None:
+    """Binds each data macro of `values` that the run does not set (others are ignored)."""
+    names = macro_names()
+    for name, value in values.items():
+        if name in names and macro(name, None) is None:
+            with gin.unlock_config():
+                gin.bind_parameter(f"{name}/macro.value", value)
+
+
 @gin.configurable(module="switch_t5.data_gin")
 def register_tasks(
     mixture_or_task_name: str | None = None,
-    cache_dir: str | None = None,
-    embedded_vocab_size: int = 4096,
-    text_validation_fraction: float = 0.01,
-    txt_documents: str = "line",
-    shuffle_buffer_size: int = 1000,
-    target_scan_examples: int = DEFAULT_TARGET_SCAN_EXAMPLES,
+    cache_dir: str | None = DataSettings.cache_dir,
+    embedded_vocab_size: int = DataSettings.embedded_vocab_size,
+    text_validation_fraction: float = DataSettings.text_validation_fraction,
+    txt_documents: str = DataSettings.txt_documents,
+    shuffle_buffer_size: int = DataSettings.shuffle_buffer_size,
+    target_scan_examples: int = DataSettings.target_scan_examples,
 ) -> None:
     """Registers the task or mixture the run names (and the tasks it needs) in seqio.
 
     Args:
       mixture_or_task_name: None reads the MIXTURE_OR_TASK_NAME macro.
-      cache_dir: where the embedded corpus, its vocabularies and converted text files are cached
-        (None: `$SWITCH_T5_CACHE_DIR`, else `~/.cache/switch_t5`).
-      embedded_vocab_size: ids of the embedded corpus's vocabulary, 100 extra ids included.
-      text_validation_fraction: documents of TEXT_FILES held out for validation when
-        VALIDATION_FILES is not set.
-      txt_documents: `.txt` files hold one document per "line" or per blank-line "paragraph".
-      shuffle_buffer_size: span-corrupted pieces in the shuffle buffer of the embedded and
-        text-files tasks (seqio's default 1000).
-      target_scan_examples: `files_text_to_text` with free-text targets (no LABEL_NAMES): the
-        first N examples of a split are tokenized, and a TASK_FEATURE_LENGTHS targets length
-        that would cut any of them is an error (`switch_t5.data.lengths`); 0 skips the scan.
-        Labels (and GLUE/SuperGLUE labels) are always checked.
+      cache_dir, embedded_vocab_size, text_validation_fraction, txt_documents,
+        shuffle_buffer_size, target_scan_examples: the run's data settings
+        (`switch_t5.data.registry.DataSettings`, where they are described). Labels (and
+        GLUE/SuperGLUE labels) are always checked against the targets length;
+        `target_scan_examples` (0 skips) bounds the scan of free-text targets.
 
     Raises:
       MissingMacroError: a macro the task needs is not set.
       UserError: the name is not a known task or mixture.
     """
+    name = mixture_or_task_name or macro(TASK_MACRO, needed_by="the data pipeline")
+    settings = DataSettings(
+        cache_dir=cache_dir,
+        embedded_vocab_size=embedded_vocab_size,
+        text_validation_fraction=text_validation_fraction,
+        txt_documents=txt_documents,
+        shuffle_buffer_size=shuffle_buffer_size,
+        target_scan_examples=target_scan_examples,
+    )
+    builder = registry.find_builder(name)
+    if builder is not None:
+        values = {m.name: macro(m.name, m.default, needed_by=name) for m in builder.macros}
+        builder.build(name, values, settings)
+        return
     import seqio
 
-    name = mixture_or_task_name or macro("MIXTURE_OR_TASK_NAME", needed_by="the data pipeline")
-    from switch_t5.data import tasks
-    from switch_t5.data import vocab as vocab_lib
+    if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+        raise errors.UserError(registry.unknown_task_message(name))
 
-    def vocabulary_path(required: bool) -> str:
-        default = _UNSET if required else vocab_lib.DEFAULT_SPM_PATH
-        path = macro("VOCABULARY_PATH", default, needed_by=name)
-        if path == EMBEDDED_VOCABULARY:
-            from switch_t5.data import corpus
 
-            info = corpus.prepare_embedded_corpus(cache_dir)
-            path = corpus.embedded_vocabulary_path(info, embedded_vocab_size)
-        return path
+def data_settings() -> DataSettings:
+    """The run's data settings: `DataSettings` with the `register_tasks.*` gin bindings."""
+    bound = gin.get_bindings(register_tasks, resolve_references=True)
+    bound.pop("mixture_or_task_name", None)
+    return DataSettings(**bound)
 
-    if name == tasks.EMBEDDED_TASK:
-        tasks.register_embedded_task(
-            vocab_size=embedded_vocab_size,
-            cache_dir=cache_dir,
-            shuffle_buffer_size=shuffle_buffer_size,
-        )
-    elif name == tasks.TEXT_FILES_TASK:
-        files = macro("TEXT_FILES", needed_by=name)
-        tasks.register_text_files_task(
-            files,
-            vocabulary_path=vocabulary_path(required=True),
-            validation_files=macro("VALIDATION_FILES", None),
-            validation_fraction=text_validation_fraction,
-            txt_documents=txt_documents,
-            cache_dir=cache_dir,
-            shuffle_buffer_size=shuffle_buffer_size,
-        )
-    elif name in (tasks.C4_TASK, tasks.C4_V220_TASK):
-        tasks.register_c4_tasks(
-            vocab_lib.get_vocabulary(vocabulary_path(required=False)),
-            tfds_data_dir=macro("TFDS_DATA_DIR", None),
-        )
-    elif name == "files_text_to_text":
-        from switch_t5.data import user_tasks
 
-        kwargs = {m.lower(): macro(m, None) for m in _FINETUNE_MACROS}
-        for required in ("VOCABULARY_PATH", "INPUT_TEMPLATE", "TARGET_COLUMN"):
-            macro(required, needed_by=name)
-        if kwargs["train_files"] is None and kwargs["validation_files"] is None:
-            raise MissingMacroError(
-                f"{name} needs TRAIN_FILES (to fine-tune) and/or VALIDATION_FILES (to evaluate); "
-                "set them to a glob or a list of files"
-            )
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        kwargs["vocabulary_path"] = vocabulary_path(required=True)
-        user_tasks.register_files_text_to_text(**kwargs, target_scan_examples=target_scan_examples)
-    elif name.startswith(_GLUE_PREFIXES):
-        from switch_t5.data import glue
-
-        registered = glue.register_glue_tasks(
-            vocab_lib.get_vocabulary(vocabulary_path(required=False)),
-            tfds_data_dir=macro("TFDS_DATA_DIR", None),
-        )
-        if name not in registered:
-            raise errors.UserError(
-                f"MIXTURE_OR_TASK_NAME={name!r} is not a GLUE/SuperGLUE task or mixture; known: "
-                f"{', '.join(sorted(registered))}"
-            )
-    elif name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
-        raise errors.UserError(
-            f"MIXTURE_OR_TASK_NAME={name!r} is not a known task: use one of "
-            f"{', '.join(_SPAN_TASKS)}, "
-            "files_text_to_text, a GLUE/SuperGLUE task (glue_*, super_glue_*), or register your "
-            "own seqio task in a module imported before the run"
-        )
+def vocabulary_path(path: str) -> str:
+    """`path`, or the embedded corpus's vocabulary file (as this run's settings make it) for
+    `VOCABULARY_PATH = "embedded"`."""
+    return data_settings().vocabulary_path(path)
 
 
 def get_vocabulary(task_name: str):

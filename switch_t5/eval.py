@@ -493,12 +493,7 @@ def task_record(mixture_or_task_name: str) -> dict[str, Any]:
     (`switch_t5.data_gin.MACROS`, MIXTURE_OR_TASK_NAME aside)."""
     from switch_t5 import data_gin
 
-    data = {}
-    for name in data_gin.MACROS:
-        value = data_gin.macro(name, None)
-        if name != "MIXTURE_OR_TASK_NAME" and value is not None:
-            data[name] = value
-    return {"name": mixture_or_task_name, "data": data}
+    return {"name": mixture_or_task_name, "data": data_gin.set_macros()}
 
 
 def apply_recorded_task(
@@ -524,10 +519,7 @@ def apply_recorded_task(
     data = recorded["data"]
     if name != recorded["name"]:
         data = {k: v for k, v in data.items() if k == "VOCABULARY_PATH"}
-    for key, value in data.items():
-        if key in data_gin.MACROS and data_gin.macro(key, None) is None:
-            with gin.unlock_config():
-                gin.bind_parameter(f"{key}/macro.value", value)
+    data_gin.bind_unset_macros(data)
     return name
 
 
@@ -607,16 +599,10 @@ def teacher_forced_eval(
 
 
 def vocabulary_record(vocabulary: Any) -> dict[str, Any]:
-    """The vocabulary record checkpoints store ({"path", "hash", ...}), as training writes it."""
+    """The vocabulary record checkpoints store (`switch_t5.data.vocab.vocabulary_record`)."""
     from switch_t5.data import vocab as vocab_lib
 
-    fingerprint = vocab_lib.vocab_fingerprint(vocabulary)
-    return {
-        "path": getattr(vocabulary, "sentencepiece_model_file", ""),
-        "hash": fingerprint.split("sha256=")[-1],
-        "fingerprint": fingerprint,
-        "size": int(vocabulary.vocab_size),
-    }
+    return vocab_lib.vocabulary_record(vocabulary)
 
 
 def config_with_gin_overrides(saved: Mapping[str, Any]) -> SwitchConfig:

@@ -161,6 +161,12 @@ def _resolve_gin_file(path: str) -> str:
     )
 
 
+# A gin `import NAME` line imports a Python module (e.g. one registering a user task).
+_IMPORT_FIX = (
+    "\n(a gin `import` line needs the module on the Python path: add its folder to PYTHONPATH)"
+)
+
+
 class GinConfigError(errors.UserError):
     """A gin file or binding is wrong; the message names it and how to fix it."""
 
@@ -197,6 +203,8 @@ def parse_gin(
                     gin.parse_config_file(f)
         except (ValueError, KeyError, SyntaxError) as e:
             raise GinConfigError(f"in gin file {f!r}: {e}") from e
+        except ImportError as e:  # an `import my_tasks` line
+            raise GinConfigError(f"in gin file {f!r}: {e}{_IMPORT_FIX}") from e
         finally:
             os.chdir(cwd)
         from_files = set(defined_macros())
@@ -206,6 +214,8 @@ def parse_gin(
                     gin.parse_config(binding)
             except (ValueError, KeyError, SyntaxError) as e:
                 raise GinConfigError(_binding_error(binding, e)) from e
+            except ImportError as e:
+                raise GinConfigError(f"bad gin binding {binding!r}: {e}{_IMPORT_FIX}") from e
     check_macros_used(from_files, referenced)
     if finalize:
         finalize_config()

@@ -41,7 +41,6 @@ from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_VOCABULARY = "embedded"
 # The inputs length when the checkpoint records none (e.g. imported from Hugging Face): T5's
 # pretraining length, also `train`'s default.
 DEFAULT_INPUTS_LENGTH = 512
@@ -79,12 +78,9 @@ def resolve_vocabulary(
     from switch_t5.data import vocab as vocab_lib
 
     path = vocabulary_path or data_gin.macro("VOCABULARY_PATH", None)
-    if path == EMBEDDED_VOCABULARY:
-        from switch_t5.data import corpus
-
-        info = corpus.prepare_embedded_corpus(None)
-        path = corpus.embedded_vocabulary_path(info, corpus_vocab_size())
-    if not path:
+    if path:
+        path = data_gin.vocabulary_path(path)  # "embedded": the embedded corpus's vocabulary
+    else:
         path = (ref.meta.get("vocabulary") or {}).get("path")
         if not path or not checkpoints.exists(path):
             raise FileNotFoundError(
@@ -93,14 +89,6 @@ def resolve_vocabulary(
                 "trained with)"
             )
     return vocab_lib.get_vocabulary(path)
-
-
-def corpus_vocab_size() -> int:
-    """The embedded corpus vocabulary size registered in gin (default 4096)."""
-    try:
-        return int(gin.query_parameter("switch_t5.data_gin.register_tasks.embedded_vocab_size"))
-    except ValueError:
-        return 4096
 
 
 def encode_inputs(

@@ -48,6 +48,7 @@ import numpy as np
 from switch_t5 import errors, gin_utils, network
 from switch_t5 import flops as flops_lib
 from switch_t5.config import REMAT_POLICIES, SwitchConfig
+from switch_t5.data import features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,17 +131,8 @@ PAPER_BATCH, PAPER_INPUTS_LENGTH, PAPER_TARGETS_LENGTH = 2048, 512, 114
 # XLA preallocates this fraction of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION).
 GPU_DEFAULT_MEM_FRACTION = 0.75
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
-# The packed T5X EncDec features the input pipeline yields (switch_t5.data.pipeline).
-FEATURES = (
-    ("encoder_input_tokens", "inputs"),
-    ("encoder_segment_ids", "inputs"),
-    ("encoder_positions", "inputs"),
-    ("decoder_input_tokens", "targets"),
-    ("decoder_target_tokens", "targets"),
-    ("decoder_loss_weights", "targets"),
-    ("decoder_segment_ids", "targets"),
-    ("decoder_positions", "targets"),
-)
+# The packed T5X EncDec features the input pipeline yields, with the length each takes.
+FEATURES = tuple((key, features.length_key(key)) for key in features.FEATURE_KEYS)
 _WORKER_TAG = "SWITCH_T5_PLAN_RESULT "
 _ERROR_TAG = "SWITCH_T5_PLAN_ERROR "
 

@@ -32,6 +32,7 @@ from flax import linen as nn
 
 from switch_t5 import errors, optim, partitioning
 from switch_t5 import moe as moe_lib
+from switch_t5.data import features as features_lib
 from switch_t5.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -40,15 +41,7 @@ Batch = Mapping[str, jax.Array]
 # compares models whose auxiliary losses differ (dense vs Switch).
 CROSS_ENTROPY = "cross_entropy"
 # Model inputs among the T5X EncDec features (the rest, e.g. decoder_loss_weights, feed the loss).
-MODEL_FEATURES = (
-    "encoder_input_tokens",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "encoder_segment_ids",
-    "decoder_segment_ids",
-    "encoder_positions",
-    "decoder_positions",
-)
+MODEL_FEATURES = features_lib.MODEL_FEATURES
 
 
 @dataclasses.dataclass(frozen=True)

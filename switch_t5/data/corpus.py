@@ -39,6 +39,11 @@ HARVEST_VERSION = 1
 MIN_DOCUMENT_CHARS = 200
 MIN_LETTER_FRACTION = 0.6
 DEFAULT_VALIDATION_FRACTION = 0.02
+# Ids of the corpus's SentencePiece vocabulary, 100 extra ids included (a multiple of 128).
+DEFAULT_VOCAB_SIZE = 4096
+# VOCABULARY_PATH = "embedded" names the corpus's vocabulary (to fine-tune or run a model
+# pretrained on `embedded_span_corruption`).
+EMBEDDED_VOCABULARY = "embedded"
 _EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "turtledemo"}
 )
@@ -236,3 +241,13 @@ def embedded_vocabulary_path(info: CorpusInfo, vocab_size: int, extra_ids: int =
             readers.read_tfrecord(info.train_path), path, vocab_size=vocab_size, extra_ids=extra_ids
         )
     return path
+
+
+def resolve_vocabulary_path(
+    path: str, cache_dir: str | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> str:
+    """`path`, or for `EMBEDDED_VOCABULARY` the corpus's `vocab_size` vocabulary file (the
+    corpus harvested and the vocabulary trained on first use, under `cache_dir`)."""
+    if path != EMBEDDED_VOCABULARY:
+        return path
+    return embedded_vocabulary_path(prepare_embedded_corpus(cache_dir), vocab_size)

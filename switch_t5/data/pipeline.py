@@ -37,20 +37,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from switch_t5.data import hide_gpus_from_tf, tasks
+from switch_t5.data import features, hide_gpus_from_tf, tasks
 
 hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
-FEATURE_KEYS = (
-    "encoder_input_tokens",
-    "encoder_segment_ids",
-    "encoder_positions",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-    "decoder_segment_ids",
-    "decoder_positions",
-)
+FEATURE_KEYS = features.FEATURE_KEYS  # the one list lives in switch_t5.data.features
 _STATE_VERSION = 1
 
 

@@ -1,6 +1,7 @@
 """Span-corruption seqio tasks: C4 (TFDS), user text files, and the embedded default corpus.
 
-Plain Python factories (no gin; `switch_t5.data_gin` binds them to gin macros). Each registers
+Plain Python factories (no gin; `switch_t5.data.builtin_tasks` registers them as task builders,
+which `switch_t5.data_gin` calls with the gin macros' values). Each registers
 (or re-registers) one seqio Task whose features `inputs`/`targets` use the task's vocabulary:
 
 - `c4_span_corruption`: TFDS `c4/en:3.1.0`; `c4_v220_span_corruption`: `c4/en:2.2.0` (the name
@@ -35,21 +36,22 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from switch_t5.data import builtin_tasks, hide_gpus_from_tf, lengths, readers
 from switch_t5.data import corpus as corpus_lib
-from switch_t5.data import hide_gpus_from_tf, lengths, readers
 from switch_t5.data import span_corruption as sc
 from switch_t5.data import vocab as vocab_lib
+from switch_t5.data.registry import DataSettings
 
 hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
-C4_TASK = "c4_span_corruption"
-C4_V220_TASK = "c4_v220_span_corruption"
-TEXT_FILES_TASK = "text_files_span_corruption"
-EMBEDDED_TASK = "embedded_span_corruption"
-DEFAULT_EMBEDDED_VOCAB_SIZE = 4096
-DEFAULT_TEXT_VALIDATION_FRACTION = 0.01
+C4_TASK = builtin_tasks.C4_TASK
+C4_V220_TASK = builtin_tasks.C4_V220_TASK
+TEXT_FILES_TASK = builtin_tasks.TEXT_FILES_TASK
+EMBEDDED_TASK = builtin_tasks.EMBEDDED_TASK
+DEFAULT_EMBEDDED_VOCAB_SIZE = corpus_lib.DEFAULT_VOCAB_SIZE
+DEFAULT_TEXT_VALIDATION_FRACTION = DataSettings.text_validation_fraction
 # seqio's default; the buffer holds span-corrupted pieces (shuffles across documents).
-DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+DEFAULT_SHUFFLE_BUFFER_SIZE = DataSettings.shuffle_buffer_size
 
 
 # Called with (split, validated feature lengths) before a dataset is built; raises

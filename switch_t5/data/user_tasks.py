@@ -53,13 +53,13 @@ import seqio
 import tensorflow as tf
 
 from switch_t5 import errors
-from switch_t5.data import glue, hide_gpus_from_tf, lengths, readers, tasks, vocab
+from switch_t5.data import builtin_tasks, glue, hide_gpus_from_tf, lengths, readers, tasks, vocab
 from switch_t5.data import metrics as metrics_lib
 from switch_t5.data.readers import DataFileError
 
 hide_gpus_from_tf()  # tf.data runs on the host CPU only.
 
-DEFAULT_TASK_NAME = "files_text_to_text"
+DEFAULT_TASK_NAME = builtin_tasks.FILES_TEXT_TO_TEXT_TASK
 _FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 

@@ -162,6 +162,19 @@ def vocab_fingerprint(vocabulary) -> str:
     return f"{path}|extra_ids={vocabulary.extra_ids}|sha256={digest}"
 
 
+def vocabulary_record(vocabulary) -> dict:
+    """The vocabulary record a checkpoint's meta stores (`checkpoints.make_meta`):
+    {"path": model file, "hash": sha256 of its bytes, "fingerprint": `vocab_fingerprint`,
+    "size": ids incl. extra ids}. Evaluation, inference and fine-tuning compare it with theirs."""
+    fingerprint = vocab_fingerprint(vocabulary)
+    return {
+        "path": getattr(vocabulary, "sentencepiece_model_file", ""),
+        "hash": fingerprint.split("sha256=")[-1],
+        "fingerprint": fingerprint,
+        "size": int(vocabulary.vocab_size),
+    }
+
+
 def _fingerprint_key(fingerprint: str) -> tuple[str, str]:
     parts = dict(p.split("=", 1) for p in fingerprint.split("|")[1:] if "=" in p)
     if "sha256" not in parts or "extra_ids" not in parts:
