@@ -87,6 +87,12 @@ def set_macros() -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def task_record(mixture_or_task_name: str) -> dict[str, Any]:
+    """The task record a checkpoint's meta stores: the name and every data macro the run set
+    (MIXTURE_OR_TASK_NAME aside), so that eval and infer can rebuild the task from the run."""
+    return {"name": mixture_or_task_name, "data": set_macros()}
+
+
 def bind_unset_macros(values: Mapping[str, Any]) -> None:
     """Binds each data macro of `values` that the run does not set (others are ignored)."""
     names = macro_names()

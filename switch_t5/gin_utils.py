@@ -351,6 +351,12 @@ def make_model_config() -> config_lib.SwitchConfig:
     return gin.get_configurable("switch_t5.SwitchConfig")()
 
 
+def model_overrides() -> dict[str, Any]:
+    """The `switch_t5.SwitchConfig.*` fields the parsed gin sets explicitly."""
+    register_configurables()
+    return dict(gin.get_bindings("switch_t5.SwitchConfig"))
+
+
 def format_error(error: BaseException) -> str:
     """`error: ...` for a setting error: its first line, then its other lines indented, without
     gin's `In call to configurable 'x' (<function ...>)` context lines."""

@@ -35,8 +35,7 @@ import gin
 import jax
 import numpy as np
 
-from switch_t5 import checkpoints, decoding, gin_utils, init_checkpoint
-from switch_t5 import eval as eval_lib
+from switch_t5 import checkpoints, decoding, evaluation, gin_utils, init_checkpoint
 from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -199,8 +198,8 @@ def infer(
             "folder or one step's folder (…/checkpoints/N)"
         )
     vocabulary = resolve_vocabulary(ref, vocabulary_path)
-    model, params, _, mesh = eval_lib.load_model(
-        ref, (mesh_data, mesh_expert, mesh_model), vocabulary
+    model, params, _, mesh = evaluation.load_model(
+        ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
     )
     rows = [i for i, text in enumerate(texts) if not is_empty_input(text)]
     if not rows:
@@ -222,12 +221,12 @@ def infer(
             file=sys.stderr,
             flush=True,
         )
-    decoder = eval_lib.BatchDecoder(model, mesh, batch_size, settings=settings)
+    decoder = evaluation.BatchDecoder(model, mesh, batch_size, settings=settings)
     out, scores = decoder(params, tokens)
     report_drops(decoder.fraction_dropped)
     predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
     for i, row, score, cut in zip(rows, out, scores, truncated):
-        text = vocabulary.decode(eval_lib.output_ids(row))
+        text = vocabulary.decode(evaluation.output_ids(row))
         predictions[i] = Prediction(texts[i], text, float(score), truncated=bool(cut))
     return predictions
 

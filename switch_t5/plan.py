@@ -48,7 +48,6 @@ import numpy as np
 from switch_t5 import errors, gin_utils, network
 from switch_t5 import flops as flops_lib
 from switch_t5.config import REMAT_POLICIES, SwitchConfig
-from switch_t5.data import features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +130,6 @@ PAPER_BATCH, PAPER_INPUTS_LENGTH, PAPER_TARGETS_LENGTH = 2048, 512, 114
 # XLA preallocates this fraction of each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION).
 GPU_DEFAULT_MEM_FRACTION = 0.75
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
-# The packed T5X EncDec features the input pipeline yields, with the length each takes.
-FEATURES = tuple((key, features.length_key(key)) for key in features.FEATURE_KEYS)
 _WORKER_TAG = "SWITCH_T5_PLAN_RESULT "
 _ERROR_TAG = "SWITCH_T5_PLAN_ERROR "
 
@@ -491,9 +488,8 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
     import time
 
     import jax
-    import jax.numpy as jnp
 
-    from switch_t5 import optim, partitioning, train_state, trainer
+    from switch_t5 import optim, partitioning, run_builder, trainer
 
     n = math.prod(mesh_sizes.values())
     if jax.device_count() < n:
@@ -505,34 +501,19 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
     )
     t0 = time.perf_counter()
     print("plan: setting up the abstract train state", file=sys.stderr, flush=True)
-    schedule = optim.make_schedule("rsqrt")
-    setup = train_state.setup_train_state(
-        lambda rng: network.init_variables(config, rng),
-        lambda specs: optim.make_optimizer(
-            spec.optimizer, schedule, specs, state_dtype=spec.optimizer_state_dtype
-        ),
+    # The step `switch_t5.train` runs (`run_builder.build_run`), with the planned optimizer.
+    optimizer = optim.OptimizerConfig(name=spec.optimizer, state_dtype=spec.optimizer_state_dtype)
+    run = run_builder.build_run(
+        config,
         mesh,
-        0,
+        lambda specs: optim.make_optimizer(optimizer, logical_specs=specs),
+        trainer.LossConfig().for_model(config),
+        num_microbatches=spec.num_microbatches,
     )
-    module = network.EncoderDecoder(config)
-    loss_config = trainer.LossConfig(
-        1e-4, config.load_balancing_loss_weight, config.router_z_loss_weight
-    )
+    setup = run.setup
     lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
-    b_shardings = trainer.batch_shardings(dict(FEATURES), mesh)
-    batch = {
-        key: jax.ShapeDtypeStruct((spec.batch, lengths[kind]), jnp.int32, sharding=b_shardings[key])
-        for key, kind in FEATURES
-    }
-    step = trainer.make_train_step(
-        module,
-        setup.optimizer,
-        loss_config,
-        setup.shardings,
-        b_shardings,
-        mesh,
-        spec.num_microbatches,
-    )
+    batch = run.abstract_batch(spec.batch, lengths)
+    step = run.train_step
     t1 = time.perf_counter()
     print(f"plan: setup {t1 - t0:.1f} s; lowering", file=sys.stderr, flush=True)
     with jax.set_mesh(mesh), partitioning.axis_rules():

@@ -23,20 +23,14 @@ import numpy as np
 
 from switch_t5 import network, optim, scan_utils, train_state, trainer
 from switch_t5.config import SwitchConfig
+from switch_t5.data import features
 
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_cache")
 
 
-def feature_keys() -> tuple[str, ...]:
-    """The batch features a train step takes (the input pipeline's output keys)."""
-    from switch_t5.data import pipeline as pipeline_lib
-
-    return pipeline_lib.FEATURE_KEYS
-
-
 def feature_length(key: str, lengths: Mapping[str, int]) -> int:
-    """The length of a feature: `encoder_*` features have the inputs length, the rest targets."""
-    return lengths["inputs" if key.startswith("encoder") else "targets"]
+    """A batch feature's length: TASK_FEATURE_LENGTHS' inputs or targets entry."""
+    return lengths[features.length_key(key)]
 
 
 @dataclasses.dataclass
@@ -112,7 +106,7 @@ def build_run(
         lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
     )
     module = network.EncoderDecoder(config)
-    b_shardings = trainer.batch_shardings({k: None for k in feature_keys()}, mesh)
+    b_shardings = trainer.batch_shardings(dict.fromkeys(features.FEATURE_KEYS), mesh)
     step = trainer.make_train_step(
         module, setup.optimizer, losses, setup.shardings, b_shardings, mesh, num_microbatches
     )

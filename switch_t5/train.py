@@ -38,7 +38,6 @@ from switch_t5 import (
     run_dir,
     training,
 )
-from switch_t5 import eval as _eval  # noqa: F401  (registers the eval configurables for run gins)
 from switch_t5.config import SwitchConfig
 from switch_t5.trainer import LossConfig
 from switch_t5.training import TrainResult
@@ -122,7 +121,11 @@ def train(**kwargs: Any) -> TrainResult:
     data_gin.register_tasks(settings.training.mixture_or_task_name)
     config, from_task = _model_config(values["model_config"], ref, settings.initial_checkpoint)
     return training.run_training(
-        settings, config, vocab_size_from_task=from_task, operative_config=gin.config_str()
+        settings,
+        config,
+        vocab_size_from_task=from_task,
+        task_macros=data_gin.task_record(settings.training.mixture_or_task_name)["data"],
+        operative_config=gin.config_str(),
     )
 
 

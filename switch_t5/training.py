@@ -115,15 +115,18 @@ class Prepared:
 
 
 def prepare(
-    training: TrainingConfig, model_config: SwitchConfig, vocab_size_from_task: bool
+    training: TrainingConfig,
+    model_config: SwitchConfig,
+    vocab_size_from_task: bool,
+    task_macros: Mapping[str, Any],
 ) -> Prepared:
     """Vocabulary, lengths and meta of a registered task (see `switch_t5.data_gin`).
 
     `vocab_size_from_task`: the embedding gets `pad_vocab_size(task vocabulary size)` rows;
     otherwise the model's vocab_size must equal that, or one error names both sizes.
+    `task_macros`: the data macros the task was built from (recorded with the checkpoints).
     """
     from switch_t5 import data_gin
-    from switch_t5 import eval as eval_lib
     from switch_t5.data import vocab as vocab_lib
 
     task = training.mixture_or_task_name
@@ -134,8 +137,9 @@ def prepare(
     if vocab_size_from_task:
         config = dataclasses.replace(config, vocab_size=pad_vocab_size(vocabulary.vocab_size))
     vocab_lib.check_model_vocab_size(vocabulary, config.vocab_size, task)
-    record = eval_lib.vocabulary_record(vocabulary)
-    meta = checkpoints.make_meta(config, record, lengths, eval_lib.task_record(task))
+    record = vocab_lib.vocabulary_record(vocabulary)
+    task_record = {"name": task, "data": dict(task_macros)}
+    meta = checkpoints.make_meta(config, record, lengths, task_record)
     return Prepared(config, lengths, record, meta)
 
 
@@ -159,6 +163,7 @@ def run_training(
     model_config: SwitchConfig,
     *,
     vocab_size_from_task: bool = False,
+    task_macros: Mapping[str, Any] | None = None,
     operative_config: str = "",
 ) -> TrainResult:
     """Trains (or resumes training) in `settings.training.model_dir`; see the module docstring.
@@ -167,6 +172,8 @@ def run_training(
       settings: the run's configs.
       model_config: the network config.
       vocab_size_from_task: take the model's vocab_size from the task (see `prepare`).
+      task_macros: the data macros the task was built from, recorded with the checkpoints so
+        that eval and infer can rebuild it (`data_gin.task_record`).
       operative_config: the gin text that configured the run, written (with the resolved
         configs) to MODEL_DIR/config.gin once the run is accepted.
 
@@ -181,7 +188,7 @@ def run_training(
     t = settings.training
     checkpoints.check_model_dir(t.model_dir)
     cache_dir = run_builder.configure_compilation_cache(t.compilation_cache_dir)
-    prepared = prepare(t, model_config, vocab_size_from_task)
+    prepared = prepare(t, model_config, vocab_size_from_task, task_macros or {})
     mesh = make_mesh(settings, prepared.config, prepared.lengths)
     is_main = jax.process_index() == 0
     lock = checkpoints.ModelDirLock(t.model_dir) if is_main else None
@@ -420,14 +427,14 @@ def make_actions(
 
 def _infer_eval_action(t: TrainingConfig, run, prepared: Prepared, logger, train_pipe):
     """Decodes the validation split, scores it, keeps the best state in MODEL_DIR/best."""
-    from switch_t5 import eval as eval_lib
+    from switch_t5 import evaluation
 
     folder = run_dir.RunDir(t.model_dir)
     module, to_decoding = run_builder.decoding_model(run.config)
-    evaluator = eval_lib.Evaluator(
+    evaluator = evaluation.Evaluator(
         module, t.mixture_or_task_name, prepared.lengths, t.batch_size, run.mesh
     )
-    best = eval_lib.BestCheckpointKeeper(t.model_dir, t.keep_best_by)
+    best = evaluation.BestCheckpointKeeper(t.model_dir, t.keep_best_by)
 
     def evaluate(state, at: int) -> dict[str, float]:
         out = evaluator.evaluate(

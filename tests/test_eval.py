@@ -11,7 +11,13 @@ from tiny import tiny_config
 
 seqio = pytest.importorskip("seqio")
 
-from switch_t5 import checkpoints, decoding, network, partitioning  # noqa: E402
+from switch_t5 import (  # noqa: E402
+    checkpoints,
+    decoding,
+    evaluation,
+    network,
+    partitioning,
+)
 from switch_t5 import eval as eval_lib  # noqa: E402
 from switch_t5.data import glue, user_tasks, vocab  # noqa: E402
 from switch_t5.data import metrics as metrics_lib  # noqa: E402
@@ -82,12 +88,12 @@ def env(tmp_path_factory, mesh_222):
 
 @pytest.fixture(scope="module")
 def evaluator_a(env, mesh_222):
-    return eval_lib.Evaluator(env["model"], "eval_test_a", LENGTHS, 8, mesh_222)
+    return evaluation.Evaluator(env["model"], "eval_test_a", LENGTHS, 8, mesh_222)
 
 
 def test_every_example_once_and_padding_rows_do_not_change_outputs(env, evaluator_a):
     examples = evaluator_a.examples["eval_test_a"]
-    assert [eval_lib._text(ex["inputs_pretokenized"]) for ex in examples] == [
+    assert [evaluation._text(ex["inputs_pretokenized"]) for ex in examples] == [
         s for s, _ in env["rows_a"]
     ]
     inputs = evaluator_a._encoder_inputs(examples)
@@ -111,7 +117,7 @@ class _FakeDecoder:
     def __call__(self, params, inputs):
         out = np.zeros((len(inputs), LENGTHS["targets"]), np.int32)
         for r, row in enumerate(inputs):
-            text = self.vocabulary.decode(eval_lib.output_ids(row))
+            text = self.vocabulary.decode(evaluation.output_ids(row))
             ids = [*self.vocabulary.encode(self.outputs[text]), decoding.EOS_ID, 5, 6]
             out[r, : len(ids)] = ids[: LENGTHS["targets"]]  # tokens after EOS are ignored
         self.rows_seen += len(inputs)
@@ -136,20 +142,20 @@ def test_scores_outputs_and_files(env, evaluator_a, tmp_path, monkeypatch):
     assert result.metrics == {"eval_test_a/accuracy": pytest.approx(100.0 * 8 / 11, abs=1e-9)}
     assert result.main_metric == "eval_test_a/accuracy"
     assert result.num_examples == {"eval_test_a": 11} and fake.rows_seen == 11
-    lines = (tmp_path / eval_lib.PREDICTIONS_FILE).read_text().splitlines()
+    lines = (tmp_path / evaluation.PREDICTIONS_FILE).read_text().splitlines()
     predictions = [json.loads(line) for line in lines]
     assert [p["input"] for p in predictions] == [s for s, _ in rows]
     assert [p["target"] for p in predictions] == [label for _, label in rows]
     assert predictions[1]["prediction"] == "maybe"
     assert set(predictions[0]) == {"task", "input", "target", "prediction"}
-    record = json.loads((tmp_path / eval_lib.METRICS_FILE).read_text())
+    record = json.loads((tmp_path / evaluation.METRICS_FILE).read_text())
     assert record["step"] == 12 and record["metrics"] == result.metrics
-    eval_lib.write_tensorboard(result, str(tmp_path / "tb"), 12)
+    evaluation.write_tensorboard(result, str(tmp_path / "tb"), 12)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
 def test_mixture_scores_each_task_and_averages(env, mesh_222, monkeypatch):
-    evaluator = eval_lib.Evaluator(env["model"], "eval_test_mix", LENGTHS, 8, mesh_222)
+    evaluator = evaluation.Evaluator(env["model"], "eval_test_mix", LENGTHS, 8, mesh_222)
     assert [t.name for t in evaluator.tasks] == ["eval_test_a", "eval_test_b"]
     outputs = {
         **_fake_outputs(env["rows_a"], wrong={3, 7}),
@@ -160,7 +166,7 @@ def test_mixture_scores_each_task_and_averages(env, mesh_222, monkeypatch):
     a, b = 100.0 * 8 / 11, 100.0 * 4 / 5
     assert result.metrics["eval_test_a/accuracy"] == pytest.approx(a, abs=1e-9)
     assert result.metrics["eval_test_b/accuracy"] == pytest.approx(b, abs=1e-9)
-    assert result.main_metric == eval_lib.MIXTURE_AVERAGE
+    assert result.main_metric == evaluation.MIXTURE_AVERAGE
     assert result.main_value == pytest.approx((a + b) / 2, abs=1e-9)
     assert result.num_examples == {"eval_test_a": 11, "eval_test_b": 5}
 
@@ -171,48 +177,50 @@ def test_glue_and_superglue_mixtures_score_the_benchmark_tasks(env):
         (glue.GLUE_MIXTURE, metrics_lib.GLUE_SCORE_GROUPS),
         (glue.SUPER_GLUE_MIXTURE, metrics_lib.SUPER_GLUE_SCORE_GROUPS),
     ):
-        names = {t.name for t in eval_lib.eval_tasks(mixture, "validation")}
+        names = {t.name for t in evaluation.eval_tasks(mixture, "validation")}
         assert names == {task for members in groups.values() for task, _ in members}
     results = {}
     for i, members in enumerate(metrics_lib.GLUE_SCORE_GROUPS.values()):
         for j, (task, metric) in enumerate(members):
             results.setdefault(task, {})[metric] = 10.0 * i + j
-    averages = eval_lib._averages(glue.GLUE_MIXTURE, results, is_mixture=True)
-    assert averages == {eval_lib.GLUE_AVERAGE: metrics_lib.glue_average(results)}
+    averages = evaluation._averages(glue.GLUE_MIXTURE, results, is_mixture=True)
+    assert averages == {evaluation.GLUE_AVERAGE: metrics_lib.glue_average(results)}
 
 
 def test_setting_errors(env, mesh_222):
-    with pytest.raises(eval_lib.EvalConfigError, match="multiple of the 4 batch shards"):
-        eval_lib.Evaluator(env["model"], "eval_test_a", LENGTHS, 6, mesh_222)
-    with pytest.raises(eval_lib.EvalConfigError, match="no 'train' split"):
-        eval_lib.eval_tasks("eval_test_a", "train")
-    with pytest.raises(eval_lib.EvalConfigError, match="CHECKPOINT_STEP"):
-        eval_lib.resolve_checkpoint(str(env["root"]), "latest")
+    with pytest.raises(evaluation.EvalConfigError, match="multiple of the 4 batch shards"):
+        evaluation.Evaluator(env["model"], "eval_test_a", LENGTHS, 6, mesh_222)
+    with pytest.raises(evaluation.EvalConfigError, match="no 'train' split"):
+        evaluation.eval_tasks("eval_test_a", "train")
+    with pytest.raises(evaluation.EvalConfigError, match="CHECKPOINT_STEP"):
+        evaluation.resolve_checkpoint(str(env["root"]), "latest")
     with pytest.raises(FileNotFoundError, match="no best checkpoint"):
-        eval_lib.resolve_checkpoint(str(env["root"]), "best")
+        evaluation.resolve_checkpoint(str(env["root"]), "best")
 
 
 def test_best_checkpoint_keeper(tmp_path):
     def result(value):
-        return eval_lib.EvalResult({"t/accuracy": value}, {}, "t/accuracy", {}, [])
+        return evaluation.EvalResult({"t/accuracy": value}, {}, "t/accuracy", {}, [])
 
     state = {"w": np.arange(3, dtype=np.float32)}
-    keeper = eval_lib.BestCheckpointKeeper(str(tmp_path))
+    keeper = evaluation.BestCheckpointKeeper(str(tmp_path))
     assert keeper.update(10, result(50.0), state, {}, {"model_config": {}})
     assert not keeper.update(20, result(40.0), state, {}, {})
     assert not keeper.update(25, result(float("nan")), state, {}, {})
     assert keeper.update(30, result(60.0), {"w": state["w"] + 1}, {}, {"model_config": {}})
     keeper.close()
-    record = json.loads((tmp_path / "best" / eval_lib.BEST_RECORD).read_text())
+    record = json.loads((tmp_path / "best" / evaluation.BEST_RECORD).read_text())
     assert record["step"] == 30 and record["value"] == 60.0 and record["metric"] == "t/accuracy"
-    ref = eval_lib.resolve_checkpoint(str(tmp_path), "best")
+    ref = evaluation.resolve_checkpoint(str(tmp_path), "best")
     assert ref.step == 30
     assert checkpoints.Checkpointer(str(tmp_path / "best")).all_steps() == [30]
     # A resumed run continues from the record: 55 does not beat 60.
-    again = eval_lib.BestCheckpointKeeper(str(tmp_path))
+    again = evaluation.BestCheckpointKeeper(str(tmp_path))
     assert not again.update(40, result(55.0), state, {}, {})
-    with pytest.raises(eval_lib.EvalConfigError, match="keep_best_by='t/f1'"):
-        eval_lib.BestCheckpointKeeper(str(tmp_path), "t/f1").update(50, result(70.0), state, {}, {})
+    with pytest.raises(evaluation.EvalConfigError, match="keep_best_by='t/f1'"):
+        evaluation.BestCheckpointKeeper(str(tmp_path), "t/f1").update(
+            50, result(70.0), state, {}, {}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +294,7 @@ def test_eval_from_model_dir_alone_reports_teacher_forced_loss(tiny_run, capsys)
     assert 0.0 < result.metrics[result.main_metric] < 2 * np.log(4096)
     assert 0.0 <= result.metrics[f"{task}/accuracy"] <= 1.0
     assert result.num_examples[task] == 16  # two batches of 8
-    with open(f"{tiny_run}/eval/{eval_lib.METRICS_FILE}") as f:
+    with open(f"{tiny_run}/eval/{evaluation.METRICS_FILE}") as f:
         assert json.load(f)["metrics"] == pytest.approx(result.metrics)
     with open(f"{tiny_run}/eval/config.gin") as f:
         assert "TASK_FEATURE_LENGTHS = None" in f.read()
@@ -340,7 +348,7 @@ def test_recorded_data_macros_fill_only_unset_ones(tmp_path):
         gin.clear_config()
         # A converted checkpoint records no task: the task must be given.
         assert checkpoints.recorded_task(checkpoints.make_meta(tiny_config())) is None
-        with pytest.raises(eval_lib.EvalConfigError, match="records no task"):
+        with pytest.raises(evaluation.EvalConfigError, match="records no task"):
             eval_lib.apply_recorded_task(None, None)
     finally:
         gin.clear_config()

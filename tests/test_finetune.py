@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from tiny import tiny_config
 
-from switch_t5 import checkpoints, init_checkpoint, network, optim, train_state
+from switch_t5 import (
+    checkpoints,
+    evaluation,
+    init_checkpoint,
+    network,
+    optim,
+    train_state,
+)
 
 TINY = tiny_config(moe_layer_interval=2, dropout_rate=0.0, router_jitter_noise=0.0, group_size=8)
 VOCAB = {"path": "/vocab/a.model", "hash": "aaaa"}
@@ -375,12 +382,12 @@ def test_eval_entry_point_scores_the_best_checkpoint(e2e):
     print(f"tiny end-to-end fine-tuning: validation accuracy {accuracy:.2f}%")
     assert accuracy >= 95.0
     out = e2e["ft_dir"] + "/eval"
-    with open(f"{out}/{eval_lib.PREDICTIONS_FILE}") as f:
+    with open(f"{out}/{evaluation.PREDICTIONS_FILE}") as f:
         predictions = [json.loads(line) for line in f]
     # Every validation example exactly once, in file order.
     assert [p["input"] for p in predictions] == [s for s, _ in e2e["val_rows"]]
     assert [p["target"] for p in predictions] == [label for _, label in e2e["val_rows"]]
-    with open(f"{out}/{eval_lib.METRICS_FILE}") as f:
+    with open(f"{out}/{evaluation.METRICS_FILE}") as f:
         assert json.load(f)["metrics"] == result.metrics
     with open(f"{out}/config.gin") as f:
         assert "CHECKPOINT_STEP = 'best'" in f.read()

@@ -9,7 +9,12 @@ import sys
 import gin
 import pytest
 
-from switch_t5 import data_gin, errors, gin_utils
+from switch_t5 import (
+    data_gin,
+    errors,
+    evaluation,
+    gin_utils,
+)
 
 QUICKSTART = "configs/experiments/quickstart.gin"
 SHIPPED = sorted(
@@ -133,7 +138,7 @@ def test_a_required_macro_left_unset_is_a_gin_config_error():
 
 
 def test_project_setting_errors_are_user_errors():
-    from switch_t5 import checkpoints, eval, init_checkpoint, loop, multihost, plan, train
+    from switch_t5 import checkpoints, init_checkpoint, loop, multihost, plan, train
     from switch_t5.data import readers, vocab
     from switch_t5.interop import hf
 
@@ -147,7 +152,7 @@ def test_project_setting_errors_are_user_errors():
         checkpoints.CheckpointMismatchError,
         checkpoints.CheckpointCorruptError,
         checkpoints.CheckpointSaveError,
-        eval.EvalConfigError,
+        evaluation.EvalConfigError,
         init_checkpoint.InitialCheckpointError,
         readers.DataFileError,
         hf.UnsupportedFeatureError,

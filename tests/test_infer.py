@@ -13,9 +13,17 @@ import pytest
 from flax import linen as nn
 from tiny import tiny_config
 
-from switch_t5 import checkpoints, decoding, infer, init_checkpoint, network
+from switch_t5 import (
+    checkpoints,
+    decoding,
+    evaluation,
+    infer,
+    init_checkpoint,
+    network,
+)
 from switch_t5 import eval as eval_lib
 from switch_t5.data import vocab
+from switch_t5.data import vocab as vocab_lib
 from switch_t5.errors import UserError
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "table", "window"]
@@ -42,7 +50,7 @@ def ckpt(tmp_path_factory):
     )
     model_dir = str(root / "model")
     saver = checkpoints.Checkpointer(model_dir, async_save=False)
-    meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(vocabulary))
+    meta = checkpoints.make_meta(config, vocab_lib.vocabulary_record(vocabulary))
     saver.save(7, {"params": params, "step": np.int32(7)}, {}, meta)
     saver.close()
     # The same checkpoint as a training run records it: with its feature lengths (inputs are
@@ -50,7 +58,7 @@ def ckpt(tmp_path_factory):
     trained_dir = str(root / "trained")
     saver = checkpoints.Checkpointer(trained_dir, async_save=False)
     lengths = {"inputs": LENGTH, "targets": LENGTH}
-    meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(vocabulary), lengths)
+    meta = checkpoints.make_meta(config, vocab_lib.vocabulary_record(vocabulary), lengths)
     saver.save(7, {"params": params, "step": np.int32(7)}, {}, meta)
     saver.close()
     return {
@@ -92,7 +100,7 @@ def _direct(ckpt, texts, length=LENGTH, **kwargs):
     outs = []
     for row in tokens:
         out = decode(ckpt["params"], {"encoder_input_tokens": row[None]})
-        outs.append(vocabulary.decode(eval_lib.output_ids(np.asarray(out.tokens[0]))))
+        outs.append(vocabulary.decode(evaluation.output_ids(np.asarray(out.tokens[0]))))
     return outs
 
 
@@ -240,7 +248,7 @@ def dropping_ckpt(tmp_path_factory, ckpt):
     )
     model_dir = str(tmp_path_factory.mktemp("dropping") / "model")
     saver = checkpoints.Checkpointer(model_dir, async_save=False)
-    meta = checkpoints.make_meta(config, eval_lib.vocabulary_record(ckpt["vocabulary"]))
+    meta = checkpoints.make_meta(config, vocab_lib.vocabulary_record(ckpt["vocabulary"]))
     saver.save(3, {"params": params, "step": np.int32(3)}, {}, meta)
     saver.close()
     return model_dir
@@ -264,9 +272,9 @@ def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
         )
     assert "MoE routing dropped" in caplog.text  # capacity really drops tokens here
     ref = init_checkpoint.find_checkpoint(dropping_ckpt)
-    model, params, config, mesh = eval_lib.load_model(ref)
+    model, params, config, mesh = evaluation.load_model(ref)
     assert config.routing_groups == "sequence"
-    decoder = eval_lib.BatchDecoder(model, mesh, 8, 8)
+    decoder = evaluation.BatchDecoder(model, mesh, 8, 8)
     tokens, _ = infer.encode_inputs(texts, ckpt["vocabulary"], LENGTH)
     together = decoder(params, tokens)
     assert decoder.fraction_dropped > 0.2
@@ -277,8 +285,8 @@ def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
     longer, _ = infer.encode_inputs(texts, ckpt["vocabulary"], 40)
     padded = decoder(params, longer)
     # The (2, 2, 2) mesh, batches of 4 (the second padded with empty rows).
-    model_222, params_222, _, mesh_222 = eval_lib.load_model(ref, (2, 2, 2))
-    on_mesh = eval_lib.BatchDecoder(model_222, mesh_222, 4, 8)(params_222, tokens)
+    model_222, params_222, _, mesh_222 = evaluation.load_model(ref, (2, 2, 2))
+    on_mesh = evaluation.BatchDecoder(model_222, mesh_222, 4, 8)(params_222, tokens)
     for i, (row, score) in enumerate(alone):
         j = int(np.flatnonzero(perm == i)[0])
         for got in (
@@ -293,6 +301,6 @@ def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
     assert len({round(float(score[0]), 4) for _, score in alone}) == len(texts)
     # Routing groups over the tokens of several inputs (training's setting) mix them up.
     tokens_model = network.EncoderDecoder(dataclasses.replace(config, routing_groups="tokens"))
-    mixed = eval_lib.BatchDecoder(tokens_model, mesh, 8, 8)
+    mixed = evaluation.BatchDecoder(tokens_model, mesh, 8, 8)
     batch_scores = mixed(params, tokens)[1]
     assert any(mixed(params, tokens[i : i + 1])[1][0] != batch_scores[i] for i in range(6))

@@ -19,9 +19,9 @@ from flax import linen as nn
 transformers = pytest.importorskip("transformers")
 
 from switch_t5 import checkpoints, convert, infer, init_checkpoint, network  # noqa: E402
-from switch_t5 import eval as eval_lib  # noqa: E402
 from switch_t5.config import SwitchConfig  # noqa: E402
 from switch_t5.data import vocab  # noqa: E402
+from switch_t5.data import vocab as vocab_lib  # noqa: E402
 from switch_t5.errors import UserError  # noqa: E402
 
 TINY = SwitchConfig(
@@ -51,7 +51,7 @@ def train_vocabulary(path, seed=0):
 
 def save_run(model_dir, vocabulary=None):
     params = nn.unbox(network.init_variables(TINY, jax.random.key(0))["params"])
-    record = eval_lib.vocabulary_record(vocabulary) if vocabulary is not None else None
+    record = vocab_lib.vocabulary_record(vocabulary) if vocabulary is not None else None
     ckpt = checkpoints.Checkpointer(str(model_dir), async_save=False)
     ckpt.save(3, {"params": params, "step": np.int32(3)}, {}, checkpoints.make_meta(TINY, record))
     ckpt.close()
@@ -137,14 +137,14 @@ def test_import_records_the_hf_tokenizer_and_infer_uses_it(exported, tmp_path):
     ref = init_checkpoint.find_checkpoint(str(model_dir))
     record = ref.meta["vocabulary"]
     assert record["path"] == str(model_dir / "spiece.model")
-    assert record["hash"] == eval_lib.vocabulary_record(vocabulary)["hash"]
+    assert record["hash"] == vocab_lib.vocabulary_record(vocabulary)["hash"]
     assert "|extra_ids=100|" in record["fingerprint"] and record["size"] == 250
     # What infer does from the run alone (before: "records the vocabulary None", an error),
     # and the hash check eval and load_model make against a task's vocabulary.
     resolved = infer.resolve_vocabulary(ref)
     assert resolved.sentencepiece_model_file == record["path"]
     assert list(resolved.encode(TEXTS[7])) == list(vocabulary.encode(TEXTS[7]))
-    init_checkpoint.check_vocabulary(ref, eval_lib.vocabulary_record(vocabulary))
+    init_checkpoint.check_vocabulary(ref, vocab_lib.vocabulary_record(vocabulary))
 
 
 def test_import_without_spiece_model_says_so(exported, tmp_path, capsys):

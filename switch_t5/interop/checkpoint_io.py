@@ -189,7 +189,7 @@ def copy_vocabulary(path: str, dst: str, extra_ids: int = 100) -> dict[str, Any]
 
     import sentencepiece as spm
 
-    from switch_t5 import eval as eval_lib
+    from switch_t5.data import vocab as vocab_lib
 
     target = os.path.abspath(os.path.join(dst, destination.VOCABULARY_FILE))
     shutil.copyfile(path, target)
@@ -197,7 +197,7 @@ def copy_vocabulary(path: str, dst: str, extra_ids: int = 100) -> dict[str, Any]
     vocab = types.SimpleNamespace(
         sentencepiece_model_file=target, extra_ids=extra_ids, vocab_size=pieces + extra_ids
     )
-    return eval_lib.vocabulary_record(vocab)
+    return vocab_lib.vocabulary_record(vocab)
 
 
 def _write_step_0(
