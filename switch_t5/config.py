@@ -97,7 +97,8 @@ class SwitchConfig:
         sparse where layer % interval == interval - 1.
       encoder_sparse_layers: explicit sparse encoder layer indices (None = derived).
       decoder_sparse_layers: explicit sparse decoder layer indices (None = derived).
-      router_type: "switch" (top-1) or "topk".
+      router_type: "switch" (top-1), "topk" or a router added with
+        `switch_t5.routing.register_router`.
       num_selected_experts: k for the top-k router (1 for switch).
       batch_prioritized_routing: encoder layers give capacity to confident tokens first.
       train_capacity_factor: expert capacity factor during training.
@@ -124,8 +125,8 @@ class SwitchConfig:
       router_z_loss_weight: beta of the router z-loss (ST-MoE).
       dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (no drops:
         block-sparse grouped matmul, `switch_t5.grouped_matmul`), "ragged" (no drops through
-        `jax.lax.ragged_dot`, for backends that implement it well) or "auto" (picked per
-        platform, `moe.resolve_dispatch`).
+        `jax.lax.ragged_dot`, for backends that implement it well), "auto" (picked per
+        platform, `moe.resolve_dispatch`) or one added with `moe.register_dispatch`.
       dropless_block_size: rows per block of the "dropless" grouped matmul; each expert's rows
         are padded to a multiple of it (at most num_experts x (block - 1) padding rows).
       moe_dtype: compute dtype of the MoE layer's dispatch, experts and combine, hence of its
@@ -232,11 +233,11 @@ class SwitchConfig:
             problems.append(
                 f"mlp_activations={self.mlp_activations}: use ('relu',) or ('gelu', 'linear')"
             )
-        if self.dispatch not in ("auto", "einsum", "scatter", "dropless", "ragged"):
-            problems.append(
-                f"dispatch={self.dispatch!r}: use 'auto', 'einsum', 'scatter', 'dropless' or "
-                "'ragged'"
-            )
+        # Routers and dispatches are registries (`routing.register_router`,
+        # `moe.register_dispatch`): any registered name passes.
+        from switch_t5 import moe
+
+        problems.extend(moe.config_problems(self))
         if self.dropless_block_size <= 0:
             problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
         if self.remat_policy not in REMAT_POLICIES:

@@ -1,10 +1,11 @@
 """Training metrics: MODEL_DIR/metrics.jsonl, TensorBoard event files, progress output, plots.
 
 metrics.jsonl holds one JSON object per line with at least `step`, `split` ("train"/"eval") and
-`loss`; expert usage is a nested list [moe_layers][experts] of token fractions. TensorBoard
-events go to MODEL_DIR/tensorboard/{train,eval} (the same tags, so TensorBoard overlays them).
-On an interactive terminal a tqdm bar shows step, loss and tokens/s; otherwise plain log lines.
-Only process 0 writes.
+`loss`; a per-layer MoE metric (expert usage, tokens per expert) is a nested list
+[moe_layers][experts]. TensorBoard events go to MODEL_DIR/tensorboard/{train,eval} (the same
+tags, so TensorBoard overlays them). On an interactive terminal a tqdm bar shows step, loss and
+tokens/s; otherwise plain log lines. Where each MoE metric is shown (metrics.jsonl, TensorBoard,
+progress line, plots) is declared in `switch_t5.moe_metrics`. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from switch_t5 import checkpoints
+from switch_t5 import checkpoints, moe_metrics
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -55,6 +56,31 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _shown(key: str, where: str) -> bool:
+    """Whether metric `key` goes to `where` (`moe_metrics.SHOWN_IN`); non-MoE metrics go
+    everywhere they fit."""
+    declared = moe_metrics.present([key])
+    return not declared or where in declared[0].shown
+
+
+def _write_moe_tensorboard(writer, metrics: Mapping[str, Any], step: int) -> None:
+    """The non-scalar MoE metrics: one histogram (or scalar) per MoE layer, and their summaries."""
+    for metric in moe_metrics.present(metrics):
+        arr = np.asarray(metrics[metric.name])
+        if arr.ndim == 0 or not arr.size or moe_metrics.TENSORBOARD not in metric.shown:
+            continue
+        if metric.over_layers != "stack":
+            writer.add_histogram(metric.name, arr, step)
+            continue
+        for tag, fn in metric.summary:
+            writer.add_scalar(tag, fn(arr), step)
+        for i, row in enumerate(arr):
+            if row.ndim == 0:
+                writer.add_scalar(f"{metric.name}/layer_{i}", float(row), step)
+            else:
+                writer.add_histogram(f"{metric.name}/layer_{i}", row, step)
 
 
 def read_metrics(model_dir: str) -> list[dict[str, Any]]:
@@ -142,28 +168,24 @@ class MetricsLogger:
         return self._writers[split]
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
-        """Writes one record (scalars and the expert-usage matrix) for `step`."""
+        """Writes one record (scalars and the per-layer MoE matrices) for `step`."""
         if not self.enabled:
             return
         record = {"step": int(step), "split": split}
-        record.update({k: _to_json(v) for k, v in metrics.items()})
+        record.update({k: _to_json(v) for k, v in metrics.items() if _shown(k, moe_metrics.JSONL)})
         checkpoints.append_text(
             checkpoints.path(self.model_dir, METRICS_FILE), json.dumps(record) + "\n"
         )
         writer = self._writer(split)
         for key, value in metrics.items():
             arr = np.asarray(value)
-            if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+            if (
+                arr.ndim == 0
+                and np.issubdtype(arr.dtype, np.number)
+                and _shown(key, moe_metrics.TENSORBOARD)
+            ):
                 writer.add_scalar(key, float(arr), step)
-        usage = metrics.get("expert_usage")
-        if usage is not None and np.asarray(usage).size:
-            usage = np.asarray(usage)
-            # max load / mean load per layer: 1.0 = perfectly balanced experts.
-            writer.add_scalar(
-                "expert_load_imbalance", float(np.mean(usage.max(-1) * usage.shape[-1])), step
-            )
-            for i, row in enumerate(usage):
-                writer.add_histogram(f"expert_usage/layer_{i}", row, step)
+        _write_moe_tensorboard(writer, metrics, step)
         writer.flush()
 
     def progress(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
@@ -172,11 +194,17 @@ class MetricsLogger:
             return
         loss = float(metrics.get("loss", math.nan))
         tps = metrics.get("tokens_per_sec")
+        moe = {
+            m.name: f"{float(metrics[m.name]):.4g}"
+            for m in moe_metrics.present(metrics)
+            if moe_metrics.PROGRESS in m.shown and np.ndim(metrics[m.name]) == 0
+        }
         if self._bar is not None:
             self._bar.n = step
             post = {"loss": f"{loss:.4f}"}
             if tps is not None:
                 post["tok/s"] = f"{float(tps):,.0f}"
+            post.update(moe)
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
             if split == "eval":
@@ -185,6 +213,7 @@ class MetricsLogger:
             extra = f" {float(tps):,.0f} tokens/s" if tps is not None else ""
             lr = metrics.get("learning_rate")
             extra += f" lr {float(lr):.2e}" if lr is not None else ""
+            extra += "".join(f" {name} {value}" for name, value in moe.items())
             print(
                 f"[{time.strftime('%H:%M:%S')}] step {step} {split} loss {loss:.4f}{extra}",
                 flush=True,
@@ -208,13 +237,14 @@ class MetricsLogger:
 
 
 def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict[str, str]:
-    """Writes MODEL_DIR/plots/loss.png and expert_load.png from metrics.jsonl.
+    """Writes MODEL_DIR/plots/loss.png and the MoE heatmaps from metrics.jsonl.
 
-    loss.png: train and eval loss vs step. expert_load.png: a heatmap, MoE layers x experts, of
-    the fraction of tokens routed, from the latest train record (skipped for a dense model).
+    loss.png: train and eval loss vs step. Every per-layer MoE metric declared with a plot
+    (`moe_metrics`; expert_load.png: fraction of tokens routed, tokens_per_expert.png): a
+    heatmap, MoE layers x experts, from the latest train record (skipped for a dense model).
 
     Returns:
-      {"loss": path, "expert_load": path} for the plots written.
+      {"loss": path, "expert_load": path, ...} for the plots written.
     """
     import matplotlib
 
@@ -242,26 +272,33 @@ def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict
     written["loss"] = _save(fig, plots_dir / "loss.png")
     plt.close(fig)
 
-    usage_records = [r for r in records if r["split"] == "train" and r.get("expert_usage")]
-    if usage_records:
-        last = usage_records[-1]
-        usage = np.asarray(last["expert_usage"], np.float32)
-        fig, ax = plt.subplots(
-            figsize=(max(5, 0.35 * usage.shape[1] + 3), max(2.5, 0.4 * usage.shape[0] + 1.5))
-        )
-        im = ax.imshow(usage, aspect="auto", cmap="viridis", vmin=0.0)
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
-        names = layer_names if layer_names and len(layer_names) == usage.shape[0] else None
-        ax.set_yticks(range(usage.shape[0]))
-        ax.set_yticklabels(names or [str(i) for i in range(usage.shape[0])], fontsize=7)
-        ax.set_title(
-            f"fraction of tokens routed (step {last['step']}; balanced = {1 / usage.shape[1]:.3f})"
-        )
-        fig.colorbar(im, ax=ax)
-        written["expert_load"] = _save(fig, plots_dir / "expert_load.png")
-        plt.close(fig)
+    for metric in moe_metrics.all_metrics():
+        if moe_metrics.PLOT in metric.shown:
+            with_values = [r for r in records if r["split"] == "train" and r.get(metric.name)]
+            if with_values:
+                path = _plot_layers(plt, metric, with_values[-1], layer_names, plots_dir)
+                written[metric.plot_file] = path
     return written
+
+
+def _plot_layers(plt, metric, record: Mapping[str, Any], layer_names, plots_dir) -> str:
+    """The heatmap, MoE layers x experts, of one per-layer metric in `record`."""
+    values = np.asarray(record[metric.name], np.float32)
+    values = values.reshape(values.shape[0], -1)
+    fig, ax = plt.subplots(
+        figsize=(max(5, 0.35 * values.shape[1] + 3), max(2.5, 0.4 * values.shape[0] + 1.5))
+    )
+    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    names = layer_names if layer_names and len(layer_names) == values.shape[0] else None
+    ax.set_yticks(range(values.shape[0]))
+    ax.set_yticklabels(names or [str(i) for i in range(values.shape[0])], fontsize=7)
+    ax.set_title(metric.plot_title.format(step=record["step"], balanced=1 / values.shape[1]))
+    fig.colorbar(im, ax=ax)
+    path = _save(fig, plots_dir / f"{metric.plot_file}.png")
+    plt.close(fig)
+    return path
 
 
 def _save(fig, p) -> str:

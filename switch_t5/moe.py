@@ -14,11 +14,14 @@ MLP of the same size) and a router that sends each token to its top-1 expert (to
    decoding step of [batch, 1, d]) is allowed on any mesh. With per-sequence groups
    (`config.routing_groups="sequence"`, inference, or transformers' `config.expert_capacity`)
    each batch row is a group (`call_groups`): they are the batch and shard as it does.
-2. `routing.route`: float32 router, top-k, capacity slots (`routing.py`), with the capacity
-   rule of `capacity_rule`.
+2. route: the float32 router kernel (`routing.Router`) and the router function of
+   `config.router_type` (`routing.register_router`; "switch"/"topk" = `routing.route`: top-k,
+   capacity slots) turn the tokens into a `routing.DispatchPlan` (which token each expert slot
+   holds, with what weight), under the capacity rule of `capacity_rule`.
 3. dispatch: tokens -> <dtype>[experts, groups, capacity, embed]. Groups are sharded over
    ("data", "expert") before and experts over "expert" (groups over "data") after, so XLA emits an
-   all-to-all (arXiv 2101.03961 Figure 9). Three implementations (`config.dispatch`):
+   all-to-all (arXiv 2101.03961 Figure 9). Implementations are `Dispatch` objects registered
+   by name (`register_dispatch`, chosen by `config.dispatch`; "auto": `resolve_dispatch`):
    "einsum"  one-hot dispatch mask [g, t, e, c] and combine array, as Mesh-TF/Flaxformer;
    "scatter" index gathers into the expert buffers, no [tokens, experts, capacity] tensor;
              forward AND backward are row gathers (`_gather_rows`), never a scatter-add;
@@ -31,13 +34,15 @@ MLP of the same size) and a router that sends each token to its top-1 expert (to
 4. `Experts`: per-expert MLP, gated or not, expert dropout on the hidden activations; on CPU
    with an unsharded expert axis the experts run one at a time as 2-D matmuls
    (`loop_experts`), elsewhere as one batched einsum.
-5. combine: output = sum over kept choices of gate * expert output; a dropped token gets 0.
+5. combine: output = sum over kept claims of weight * expert output; a dropped token gets 0.
 
-Losses and load metrics are sown, unweighted, into the "intermediates" collection;
-`collect_moe_intermediates` gathers them for the trainer.
+The router's losses and load metrics are sown, unweighted, into the "intermediates"
+collection under the names declared in `moe_metrics`; `collect_moe_intermediates` reduces them
+over the layers as declared there, for the trainer.
 
-Einsum legend: g=groups, t=tokens per group, k=selected experts per token, e=experts,
-c=expert capacity, d=embed, f=mlp, m=sorted (token, choice) rows.
+Einsum legend: g=groups, t=tokens per group, k=claims per token (the selected experts of
+token-choice routing), e=experts, c=expert capacity, d=embed, f=mlp, m=sorted (token, claim)
+rows.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -54,7 +59,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from switch_t5 import errors
+from switch_t5 import errors, moe_metrics
 from switch_t5 import grouped_matmul as gmm_lib
 from switch_t5 import routing as routing_lib
 from switch_t5.config import SwitchConfig
@@ -67,15 +72,6 @@ _ACTIVATIONS = {
     "linear": lambda x: x,
 }
 
-MOE_INTERMEDIATES = (
-    "load_balancing_loss",
-    "router_z_loss",
-    "fraction_dropped",
-    "router_confidence",
-    "expert_usage",
-    "tokens_per_expert",
-)
-
 
 def resolve_dispatch(dispatch: str) -> str:
     """The dispatch implementation for `config.dispatch` on the default backend.
@@ -85,23 +81,18 @@ def resolve_dispatch(dispatch: str) -> str:
     (32 experts, cf 1.0, 16k tokens: about the dense MLP's time, the einsum 3-4x, "ragged" 5-10x
     as `ragged_dot` is a masked dense dot there). On GPU the scatter's forward and backward are
     row gathers (no scatter-add atomics); run scripts/bench_moe.py there to compare. Any other
-    value ("einsum", "scatter", "dropless", "ragged") overrides the choice (gin:
-    `switch_t5.SwitchConfig.dispatch`). "auto" would pick the block-sparse "dropless" (no
-    token ever dropped) where it runs within 10% of the capacity dispatch; on CPU it does not
-    (scripts/bench_moe.py --quick, 32 experts, 16k tokens, block 32: 1.21x the dense MLP's CPU
-    time, 1.29x the scatter's at cf 1.0), and GPU/TPU are not measured yet.
+    registered value ("einsum", "scatter", "dropless", "ragged", or one added with
+    `register_dispatch`) overrides the choice (gin: `switch_t5.SwitchConfig.dispatch`). "auto"
+    would pick the block-sparse "dropless" (no token ever dropped) where it runs within 10% of
+    the capacity dispatch; on CPU it does not (scripts/bench_moe.py --quick, 32 experts, 16k
+    tokens, block 32: 1.21x the dense MLP's CPU time, 1.29x the scatter's at cf 1.0), and
+    GPU/TPU are not measured yet.
     """
     if dispatch == "auto":
         return "einsum" if jax.default_backend() == "tpu" else "scatter"
-    if dispatch not in ("einsum", "scatter", *DROPLESS_IMPLS):
-        raise errors.UserError(
-            f"dispatch={dispatch!r}: use 'auto', 'einsum', 'scatter', 'dropless' or 'ragged'"
-        )
+    if dispatch not in _DISPATCHES:
+        raise errors.UserError(_unknown_dispatch(dispatch))
     return dispatch
-
-
-# The dispatch implementations that never drop a token.
-DROPLESS_IMPLS = ("dropless", "ragged")
 
 
 # Multiply-adds of one expert's [rows, d] x [d, f] matmul from which looping over the experts
@@ -110,7 +101,7 @@ DROPLESS_IMPLS = ("dropless", "ragged")
 LOOP_MIN_EXPERT_MACS = 2**23
 
 
-def loop_experts(impl: str, expert_rows: int, d_model: int, d_ff: int) -> bool:
+def loop_experts(impl: str | Dispatch, expert_rows: int, d_model: int, d_ff: int) -> bool:
     """Whether the capacity dispatch runs its experts one at a time (`jax.lax.map`).
 
     On CPU, E separate [rows, d] x [d, f] matmuls (rows = groups x capacity) run at the speed
@@ -120,8 +111,10 @@ def loop_experts(impl: str, expert_rows: int, d_model: int, d_ff: int) -> bool:
     GEMM / MXU op), and so does a sharded expert axis (a loop over it would make the partitioner
     gather the experts' kernels).
     """
+    if isinstance(impl, str):
+        impl = _DISPATCHES.get(impl)
     return (
-        impl in ("einsum", "scatter")
+        isinstance(impl, CapacityDispatch)
         and jax.default_backend() == "cpu"
         and expert_rows * d_model * d_ff >= LOOP_MIN_EXPERT_MACS
         and _group_shards("expert")[0] == 1
@@ -483,25 +476,27 @@ class Experts(nn.Module):
         )
 
 
-def dispatch_einsum(x: jax.Array, r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
+def dispatch_einsum(x: jax.Array, plan: routing_lib.DispatchPlan) -> tuple[jax.Array, jax.Array]:
     """Masked one-hot dispatch (Mesh-TF/Flaxformer).
 
     Args:
       x: <dtype>[groups, tokens, embed].
-      r: the routing of these tokens.
+      plan: where these tokens go.
 
     Returns:
       expert_inputs: <dtype>[experts, groups, capacity, embed].
       combine: <float32>[groups, tokens, experts, capacity] gate of each kept (token, slot).
     """
-    num_experts = r.router_probs.shape[-1]
-    kept = r.kept.astype(jnp.float32)
+    num_experts = plan.num_experts
+    kept = plan.kept.astype(jnp.float32)
     # [g, t, k] -> [g, t, k, e] and [g, t, k, c]; a dropped choice has an all-zero slot row.
-    expert_onehot = jax.nn.one_hot(r.expert_index, num_experts, dtype=jnp.float32)
-    slot_onehot = jax.nn.one_hot(jnp.where(r.kept, r.position, r.capacity), r.capacity)
+    expert_onehot = jax.nn.one_hot(plan.expert, num_experts, dtype=jnp.float32)
+    slot_onehot = jax.nn.one_hot(jnp.where(plan.kept, plan.position, plan.capacity), plan.capacity)
     # [g, t, k, e] x [g, t, k, c] -> [g, t, e, c]
     dispatch = jnp.einsum("gtke,gtkc->gtec", expert_onehot * kept[..., None], slot_onehot)
-    combine = jnp.einsum("gtke,gtkc->gtec", expert_onehot * (r.gate * kept)[..., None], slot_onehot)
+    combine = jnp.einsum(
+        "gtke,gtkc->gtec", expert_onehot * (plan.weight * kept)[..., None], slot_onehot
+    )
     # [g, t, e, c] x [g, t, d] -> [e, g, c, d]
     expert_inputs = jnp.einsum("gtec,gtd->egcd", dispatch.astype(x.dtype), x)
     return expert_inputs, combine
@@ -512,11 +507,11 @@ def combine_einsum(expert_outputs: jax.Array, combine: jax.Array) -> jax.Array:
     return jnp.einsum("egcd,gtec->gtd", expert_outputs, combine.astype(expert_outputs.dtype))
 
 
-def _slots(r: routing_lib.Routing) -> jax.Array:
+def _slots(plan: routing_lib.DispatchPlan) -> jax.Array:
     """<int32>[groups, tokens, k] flat buffer index expert * capacity + slot; dropped -> e * c."""
-    num_experts = r.router_probs.shape[-1]
-    flat = r.expert_index * r.capacity + r.position
-    return jnp.where(r.kept, flat, num_experts * r.capacity)
+    num_experts = plan.num_experts
+    flat = plan.expert * plan.capacity + plan.position
+    return jnp.where(plan.kept, flat, num_experts * plan.capacity)
 
 
 def _take_rows(src: jax.Array, idx: jax.Array) -> jax.Array:
@@ -559,7 +554,7 @@ def _gather_rows_bwd(readers, d_out):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def slot_tables(r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
+def slot_tables(plan: routing_lib.DispatchPlan) -> tuple[jax.Array, jax.Array]:
     """The dispatch map in both directions, as index tables.
 
     Returns:
@@ -568,10 +563,10 @@ def slot_tables(r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
       row_of_slot: <int32>[groups, experts * capacity] the (token * k + choice) row held by every
         slot; an empty slot points past the rows (t * k).
     """
-    g, t, k = r.expert_index.shape
-    num_slots = r.router_probs.shape[-1] * r.capacity
+    g, t, k = plan.expert.shape
+    num_slots = plan.num_experts * plan.capacity
     # [g, t, k] -> [g, t * k]
-    slot_of_row = _slots(r).reshape(g, t * k)
+    slot_of_row = _slots(plan).reshape(g, t * k)
     rows = jnp.broadcast_to(jnp.arange(t * k, dtype=jnp.int32), (g, t * k))
     # Inverse map by an integer scatter of t * k indices (cheap next to the [t, d] row moves).
     row_of_slot = jnp.full((g, num_slots), t * k, jnp.int32)
@@ -582,22 +577,22 @@ def slot_tables(r: routing_lib.Routing) -> tuple[jax.Array, jax.Array]:
 
 
 def dispatch_scatter(
-    x: jax.Array, r: routing_lib.Routing, tables: tuple[jax.Array, jax.Array] | None = None
+    x: jax.Array, plan: routing_lib.DispatchPlan, tables: tuple[jax.Array, jax.Array] | None = None
 ) -> jax.Array:
     """Index-based dispatch: gathers each slot's token into the expert buffers.
 
     Args:
       x: <dtype>[groups, tokens, embed].
-      r: the routing of these tokens.
-      tables: `slot_tables(r)`, when the caller already has them.
+      plan: where these tokens go.
+      tables: `slot_tables(plan)`, when the caller already has them.
 
     Returns:
       <dtype>[experts, groups, capacity, embed]; empty slots are zero.
     """
     g, t, d = x.shape
-    k = r.expert_index.shape[-1]
-    num_experts = r.router_probs.shape[-1]
-    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(r)
+    k = plan.expert.shape[-1]
+    num_experts = plan.num_experts
+    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(plan)
     # Row -> token (row // k); an empty slot (row t * k) maps to token t: out of range, zeros.
     token_of_slot = row_of_slot // k
     # [g, t * k] -> [g, t, k]: the slots that read each token.
@@ -605,34 +600,293 @@ def dispatch_scatter(
     # [g, t, d] -> [g, e * c, d]
     buf = _gather_rows(x, token_of_slot, readers)
     # [g, e * c, d] -> [e, g, c, d]
-    return jnp.transpose(buf.reshape(g, num_experts, r.capacity, d), (1, 0, 2, 3))
+    return jnp.transpose(buf.reshape(g, num_experts, plan.capacity, d), (1, 0, 2, 3))
 
 
 def combine_scatter(
     expert_outputs: jax.Array,
-    r: routing_lib.Routing,
+    plan: routing_lib.DispatchPlan,
     tables: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Gathers each kept choice's expert output and sums gate * output over choices.
 
     Args:
       expert_outputs: <dtype>[experts, groups, capacity, embed].
-      r: the routing.
-      tables: `slot_tables(r)`, when the caller already has them.
+      plan: where the tokens went.
+      tables: `slot_tables(plan)`, when the caller already has them.
 
     Returns:
       <dtype>[groups, tokens, embed]; dropped tokens get 0.
     """
     e, g, c, d = expert_outputs.shape
-    t, k = r.expert_index.shape[1:]
-    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(r)
+    t, k = plan.expert.shape[1:]
+    slot_of_row, row_of_slot = tables if tables is not None else slot_tables(plan)
     # [e, g, c, d] -> [g, e * c, d]
     buf = jnp.transpose(expert_outputs, (1, 0, 2, 3)).reshape(g, e * c, d)
     # [g, e * c, d] -> [g, t * k, d] -> [g, t, k, d]; dropped rows point past the buffer -> 0.
     picked = _gather_rows(buf, slot_of_row, row_of_slot[..., None]).reshape(g, t, k, d)
-    weights = (r.gate * r.kept).astype(expert_outputs.dtype)
+    weights = (plan.weight * plan.kept).astype(expert_outputs.dtype)
     # [g, t, k, d] x [g, t, k] -> [g, t, d]
     return jnp.einsum("gtkd,gtk->gtd", picked, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch implementations, registered by name (`config.dispatch`).
+# ---------------------------------------------------------------------------------------------
+
+# route(tokens <dtype>[groups, tokens, embed], valid <bool>[groups, tokens], call) -> the plan;
+# the layer's router: logits, the registered router function, its losses and metrics sown.
+RouteFn = Callable[[jax.Array, jax.Array, routing_lib.RouteCall], routing_lib.DispatchPlan]
+
+
+class Dispatch:
+    """How a MoE layer call brings its tokens to their experts and back.
+
+    `apply` runs the call after the layer's input checks: it lays out the routing groups, calls
+    `route` once, moves the tokens to the experts, runs them and combines their outputs.
+
+    Attributes:
+      drops_tokens: the experts have a capacity (slots beyond it are dropped).
+    """
+
+    drops_tokens: bool = True
+
+    def apply(
+        self,
+        cfg: SwitchConfig,
+        x: jax.Array,
+        valid: jax.Array,
+        route: RouteFn,
+        experts: Experts,
+        *,
+        is_encoder: bool,
+        enable_dropout: bool,
+    ) -> jax.Array:
+        """<dtype>[batch, length, embed] -> the same shape; valid: <bool>[batch, length]."""
+        raise NotImplementedError
+
+
+class CapacityDispatch(Dispatch):
+    """Expert buffers of `capacity` slots per group: groups -> route -> dispatch -> all-to-all
+    -> experts -> all-to-all -> combine. Subclasses give `dispatch` and `combine`.
+
+    Attributes:
+      slot_impl: the `routing.route` slot computation that suits the dispatch (same slots).
+    """
+
+    slot_impl: str = "sort"
+
+    def dispatch(self, xg: jax.Array, plan: routing_lib.DispatchPlan, on_groups) -> tuple:
+        """([g, t, d] tokens, plan) -> (<dtype>[e, g, c, d] expert inputs, state for combine)."""
+        raise NotImplementedError
+
+    def combine(self, expert_out: jax.Array, plan: routing_lib.DispatchPlan, state) -> jax.Array:
+        """<dtype>[e, g, c, d] expert outputs -> <dtype>[g, t, d]; dropped tokens get 0."""
+        raise NotImplementedError
+
+    def apply(self, cfg, x, valid, route, experts, *, is_encoder, enable_dropout):
+        batch, length, d = x.shape
+        num_groups, group_tokens = call_groups(cfg, batch, length)
+        if cfg.groups_per_sequence:
+            # The groups are the batch rows: they shard as the batch does, evenly or not, and
+            # no layout changes what a row computes.
+            sharded = num_groups > 1 and num_groups % _group_shards()[0] == 0
+        else:
+            _check_groups_fit_mesh(batch * length, num_groups, cfg.group_size)
+            sharded = num_groups > 1
+        # A single group (decoding steps, small calls) spans the batch shards: its token layout is
+        # left to the partitioner instead of being forced onto one device.
+        expert_group_axis = "expert_group" if sharded else None
+
+        def on_groups(a, names):
+            return _constrain(a, names) if sharded else a
+
+        rule = capacity_rule(cfg, group_tokens, training=enable_dropout)
+        # [batch, length, d] -> [g, t, d]: consecutive tokens, so groups never straddle shards.
+        xg = on_groups(x.reshape(num_groups, group_tokens, d), ("group", "capacity", "embed"))
+        valid = valid.reshape(num_groups, group_tokens)
+        plan = route(xg, valid, _route_call(cfg, rule, valid, group_tokens, is_encoder, self))
+        expert_in, state = self.dispatch(xg, plan, on_groups)
+        # Dispatch stays local to each group shard; then the all-to-all: groups over
+        # (data, expert) -> experts over expert, groups over data (arXiv 2101.03961 Figure 9).
+        # Without the first constraint XLA may instead gather tokens into the expert layout.
+        expert_in = on_groups(expert_in, (None, "group", "capacity", "embed"))
+        expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
+        expert_out = experts(
+            expert_in,
+            enable_dropout=enable_dropout,
+            group_axis=expert_group_axis,
+            loop=loop_experts(self, num_groups * rule.capacity, cfg.d_model, cfg.d_ff),
+        )
+        expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
+        # And back: the second all-to-all returns each expert output to its group's shard.
+        expert_out = on_groups(expert_out, (None, "group", "capacity", "embed"))
+        out = on_groups(self.combine(expert_out, plan, state), ("group", "capacity", "embed"))
+        # [g, t, d] -> [batch, length, d]
+        return out.reshape(batch, length, d)
+
+
+def _route_call(
+    cfg: SwitchConfig,
+    rule: CapacityRule,
+    valid: jax.Array,
+    group_tokens: int,
+    is_encoder: bool,
+    impl: CapacityDispatch,
+) -> routing_lib.RouteCall:
+    """The router call of a capacity dispatch under `rule` (valid: <bool>[groups, tokens])."""
+    slot_limit = None
+    if rule.from_real_tokens:
+        slot_limit = routing_lib.capacity_by_real_tokens(
+            jnp.sum(valid, axis=1, dtype=jnp.int32),
+            group_tokens,
+            cfg.num_experts,
+            rule.capacity_factor,
+            rule.min_expert_capacity,
+        )
+    return routing_lib.RouteCall(
+        capacity=rule.capacity,
+        slot_limit=slot_limit,
+        batch_prioritized=cfg.batch_prioritized_routing and is_encoder,
+        padding_takes_capacity=rule.padding_takes_capacity,
+        slot_impl=impl.slot_impl,
+    )
+
+
+class EinsumDispatch(CapacityDispatch):
+    """Masked one-hot dispatch and combine einsums (Mesh-TF/Flaxformer; `dispatch_einsum`)."""
+
+    slot_impl = "cumsum"
+
+    def dispatch(self, xg, plan, on_groups):
+        expert_in, combine = dispatch_einsum(xg, plan)
+        return expert_in, on_groups(combine, ("group", "capacity", None, None))
+
+    def combine(self, expert_out, plan, state):
+        return combine_einsum(expert_out, state)
+
+
+class ScatterDispatch(CapacityDispatch):
+    """Index gathers into and out of the expert buffers (`dispatch_scatter`)."""
+
+    slot_impl = "sort"
+
+    def dispatch(self, xg, plan, on_groups):
+        tables = slot_tables(plan)
+        return dispatch_scatter(xg, plan, tables), tables
+
+    def combine(self, expert_out, plan, state):
+        return combine_scatter(expert_out, plan, state)
+
+
+class DroplessDispatch(Dispatch):
+    """No capacity: all tokens of the call form one routing group and every kept claim runs
+    through its expert. Subclasses give `run_experts`."""
+
+    drops_tokens = False
+
+    def run_experts(
+        self, cfg: SwitchConfig, x: jax.Array, plan, experts: Experts, enable_dropout: bool
+    ) -> jax.Array:
+        """[batch, length, d] tokens and their one-group plan -> [batch, length, d] outputs."""
+        raise NotImplementedError
+
+    def apply(self, cfg, x, valid, route, experts, *, is_encoder, enable_dropout):
+        batch, length, d = x.shape
+        n = batch * length
+        # Nothing is dropped, so groups do not matter: all tokens form one routing group.
+        # [batch, length, d] -> [1, n, d]
+        plan = route(x.reshape(1, n, d), valid.reshape(1, n), routing_lib.RouteCall(capacity=n))
+        return self.run_experts(cfg, x, plan, experts, enable_dropout)
+
+
+class BlockSparseDispatch(DroplessDispatch):
+    """Rows sorted by expert in blocks, block-sparse grouped matmuls (`Experts.grouped`)."""
+
+    def run_experts(self, cfg, x, plan, experts, enable_dropout):
+        batch, length, _ = x.shape
+        j = plan.expert.shape[-1]
+        weights = plan.weight[0] * plan.kept[0]
+        # Padding and dropped claims go to no expert (-1): they take no rows of the blocks.
+        expert_index = jnp.where(plan.kept[0], plan.expert[0], -1)
+        # [n, j] -> [batch, length, j]
+        return experts.grouped(
+            x,
+            expert_index.reshape(batch, length, j),
+            weights.reshape(batch, length, j),
+            enable_dropout=enable_dropout,
+        )
+
+
+class RaggedDispatch(DroplessDispatch):
+    """Rows sorted by expert through `jax.lax.ragged_dot` (`Experts.ragged`)."""
+
+    def run_experts(self, cfg, x, plan, experts, enable_dropout):
+        batch, length, d = x.shape
+        n, j = plan.expert.shape[1:]
+        # [1, n, j] -> [n * j]; padding sorts last (sentinel id) and lies past sum(group_sizes).
+        keys = jnp.where(plan.kept[0], plan.expert[0], cfg.num_experts).reshape(n * j)
+        order = jnp.argsort(keys, stable=True)
+        group_sizes = jnp.zeros((cfg.num_experts + 1,), jnp.int32).at[keys].add(1)[:-1]
+        # [n, d] -> [n * j, d] sorted by expert
+        rows = x.reshape(n, d)[order // j]
+        out_rows = experts.ragged(rows, group_sizes, enable_dropout=enable_dropout)
+        # [n * j, d] back to (token, claim) order -> [n, j, d]
+        out = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(n, j, d)
+        weights = (plan.weight[0] * plan.kept[0]).astype(out.dtype)
+        # [n, j, d] x [n, j] -> [n, d]
+        out = jnp.einsum("nkd,nk->nd", out, weights)
+        return out.reshape(batch, length, d)
+
+
+_DISPATCHES: dict[str, Dispatch] = {}
+
+
+def register_dispatch(name: str, impl: Dispatch) -> None:
+    """Makes `SwitchConfig.dispatch = name` run MoE layers through `impl` (a new name)."""
+    if name == "auto" or name in _DISPATCHES:
+        raise ValueError(f"dispatch {name!r} is already registered")
+    _DISPATCHES[name] = impl
+
+
+def unregister_dispatch(name: str) -> None:
+    """Removes a dispatch added with `register_dispatch`."""
+    _DISPATCHES.pop(name, None)
+
+
+def dispatch_names() -> tuple[str, ...]:
+    """The registered dispatch implementations, in registration order ("auto" not included)."""
+    return tuple(_DISPATCHES)
+
+
+def get_dispatch(dispatch: str) -> Dispatch:
+    """The implementation `config.dispatch` runs on this backend (`resolve_dispatch`)."""
+    return _DISPATCHES[resolve_dispatch(dispatch)]
+
+
+register_dispatch("einsum", EinsumDispatch())
+register_dispatch("scatter", ScatterDispatch())
+register_dispatch("dropless", BlockSparseDispatch())
+register_dispatch("ragged", RaggedDispatch())
+
+# The built-in dispatch implementations that never drop a token.
+DROPLESS_IMPLS = tuple(n for n, d in _DISPATCHES.items() if not d.drops_tokens)
+
+
+def config_problems(config: SwitchConfig) -> list[str]:
+    """Problems of the config's router type and dispatch (SwitchConfig validation reads the
+    registries, so registered names pass)."""
+    problems = []
+    router_problem = routing_lib.unknown_router_problem(config.router_type)
+    if router_problem:
+        problems.append(router_problem)
+    if config.dispatch != "auto" and config.dispatch not in _DISPATCHES:
+        problems.append(_unknown_dispatch(config.dispatch))
+    return problems
+
+
+def _unknown_dispatch(dispatch: str) -> str:
+    return f"dispatch={dispatch!r}: use {routing_lib.choices(('auto', *dispatch_names()))}"
 
 
 class MoeLayer(nn.Module):
@@ -644,7 +898,8 @@ class MoeLayer(nn.Module):
     Rng streams (only with enable_dropout): "jitter" (router input noise), "dropout" (experts).
     Capacity factor: `train_capacity_factor` with enable_dropout, else `eval_capacity_factor`
     (Flaxformer's convention); see `capacity_rule` for per-sequence groups and transformers'
-    fixed `expert_capacity`.
+    fixed `expert_capacity`. The router (`config.router_type`, `routing.register_router`) and
+    the dispatch (`config.dispatch`, `register_dispatch`) come from their registries.
 
     Attributes:
       config: the network config.
@@ -655,18 +910,11 @@ class MoeLayer(nn.Module):
     config: SwitchConfig
     is_encoder: bool = True
 
-    def _sow_stats(self, r: routing_lib.Routing) -> None:
-        stats = routing_lib.routing_metrics(r)
-        self.sow(
-            "intermediates",
-            "load_balancing_loss",
-            routing_lib.load_balancing_loss(r.router_probs, r.expert_index, r.valid),
-        )
-        self.sow(
-            "intermediates", "router_z_loss", routing_lib.router_z_loss(r.router_logits, r.valid)
-        )
-        for name in ("fraction_dropped", "router_confidence", "expert_usage", "tokens_per_expert"):
-            self.sow("intermediates", name, stats[name])
+    def _sow(self, out: routing_lib.RouterOutput) -> None:
+        # Losses first, then metrics; every name must be declared in moe_metrics.
+        for name, value in {**out.losses, **out.metrics}.items():
+            moe_metrics.get(name)
+            self.sow("intermediates", name, value)
 
     @nn.compact
     def __call__(
@@ -686,26 +934,11 @@ class MoeLayer(nn.Module):
           <dtype>[batch, length, embed]; a token dropped by every chosen expert gets zeros.
         """
         cfg = self.config
-        if cfg.num_experts < 1:
-            raise ValueError("MoeLayer needs config.num_experts >= 1 (0 means a dense model)")
-        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(
-                f"MoeLayer input has shape {x.shape}; expected [batch, length, d_model="
-                f"{cfg.d_model}]"
-            )
-        batch, length = x.shape[:2]
-        if padding_mask is None:
-            valid = jnp.ones((batch, length), bool)
-        else:
-            if padding_mask.shape != (batch, length):
-                raise ValueError(
-                    f"padding_mask has shape {padding_mask.shape}; expected [batch, length] = "
-                    f"{(batch, length)} matching x"
-                )
-            valid = padding_mask.astype(bool)
+        valid = _check_inputs(cfg, x, padding_mask)
         dtype = jnp.dtype(cfg.dtype)
         x = x.astype(dtype)
-        impl = resolve_dispatch(cfg.dispatch)
+        impl = get_dispatch(cfg.dispatch)
+        router_fn = routing_lib.make_router(cfg)
         router = routing_lib.Router(
             cfg.num_experts,
             jitter_noise=cfg.router_jitter_noise,
@@ -714,120 +947,41 @@ class MoeLayer(nn.Module):
             name="router",
         )
         experts = Experts(cfg, name="expert")
-        if impl in DROPLESS_IMPLS:
-            out = self._dropless(x, valid, router, experts, enable_dropout, impl)
-        else:
-            out = self._capacity(x, valid, router, experts, enable_dropout, impl)
+
+        def route(tokens, valid, call):
+            out = router_fn(router(tokens, apply_jitter=enable_dropout), valid, call)
+            self._sow(out)
+            return out.plan
+
+        out = impl.apply(
+            cfg,
+            x,
+            valid,
+            route,
+            experts,
+            is_encoder=self.is_encoder,
+            enable_dropout=enable_dropout,
+        )
         return _constrain(out.astype(dtype), ("batch", "length", "embed"))
 
-    def _capacity(self, x, valid, router, experts, enable_dropout, impl):
-        cfg = self.config
-        batch, length, d = x.shape
-        num_tokens = batch * length
-        num_groups, group_tokens = call_groups(cfg, batch, length)
-        if cfg.groups_per_sequence:
-            # The groups are the batch rows: they shard as the batch does, evenly or not, and
-            # no layout changes what a row computes.
-            sharded = num_groups > 1 and num_groups % _group_shards()[0] == 0
-        else:
-            _check_groups_fit_mesh(num_tokens, num_groups, cfg.group_size)
-            sharded = num_groups > 1
-        # A single group (decoding steps, small calls) spans the batch shards: its token layout is
-        # left to the partitioner instead of being forced onto one device.
-        expert_group_axis = "expert_group" if sharded else None
 
-        def on_groups(a, names):
-            return _constrain(a, names) if sharded else a
-
-        rule = capacity_rule(cfg, group_tokens, training=enable_dropout)
-        # [batch, length, d] -> [g, t, d]: consecutive tokens, so groups never straddle shards.
-        xg = on_groups(x.reshape(num_groups, group_tokens, d), ("group", "capacity", "embed"))
-        valid = valid.reshape(num_groups, group_tokens)
-        slot_limit = None
-        if rule.from_real_tokens:
-            slot_limit = routing_lib.capacity_by_real_tokens(
-                jnp.sum(valid, axis=1, dtype=jnp.int32),
-                group_tokens,
-                cfg.num_experts,
-                rule.capacity_factor,
-                rule.min_expert_capacity,
-            )
-        logits = router(xg, apply_jitter=enable_dropout)
-        r = routing_lib.route(
-            logits,
-            valid,
-            num_selected_experts=cfg.num_selected_experts,
-            capacity=rule.capacity,
-            batch_prioritized=cfg.batch_prioritized_routing and self.is_encoder,
-            slot_impl="cumsum" if impl == "einsum" else "sort",
-            slot_limit=slot_limit,
-            padding_takes_capacity=rule.padding_takes_capacity,
+def _check_inputs(cfg: SwitchConfig, x: jax.Array, padding_mask: jax.Array | None) -> jax.Array:
+    """<bool>[batch, length] real tokens, after checking the layer's input shapes."""
+    if cfg.num_experts < 1:
+        raise ValueError("MoeLayer needs config.num_experts >= 1 (0 means a dense model)")
+    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+        raise ValueError(
+            f"MoeLayer input has shape {x.shape}; expected [batch, length, d_model={cfg.d_model}]"
         )
-        self._sow_stats(r)
-        if impl == "einsum":
-            expert_in, combine = dispatch_einsum(xg, r)
-            combine = on_groups(combine, ("group", "capacity", None, None))
-        else:
-            tables = slot_tables(r)
-            expert_in = dispatch_scatter(xg, r, tables)
-        # Dispatch stays local to each group shard; then the all-to-all: groups over
-        # (data, expert) -> experts over expert, groups over data (arXiv 2101.03961 Figure 9).
-        # Without the first constraint XLA may instead gather tokens into the expert layout.
-        expert_in = on_groups(expert_in, (None, "group", "capacity", "embed"))
-        expert_in = _constrain(expert_in, ("expert", expert_group_axis, "capacity", "embed"))
-        expert_out = experts(
-            expert_in,
-            enable_dropout=enable_dropout,
-            group_axis=expert_group_axis,
-            loop=loop_experts(impl, num_groups * rule.capacity, cfg.d_model, cfg.d_ff),
+    batch, length = x.shape[:2]
+    if padding_mask is None:
+        return jnp.ones((batch, length), bool)
+    if padding_mask.shape != (batch, length):
+        raise ValueError(
+            f"padding_mask has shape {padding_mask.shape}; expected [batch, length] = "
+            f"{(batch, length)} matching x"
         )
-        expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
-        # And back: the second all-to-all returns each expert output to its group's shard.
-        expert_out = on_groups(expert_out, (None, "group", "capacity", "embed"))
-        if impl == "einsum":
-            out = combine_einsum(expert_out, combine)
-        else:
-            out = combine_scatter(expert_out, r, tables)
-        out = on_groups(out, ("group", "capacity", "embed"))
-        # [g, t, d] -> [batch, length, d]
-        return out.reshape(batch, length, d)
-
-    def _dropless(self, x, valid, router, experts, enable_dropout, impl):
-        cfg = self.config
-        batch, length, d = x.shape
-        n = batch * length
-        k = cfg.num_selected_experts
-        # Nothing is dropped, so groups do not matter: all tokens form one routing group.
-        # [batch, length, d] -> [1, n, d]
-        xf = x.reshape(1, n, d)
-        valid = valid.reshape(1, n)
-        logits = router(xf, apply_jitter=enable_dropout)
-        r = routing_lib.route(logits, valid, num_selected_experts=k, capacity=n, slot_impl="sort")
-        self._sow_stats(r)
-        if impl == "dropless":
-            weights = r.gate[0] * valid[0][:, None]
-            # Padding goes to no expert (-1): it takes no rows of the blocks.
-            expert_index = jnp.where(valid[0][:, None], r.expert_index[0], -1)
-            # [n, k] -> [batch, length, k]
-            return experts.grouped(
-                x,
-                expert_index.reshape(batch, length, k),
-                weights.reshape(batch, length, k),
-                enable_dropout=enable_dropout,
-            )
-        # [1, n, k] -> [n * k]; padding sorts last (sentinel id) and lies past sum(group_sizes).
-        keys = jnp.where(valid[0][:, None], r.expert_index[0], cfg.num_experts).reshape(n * k)
-        order = jnp.argsort(keys, stable=True)
-        group_sizes = jnp.zeros((cfg.num_experts + 1,), jnp.int32).at[keys].add(1)[:-1]
-        # [n, d] -> [n * k, d] sorted by expert
-        rows = xf[0][order // k]
-        out_rows = experts.ragged(rows, group_sizes, enable_dropout=enable_dropout)
-        # [n * k, d] back to (token, choice) order -> [n, k, d]
-        out = jnp.zeros_like(out_rows).at[order].set(out_rows).reshape(n, k, d)
-        weights = (r.gate[0] * valid[0][:, None]).astype(out.dtype)
-        # [n, k, d] x [n, k] -> [n, d]
-        out = jnp.einsum("nkd,nk->nd", out, weights)
-        return out.reshape(batch, length, d)
+    return padding_mask.astype(bool)
 
 
 def _natural_key(path: str) -> list:
@@ -843,27 +997,15 @@ def _stack_rank(path: str) -> int:
     return 2
 
 
-def collect_moe_intermediates(intermediates: Mapping) -> dict[str, Any]:
-    """Gathers the sown MoE losses and metrics of every MoE layer call.
-
-    Walks any nesting of the "intermediates" collection; a mapping that holds
-    `load_balancing_loss` is one MoE layer (each sown call counts once; values with extra leading
-    axes, as from `nn.scan`, count once per leading index). Layers are ordered encoder first,
-    then decoder, then anything else, each in natural (layer number) order. Works inside jit.
-
-    Args:
-      intermediates: the "intermediates" collection (or any tree containing it).
-
-    Returns:
-      load_balancing_loss, router_z_loss, fraction_dropped, router_confidence: <float32>[] means
-        over MoE layer calls (0.0 when there are none); expert_usage: <float32>[layers, experts];
-        tokens_per_expert: <float32>[layers, experts]; layer_names: list of "a/b/c" paths.
-    """
+def _moe_layers(intermediates: Mapping) -> list[tuple[str, Mapping]]:
+    """(path, node) of every sown MoE layer, encoder first, then decoder, then the rest, each in
+    natural (layer number) order. A node is a MoE layer when it holds a declared metric."""
+    declared = {m.name for m in moe_metrics.all_metrics()}
     found: list[tuple[str, Mapping]] = []
 
     def walk(node, path):
         if isinstance(node, Mapping):
-            if "load_balancing_loss" in node:
+            if any(k in declared and not isinstance(v, Mapping) for k, v in node.items()):
                 found.append(("/".join(path), node))
                 return
             for key, child in node.items():
@@ -871,33 +1013,58 @@ def collect_moe_intermediates(intermediates: Mapping) -> dict[str, Any]:
 
     walk(intermediates, ())
     found.sort(key=lambda item: (_stack_rank(item[0]), _natural_key(item[0])))
+    return found
 
+
+def _calls(value) -> tuple:
+    """The sown values of one name: one per call of the layer."""
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def collect_moe_intermediates(intermediates: Mapping) -> dict[str, Any]:
+    """Gathers the sown MoE losses and metrics of every MoE layer call.
+
+    Walks any nesting of the "intermediates" collection for MoE layers (`_moe_layers`); each
+    sown call counts once, and values with extra leading axes (from `nn.scan`) count once per
+    leading index. Each declared metric (`moe_metrics`) is reduced over the layer calls that
+    sowed it as it declares ("mean": <float32>[] for a scalar; "stack": <float32>[L, ...]). With
+    no MoE layer every metric is zeros of its `empty` shape; a metric no layer sowed is left
+    out. Works inside jit.
+
+    Args:
+      intermediates: the "intermediates" collection (or any tree containing it).
+
+    Returns:
+      metric name -> reduced value (e.g. load_balancing_loss <float32>[], expert_usage
+      <float32>[layers, experts]), and layer_names: the "a/b/c" path of every layer call.
+    """
+    found = _moe_layers(intermediates)
     names: list[str] = []
-    values: dict[str, list[jax.Array]] = {n: [] for n in MOE_INTERMEDIATES}
+    values: dict[str, list[jax.Array]] = {m.name: [] for m in moe_metrics.all_metrics()}
     for path, node in found:
-        calls = node["load_balancing_loss"]
-        calls = calls if isinstance(calls, tuple | list) else (calls,)
-        for call_index in range(len(calls)):
-            lead = jnp.shape(calls[call_index])
-            # Scalars sown under nn.scan carry the stacked layer axes in front.
+        metrics = moe_metrics.present(node)
+        first = _calls(node[metrics[0].name])
+        for call_index, call in enumerate(first):
+            # Values sown under nn.scan carry the stacked layer axes in front.
+            lead = jnp.shape(call)[: jnp.ndim(call) - metrics[0].ndim]
             count = math.prod(lead)
             for i in range(count):
-                suffix = "" if len(calls) == 1 else f"[{call_index}]"
+                suffix = "" if len(first) == 1 else f"[{call_index}]"
                 suffix += "" if not lead else f"[{i}]"
                 names.append(path + suffix)
-            for key in MOE_INTERMEDIATES:
-                v = node[key]
-                v = v[call_index] if isinstance(v, tuple | list) else v
-                v = jnp.asarray(v, jnp.float32)
-                values[key].append(v.reshape((count, *v.shape[len(lead) :])))
+            for metric in metrics:
+                v = jnp.asarray(_calls(node[metric.name])[call_index], jnp.float32)
+                values[metric.name].append(v.reshape((count, *v.shape[len(lead) :])))
 
     result: dict[str, Any] = {"layer_names": names}
-    for key in ("load_balancing_loss", "router_z_loss", "fraction_dropped", "router_confidence"):
-        result[key] = (
-            jnp.mean(jnp.concatenate(values[key])) if names else jnp.zeros((), jnp.float32)
-        )
-    for key in ("expert_usage", "tokens_per_expert"):
-        result[key] = (
-            jnp.concatenate(values[key], axis=0) if names else jnp.zeros((0, 0), jnp.float32)
-        )
+    for metric in moe_metrics.all_metrics():
+        rows = values[metric.name]
+        if not names:
+            result[metric.name] = jnp.zeros(metric.empty, jnp.float32)
+        elif rows and metric.over_layers == "stack":
+            result[metric.name] = jnp.concatenate(rows, axis=0)
+        elif rows and metric.ndim == 0:
+            result[metric.name] = jnp.mean(jnp.concatenate(rows))
+        elif rows:
+            result[metric.name] = jnp.mean(jnp.concatenate(rows, axis=0), axis=0)
     return result

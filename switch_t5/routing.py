@@ -20,6 +20,13 @@ A group's capacity is a static buffer size; `slot_limit` optionally lowers it pe
 capacity of a sequence computed from its own real tokens, `capacity_by_real_tokens`), so that
 neither padding length nor the buffer size of the batch changes which tokens are dropped.
 
+The layer reaches its router through a registry (`register_router`, chosen by
+`SwitchConfig.router_type`): a router turns the logits into a `DispatchPlan` (which token each
+expert slot holds, with what combine weight), its unweighted losses and its metrics
+(`RouterOutput`). "switch" and "topk" are the token-choice router above (`token_choice_router`);
+the plan does not assume that tokens pick experts (`plan_from_slots` takes an expert-choice
+router's per-slot picks).
+
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
 [tokens, experts] tensor). They are equal by construction of the priority order, so the
@@ -31,12 +38,16 @@ c=expert capacity, d=embed.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from switch_t5 import errors
 
 
 @flax.struct.dataclass
@@ -365,6 +376,203 @@ def routing_metrics(routing: Routing) -> dict[str, jax.Array]:
         "expert_usage": expert_fractions(routing.expert_index, routing.valid, num_experts),
         "tokens_per_expert": processed,
     }
+
+
+@flax.struct.dataclass
+class DispatchPlan:
+    """Which token each expert slot holds and its combine weight, read from the token side.
+
+    Every token has j claims; kept claim (g, t, i) puts token t of group g into slot `position`
+    of expert `expert`'s buffer, and that expert's output for it comes back scaled by `weight`.
+    No two kept claims share an (expert, slot). A token-choice router fills claim i with the
+    token's i-th choice (j = k); an expert-choice router fills claim e with expert e's pick of
+    the token, if any (j = experts; `plan_from_slots` builds that from per-slot picks). The
+    dispatches read only this plan.
+
+    Attributes:
+      expert: <int32>[groups, tokens, j] expert of each claim.
+      position: <int32>[groups, tokens, j] slot of the claim in that expert's buffer (read only
+        where kept).
+      weight: <float32>[groups, tokens, j] combine weight of the claim (read only where kept).
+      kept: <bool>[groups, tokens, j] the claim holds a slot.
+      capacity: static slots per expert and group.
+      num_experts: static number of experts.
+    """
+
+    expert: jax.Array
+    position: jax.Array
+    weight: jax.Array
+    kept: jax.Array
+    capacity: int = flax.struct.field(pytree_node=False)
+    num_experts: int = flax.struct.field(pytree_node=False)
+
+
+def plan_from_routing(r: Routing) -> DispatchPlan:
+    """The plan of token-choice routing: claim i of a token is its i-th choice."""
+    return DispatchPlan(
+        expert=r.expert_index,
+        position=r.position,
+        weight=r.gate,
+        kept=r.kept,
+        capacity=r.capacity,
+        num_experts=r.router_probs.shape[-1],
+    )
+
+
+def plan_from_slots(slot_token: jax.Array, slot_weight: jax.Array, num_tokens: int) -> DispatchPlan:
+    """The plan of per-slot picks (expert-choice routing): claim e of a token is expert e's pick.
+
+    Args:
+      slot_token: <int32>[groups, experts, capacity] token (index in its group) each slot
+        holds; outside [0, num_tokens) = an empty slot. An expert picks a token at most once.
+      slot_weight: <float32>[groups, experts, capacity] combine weight of each slot.
+      num_tokens: tokens per group.
+
+    Returns:
+      The `DispatchPlan` with j = experts claims per token.
+    """
+    g, e, c = slot_token.shape
+    # Empty slots write to an extra token row t, dropped below.
+    rows = jnp.where((slot_token >= 0) & (slot_token < num_tokens), slot_token, num_tokens)
+    gi = jnp.arange(g)[:, None, None]
+    ei = jnp.arange(e)[None, :, None]
+    slots = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (g, e, c))
+    # [g, e, c] -> [g, t + 1, e] -> [g, t, e]
+    position = jnp.full((g, num_tokens + 1, e), c, jnp.int32).at[gi, rows, ei].set(slots)
+    weight = jnp.zeros((g, num_tokens + 1, e), jnp.float32).at[gi, rows, ei].set(slot_weight)
+    position, weight = position[:, :num_tokens], weight[:, :num_tokens]
+    return DispatchPlan(
+        expert=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, num_tokens, e)),
+        position=position,
+        weight=weight,
+        kept=position < c,
+        capacity=c,
+        num_experts=e,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class RouteCall:
+    """What one MoE layer call asks of its router (set by the dispatch and capacity rule).
+
+    Attributes:
+      capacity: slots per expert and group (the static buffer size; the group's token count for
+        the dropless dispatches, which drop nothing).
+      slot_limit: <int32>[groups] slots actually usable in each group (each <= capacity), or
+        None (= capacity).
+      batch_prioritized: hand out slots by router confidence (BPR, encoder layers only).
+      padding_takes_capacity: padding claims slots like real tokens (transformers' rule).
+      slot_impl: "cumsum" or "sort": the slot computation the dispatch prefers (same slots).
+    """
+
+    capacity: int
+    slot_limit: jax.Array | None = None
+    batch_prioritized: bool = False
+    padding_takes_capacity: bool = False
+    slot_impl: str = "sort"
+
+
+@flax.struct.dataclass
+class RouterOutput:
+    """A router's answer for one layer call.
+
+    Attributes:
+      plan: where the tokens go.
+      losses: unweighted auxiliary losses, <float32>[] each (the trainer weights them, see
+        `moe_metrics.MoeMetric.loss_weight`).
+      metrics: load metrics by name; every name (loss or metric) is declared in `moe_metrics`.
+        Decoding reads `fraction_dropped` (infer's drop report): a router that can drop tokens
+        returns it.
+    """
+
+    plan: DispatchPlan
+    losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+
+
+# router(router_logits <float32>[groups, tokens, experts], valid <bool>[groups, tokens], call).
+RouterFn = Callable[[jax.Array, jax.Array, RouteCall], RouterOutput]
+# factory(config: SwitchConfig) -> RouterFn, called at every trace of a MoE layer.
+RouterFactory = Callable[[Any], RouterFn]
+
+_ROUTERS: dict[str, RouterFactory] = {}
+
+
+def register_router(name: str, factory: RouterFactory) -> None:
+    """Makes `SwitchConfig.router_type = name` route with `factory(config)`.
+
+    The factory reads the config fields it needs and raises `errors.UserError` for settings it
+    cannot route with; the function it returns maps the layer's float32 router logits to a
+    `RouterOutput`. Register before building the SwitchConfig (its validation reads this
+    registry).
+    """
+    if name in _ROUTERS:
+        raise ValueError(f"router {name!r} is already registered")
+    _ROUTERS[name] = factory
+
+
+def unregister_router(name: str) -> None:
+    """Removes a router added with `register_router`."""
+    _ROUTERS.pop(name, None)
+
+
+def router_names() -> tuple[str, ...]:
+    """The registered router types, in registration order."""
+    return tuple(_ROUTERS)
+
+
+def choices(names: tuple[str, ...]) -> str:
+    """'a', 'b' or 'c'."""
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def unknown_router_problem(router_type: str) -> str | None:
+    """The config problem of an unregistered router type (None when it is registered)."""
+    if router_type in _ROUTERS:
+        return None
+    return (
+        f"router_type={router_type!r} is not a registered router: use "
+        f"{choices(router_names())} (switch_t5.routing.register_router adds one)"
+    )
+
+
+def make_router(config: Any) -> RouterFn:
+    """The router function of `config.router_type` for this config."""
+    problem = unknown_router_problem(config.router_type)
+    if problem:
+        raise errors.UserError(problem)
+    return _ROUTERS[config.router_type](config)
+
+
+def token_choice_router(config: Any) -> RouterFn:
+    """Top-k token-choice routing (`route`; "switch" is k = 1), with the Switch load-balancing
+    loss, the router z-loss and `routing_metrics`."""
+    k = config.num_selected_experts
+
+    def run(router_logits: jax.Array, valid: jax.Array, call: RouteCall) -> RouterOutput:
+        r = route(
+            router_logits,
+            valid,
+            num_selected_experts=k,
+            capacity=call.capacity,
+            batch_prioritized=call.batch_prioritized,
+            slot_impl=call.slot_impl,
+            slot_limit=call.slot_limit,
+            padding_takes_capacity=call.padding_takes_capacity,
+        )
+        metrics = routing_metrics(r)
+        losses = {
+            "load_balancing_loss": load_balancing_loss(r.router_probs, r.expert_index, r.valid),
+            "router_z_loss": router_z_loss(r.router_logits, r.valid),
+        }
+        return RouterOutput(plan_from_routing(r), losses, metrics)
+
+    return run
+
+
+register_router("switch", token_choice_router)
+register_router("topk", token_choice_router)
 
 
 class Router(nn.Module):

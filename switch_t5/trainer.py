@@ -14,6 +14,9 @@ the full-batch gradient (up to summation order). The MoE losses are computed per
 averaged (as T5X does): they are not linear in the tokens (products of per-expert fractions over
 the valid tokens), so with accumulation they differ slightly from the full-batch values.
 
+The MoE losses and metrics the steps return, and how microbatches and eval batches reduce them,
+are declared once in `switch_t5.moe_metrics`.
+
 Shape legend: b = batch, l = target length, v = vocabulary, n = microbatches, L = MoE layers,
 e = experts.
 """
@@ -22,15 +25,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
-from switch_t5 import errors, optim, partitioning
+from switch_t5 import errors, moe_metrics, optim, partitioning
 from switch_t5 import moe as moe_lib
 from switch_t5.data import features as features_lib
 from switch_t5.train_state import TrainState
@@ -196,12 +201,28 @@ def _objective(
     sums = token_losses(
         logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
     )
-    aux = (
-        loss_config.load_balancing_loss_weight * moe["load_balancing_loss"]
-        + loss_config.router_z_loss_weight * moe["router_z_loss"]
-    )
+    aux = moe_aux_loss(moe, loss_config)
     loss = (sums["cross_entropy_sum"] + sums["z_loss_sum"]) / total_weight + aux / num_microbatches
     return loss, {**sums, **{k: v for k, v in moe.items()}}
+
+
+def moe_aux_loss(moe: Mapping[str, Any], loss_config: LossConfig, batches: int = 1) -> Any:
+    """The weighted sum of the MoE auxiliary losses in `moe` (0 when there are none).
+
+    Each loss is a metric whose `moe_metrics.MoeMetric.loss_weight` names its LossConfig field
+    (alpha * load_balancing_loss + beta * router_z_loss for the built-in routers).
+
+    Args:
+      moe: MoE losses by name: one batch's, or sums over `batches` eval batches.
+      loss_config: the weights.
+      batches: the batches summed in `moe` (each "mean" loss is divided by it).
+    """
+    terms = []
+    for m in moe_metrics.present(moe):
+        if m.loss_weight is not None:
+            term = getattr(loss_config, m.loss_weight) * moe[m.name]
+            terms.append(term / batches if batches != 1 and m.over_steps == "mean" else term)
+    return functools.reduce(operator.add, terms) if terms else 0.0
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -263,15 +284,8 @@ def train_step(
             (zero_grads, jnp.zeros((), jnp.float32), zero_aux),
             (jnp.arange(num_microbatches), micro),
         )
-        for key in (
-            "load_balancing_loss",
-            "router_z_loss",
-            "fraction_dropped",
-            "router_confidence",
-            "expert_usage",
-            "tokens_per_expert",
-        ):
-            aux[key] = aux[key] / num_microbatches
+        for metric in moe_metrics.present(aux):
+            aux[metric.name] = moe_metrics.reduce_steps(metric, aux[metric.name], num_microbatches)
 
     new_state = state.apply_gradients(grads, optimizer.tx)
     params_finite = jnp.all(
@@ -282,11 +296,7 @@ def train_step(
         CROSS_ENTROPY: aux["cross_entropy_sum"] / total_weight,
         "z_loss": aux["z_loss_sum"] / total_weight,
         "accuracy": aux["correct_sum"] / total_weight,
-        "load_balancing_loss": aux["load_balancing_loss"],
-        "router_z_loss": aux["router_z_loss"],
-        "fraction_dropped": aux["fraction_dropped"],
-        "router_confidence": aux["router_confidence"],
-        "expert_usage": aux["expert_usage"],
+        **{m.name: aux[m.name] for m in moe_metrics.present(aux, "train")},
         "learning_rate": optimizer.schedule(state.step),
         "grad_norm": optax.global_norm(grads),
         "target_tokens": aux["weight_sum"],
@@ -303,14 +313,7 @@ def eval_step(
     sums = token_losses(
         logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
     )
-    return {
-        **sums,
-        "load_balancing_loss": moe["load_balancing_loss"],
-        "router_z_loss": moe["router_z_loss"],
-        "fraction_dropped": moe["fraction_dropped"],
-        "router_confidence": moe["router_confidence"],
-        "expert_usage": moe["expert_usage"],
-    }
+    return {**sums, **{m.name: moe[m.name] for m in moe_metrics.present(moe, "eval")}}
 
 
 class EvalAccumulator:
@@ -333,20 +336,17 @@ class EvalAccumulator:
             raise ValueError("evaluation saw no batches: the validation split is empty")
         s, n = self.sums, self.batches
         w = max(float(s["weight_sum"]), 1.0)
-        aux = (
-            self.loss_config.load_balancing_loss_weight * s["load_balancing_loss"] / n
-            + self.loss_config.router_z_loss_weight * s["router_z_loss"] / n
-        )
+        moe = {}
+        for metric in moe_metrics.present(s, "eval"):
+            value = moe_metrics.reduce_steps(metric, s[metric.name], n)
+            moe[metric.name] = float(value) if np.ndim(value) == 0 else value
+        aux = moe_aux_loss(s, self.loss_config, n)
         return {
             "loss": float((s["cross_entropy_sum"] + s["z_loss_sum"]) / w + aux),
             CROSS_ENTROPY: float(s["cross_entropy_sum"] / w),
             "z_loss": float(s["z_loss_sum"] / w),
             "accuracy": float(s["correct_sum"] / w),
-            "load_balancing_loss": float(s["load_balancing_loss"] / n),
-            "router_z_loss": float(s["router_z_loss"] / n),
-            "fraction_dropped": float(s["fraction_dropped"] / n),
-            "router_confidence": float(s["router_confidence"] / n),
-            "expert_usage": s["expert_usage"] / n,
+            **moe,
             "target_tokens": float(s["weight_sum"]),
             "batches": n,
         }

@@ -285,3 +285,41 @@ def test_bad_slot_impl():
             capacity=1,
             slot_impl="bogus",
         )
+
+
+def test_registered_switch_and_topk_routers_are_route_and_its_losses():
+    """router_type "switch"/"topk" (the registry) give `route`'s slots, losses and metrics."""
+    logits = jax.random.normal(jax.random.key(3), (2, 12, E), jnp.float32) * 2
+    valid = jnp.arange(12)[None, :] < jnp.array([[12], [7]])
+    for router_type, k in (("switch", 1), ("topk", 2)):
+        config = SwitchConfig(num_experts=E, router_type=router_type, num_selected_experts=k)
+        call = routing.RouteCall(capacity=3, batch_prioritized=True, slot_impl="cumsum")
+        out = routing.make_router(config)(logits, valid, call)
+        r = routing.route(logits, valid, num_selected_experts=k, capacity=3, batch_prioritized=True)
+        plan = routing.plan_from_routing(r)
+        for field in ("expert", "position", "weight", "kept"):
+            np.testing.assert_array_equal(getattr(out.plan, field), getattr(plan, field))
+        assert (out.plan.capacity, out.plan.num_experts) == (3, E)
+        np.testing.assert_array_equal(
+            out.losses["load_balancing_loss"],
+            routing.load_balancing_loss(r.router_probs, r.expert_index, valid),
+        )
+        np.testing.assert_array_equal(
+            out.losses["router_z_loss"], routing.router_z_loss(r.router_logits, valid)
+        )
+        want = routing.routing_metrics(r)
+        assert set(out.metrics) == set(want)
+        for name in want:
+            np.testing.assert_array_equal(out.metrics[name], want[name])
+
+
+def test_plan_from_slots_reads_per_slot_picks_from_the_token_side():
+    # 1 group, 2 experts, 2 slots, 3 tokens: expert 0 holds tokens 2 and 0, expert 1 token 2
+    # and an empty slot (3 = out of range).
+    token = jnp.array([[[2, 0], [2, 3]]], jnp.int32)
+    weight = jnp.array([[[0.5, 0.25], [0.75, 9.0]]], jnp.float32)
+    plan = routing.plan_from_slots(token, weight, 3)
+    np.testing.assert_array_equal(plan.expert[0], [[0, 1]] * 3)
+    np.testing.assert_array_equal(plan.kept[0], [[True, False], [False, False], [True, True]])
+    np.testing.assert_array_equal(plan.position[0][plan.kept[0]], [1, 0, 0])
+    np.testing.assert_array_equal(plan.weight[0], [[0.25, 0.0], [0.0, 0.0], [0.5, 0.75]])
