@@ -535,6 +535,13 @@ def register_optimizer(name: str, builder: OptimizerBuilder) -> OptimizerBuilder
     return builder
 
 
+def unregister_optimizer(name: str) -> None:
+    """Forgets a registered optimizer (tests, or a module that replaces one)."""
+    global OPTIMIZERS
+    _OPTIMIZER_BUILDERS.pop(name, None)
+    OPTIMIZERS = tuple(_OPTIMIZER_BUILDERS)
+
+
 def optax_state_shardings(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
     """State shardings of an optax transformation whose per-param state mirrors the params
     (AdamW's moments, SGD's momentum): each like its param; counts and the rest replicated."""
