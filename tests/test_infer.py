@@ -21,7 +21,6 @@ from switch_t5 import (
     init_checkpoint,
     network,
 )
-from switch_t5 import eval as eval_lib
 from switch_t5.data import vocab
 from switch_t5.data import vocab as vocab_lib
 from switch_t5.errors import UserError
@@ -232,7 +231,7 @@ def test_errors_name_the_problem(ckpt, tmp_path):
         str(tmp_path / "other.model"),
         100 + 24,
     )
-    with pytest.raises(eval_lib.init_checkpoint.InitialCheckpointError, match="VOCABULARY_PATH"):
+    with pytest.raises(init_checkpoint.InitialCheckpointError, match="VOCABULARY_PATH"):
         infer.infer(checkpoint_dir=ckpt["dir"], inputs=["x"], vocabulary_path=other)
 
 
