@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_utils
 
 from switch_t5 import flops as flops_lib
-from switch_t5 import moe, network, optim, partitioning, train_state, trainer
+from switch_t5 import moe, network, optim, partitioning, run_builder, trainer
 from switch_t5.config import SwitchConfig
 
 # name -> (SwitchConfig fields, batch, inputs length, targets length)
@@ -111,11 +111,16 @@ def _batch(config: SwitchConfig, batch: int, inputs: int, targets: int, seed: in
     ids = lambda n: rng.integers(2, config.vocab_size, (batch, n), dtype=np.int32)
     targets_ids = ids(targets)
     decoder_inputs = np.concatenate([np.zeros((batch, 1), np.int32), targets_ids[:, :-1]], 1)
+    # Every feature the input pipeline yields: one unpacked example per row.
     return {
         "encoder_input_tokens": ids(inputs),
+        "encoder_segment_ids": np.ones((batch, inputs), np.int32),
+        "encoder_positions": np.broadcast_to(np.arange(inputs, dtype=np.int32), (batch, inputs)),
         "decoder_input_tokens": decoder_inputs,
         "decoder_target_tokens": targets_ids,
-        "decoder_loss_weights": np.ones((batch, targets), np.float32),
+        "decoder_loss_weights": np.ones((batch, targets), np.int32),
+        "decoder_segment_ids": np.ones((batch, targets), np.int32),
+        "decoder_positions": np.broadcast_to(np.arange(targets, dtype=np.int32), (batch, targets)),
     }
 
 
@@ -123,23 +128,17 @@ class Runner:
     """One model's jitted train step with its state; each call runs `steps` steps."""
 
     def __init__(self, config, mesh, batch_np, steps: int, seed: int = 0):
-        module = network.EncoderDecoder(config)
-        schedule = optim.make_schedule("constant", 0.01)
-        setup = train_state.setup_train_state(
-            lambda rng: network.init_variables(config, rng),
-            lambda specs: optim.make_optimizer("adafactor", schedule, specs),
+        # The train step `switch_t5.train` runs (`run_builder.build_run`).
+        optimizer = optim.OptimizerConfig(lr_schedule="constant", base_learning_rate=0.01)
+        run = run_builder.build_run(
+            config,
             mesh,
-            seed,
+            lambda specs: optim.make_optimizer(optimizer, logical_specs=specs),
+            trainer.LossConfig(z_loss=0.0, router_z_loss_weight=0.0).for_model(config),
+            seed=seed,
         )
-        shardings = trainer.batch_shardings(batch_np, mesh)
-        self.step_fn = trainer.make_train_step(
-            module,
-            setup.optimizer,
-            trainer.LossConfig(0.0, config.load_balancing_loss_weight, 0.0),
-            setup.shardings,
-            shardings,
-            mesh,
-        )
+        setup, shardings = run.setup, run.batch_shardings
+        self.step_fn = run.train_step
         self.batch = {k: jax.device_put(v, shardings[k]) for k, v in batch_np.items()}
         self.state = setup.init_fn()
         self.params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.state.params))
