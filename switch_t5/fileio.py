@@ -47,8 +47,3 @@ def append_text(p: str | os.PathLike, text: str) -> None:
     else:
         with open(p, "a") as f:
             f.write(text)
-
-
-def local_dir_for(p: str | os.PathLike) -> str | None:
-    """The local directory for things only written locally (None for remote paths)."""
-    return None if is_remote(p) else os.fspath(p)

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from switch_t5 import errors
@@ -633,11 +632,6 @@ def make_optimizer(
     if schedule is None:
         schedule = config.make_schedule()
     return _OPTIMIZER_BUILDERS[config.name](config, schedule, logical_specs)
-
-
-def logical_specs_of(boxed_variables: Any) -> Any:
-    """Logical PartitionSpecs of the `params` of a boxed (nn.Partitioned) variables tree."""
-    return nn.get_partition_spec(boxed_variables)
 
 
 def state_bytes(state: Any) -> int:

@@ -82,10 +82,6 @@ def weight_embed_axis(config) -> str:
     return WEIGHT_EMBED if fsdp_enabled(config) else "embed"
 
 
-def logical_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-    return LOGICAL_AXIS_RULES
-
-
 class MeshConfigError(errors.UserError):
     """The mesh sizes are invalid, or do not fit the devices, the model or the batch."""
 

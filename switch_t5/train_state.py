@@ -117,7 +117,3 @@ def setup_train_state(
             return jitted()
 
     return StateSetup(abstract_state, shardings, logical_specs, optimizer, init_fn)
-
-
-def count_params(abstract_params: Any) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(abstract_params)))
