@@ -130,7 +130,7 @@ def test_registered_router_and_metric_train_through_make_train_step(mesh_222):
     step = trainer.make_train_step(
         network.EncoderDecoder(toy),
         st.optimizer,
-        trainer.LossConfig(),
+        trainer.LossConfig().for_model(toy),
         st.shardings,
         shardings,
         mesh_222,
