@@ -47,7 +47,7 @@ from typing import Any
 import gin
 import jax
 
-from switch_t5 import checkpoints, decoding, gin_utils, run_dir
+from switch_t5 import checkpoints, decoding, fileio, gin_utils, run_dir
 from switch_t5.evaluation import (
     EvalConfigError,
     EvalResult,
@@ -130,8 +130,6 @@ def run_eval(
     Returns:
       An EvalResult (also written to EVAL_OUTPUT_DIR).
     """
-    from switch_t5 import data_gin
-
     if model_dir is gin.REQUIRED or not model_dir:
         raise EvalConfigError("MODEL_DIR is required: --gin.MODEL_DIR=\"'/path/to/run'\"")
     # Checked before anything is loaded; max_decode_length None = the targets length.
@@ -141,40 +139,19 @@ def run_eval(
     checkpoints.check_model_dir(
         model_dir, fix="give the folder a training run wrote (it holds checkpoints/)"
     )
-    try:
-        ref = resolve_checkpoint(model_dir, checkpoint_step)
-    except FileNotFoundError:
-        if mixture_or_task_name:
-            # Without a checkpoint no recorded setting can help: a wrong task name (or a
-            # missing data macro) is named first, as the first thing to fix.
-            data_gin.register_tasks(mixture_or_task_name)
-        raise
-    mixture_or_task_name = apply_recorded_task(
-        checkpoints.recorded_task(ref.meta), mixture_or_task_name
-    )
-    if task_feature_lengths is None:
-        task_feature_lengths = checkpoints.recorded_feature_lengths(ref.meta, ref.step_dir)
-    data_gin.register_tasks(mixture_or_task_name)
-    vocabulary = data_gin.get_vocabulary(mixture_or_task_name)
-    lengths = data_gin.check_lengths(
-        mixture_or_task_name, task_feature_lengths or {"inputs": 512, "targets": 62}, [split]
+    ref = _checkpoint(model_dir, checkpoint_step, mixture_or_task_name)
+    mixture_or_task_name, vocabulary, lengths = _task(
+        ref, mixture_or_task_name, task_feature_lengths, split
     )
     model, params, config, mesh = load_model(
         ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
     )
+    where = dict(split=split, max_examples=max_examples)
     if has_metrics(mixture_or_task_name, split):
-        result = _decode_and_score(
-            model,
-            params,
-            mesh,
-            mixture_or_task_name,
-            lengths,
-            batch_size,
-            split=split,
-            max_examples=max_examples,
-            settings=settings,
-            step=ref.step,
+        evaluator = Evaluator(
+            model, mixture_or_task_name, lengths, batch_size, mesh, settings=settings, **where
         )
+        result = evaluator.evaluate(params, step=ref.step)
     else:
         result = teacher_forced_eval(
             model,
@@ -184,22 +161,48 @@ def run_eval(
             mixture_or_task_name,
             lengths,
             batch_size,
-            split=split,
-            max_examples=max_examples,
+            **where,
             step=ref.step,
         )
-    out_dir = eval_output_dir or str(run_dir.RunDir(model_dir).eval_dir())
-    result.output_dir = out_dir
-    if jax.process_index() == 0:
-        write_outputs(result, out_dir, checkpoint=str(ref.step_dir))
-        write_tensorboard(result, str(checkpoints.path(out_dir, "tensorboard")), ref.step)
-        checkpoints.write_text(checkpoints.path(out_dir, "config.gin"), gin.config_str())
+    _write(result, eval_output_dir or str(run_dir.RunDir(model_dir).eval_dir()), ref)
     return result
 
 
-def _decode_and_score(model, params, mesh, name, lengths, batch_size, *, step, **kwargs):
-    evaluator = Evaluator(model, name, lengths, batch_size, mesh, **kwargs)
-    return evaluator.evaluate(params, step=step)
+def _task(ref, mixture_or_task_name, task_feature_lengths, split: str):
+    """(task name, vocabulary, checked lengths): the flags given, else what the run recorded."""
+    from switch_t5 import data_gin
+
+    name = apply_recorded_task(checkpoints.recorded_task(ref.meta), mixture_or_task_name)
+    if task_feature_lengths is None:
+        task_feature_lengths = checkpoints.recorded_feature_lengths(ref.meta, ref.step_dir)
+    data_gin.register_tasks(name)
+    lengths = data_gin.check_lengths(
+        name, task_feature_lengths or {"inputs": 512, "targets": 62}, [split]
+    )
+    return name, data_gin.get_vocabulary(name), lengths
+
+
+def _checkpoint(model_dir: str, checkpoint_step, mixture_or_task_name: str | None):
+    """The checkpoint CHECKPOINT_STEP names; without one, a wrong task name is named first."""
+    try:
+        return resolve_checkpoint(model_dir, checkpoint_step)
+    except FileNotFoundError:
+        if mixture_or_task_name:
+            # Without a checkpoint no recorded setting can help: a wrong task name (or a
+            # missing data macro) is named first, as the first thing to fix.
+            from switch_t5 import data_gin
+
+            data_gin.register_tasks(mixture_or_task_name)
+        raise
+
+
+def _write(result: EvalResult, out_dir: str, ref) -> None:
+    """predictions.jsonl, metrics.json, tensorboard/ and config.gin into `out_dir`."""
+    result.output_dir = out_dir
+    if jax.process_index() == 0:
+        write_outputs(result, out_dir, checkpoint=str(ref.step_dir))
+        write_tensorboard(result, str(fileio.path(out_dir, run_dir.TENSORBOARD)), ref.step)
+        fileio.write_text(fileio.path(out_dir, run_dir.CONFIG_FILE), gin.config_str())
 
 
 def print_summary(result: EvalResult) -> None:

@@ -186,6 +186,29 @@ def infer(
     settings = decoding.DecodingConfig(
         method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed
     )
+    ref, vocabulary = _checkpoint(checkpoint_dir, step, vocabulary_path)
+    model, params, _, mesh = evaluation.load_model(
+        ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
+    )
+    rows = [i for i, text in enumerate(texts) if not is_empty_input(text)]
+    predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
+    if not rows:
+        return predictions
+    shards = mesh.shape["data"] * mesh.shape["expert"]
+    if batch_size is None:
+        batch_size = -(-min(len(rows), 32) // shards) * shards
+    tokens, truncated = _encode(ref, [texts[i] for i in rows], vocabulary, inputs_length)
+    decoder = evaluation.BatchDecoder(model, mesh, batch_size, settings=settings)
+    out, scores = decoder(params, tokens)
+    report_drops(decoder.fraction_dropped)
+    for i, row, score, cut in zip(rows, out, scores, truncated):
+        text = vocabulary.decode(evaluation.output_ids(row))
+        predictions[i] = Prediction(texts[i], text, float(score), truncated=bool(cut))
+    return predictions
+
+
+def _checkpoint(checkpoint_dir: str, step: int | None, vocabulary_path: str | None):
+    """(checkpoint ref, vocabulary) of a run folder or one step's folder."""
     checkpoints.check_model_dir(
         checkpoint_dir,
         "--checkpoint_dir",
@@ -197,38 +220,26 @@ def infer(
             f"no complete checkpoint under {checkpoint_dir}; give a MODEL_DIR, its checkpoints/ "
             "folder or one step's folder (…/checkpoints/N)"
         )
-    vocabulary = resolve_vocabulary(ref, vocabulary_path)
-    model, params, _, mesh = evaluation.load_model(
-        ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
-    )
-    rows = [i for i, text in enumerate(texts) if not is_empty_input(text)]
-    if not rows:
-        return [Prediction(text, "", None, empty_input=True) for text in texts]
-    shards = mesh.shape["data"] * mesh.shape["expert"]
-    if batch_size is None:
-        batch_size = -(-min(len(rows), 32) // shards) * shards
+    return ref, resolve_vocabulary(ref, vocabulary_path)
+
+
+def _encode(ref, texts: Sequence[str], vocabulary, inputs_length: int | None):
+    """Encoded inputs (see `encode_inputs`); says on stderr when some were cut."""
     limit, source = default_inputs_length(ref)
     tokens, truncated = encode_inputs(
-        [texts[i] for i in rows], vocabulary, inputs_length, None if inputs_length else limit
+        texts, vocabulary, inputs_length, None if inputs_length else limit
     )
     if truncated.any():
         # stderr, whatever the logging setup: the outputs of cut inputs may be worse.
         print(
-            f"infer: cut {int(truncated.sum())} of {len(rows)} inputs to {tokens.shape[1]} "
+            f"infer: cut {int(truncated.sum())} of {len(texts)} inputs to {tokens.shape[1]} "
             "tokens (EOS included; "
             + ("--inputs_length" if inputs_length else source)
             + "); set --inputs_length=N for another length",
             file=sys.stderr,
             flush=True,
         )
-    decoder = evaluation.BatchDecoder(model, mesh, batch_size, settings=settings)
-    out, scores = decoder(params, tokens)
-    report_drops(decoder.fraction_dropped)
-    predictions = [Prediction(text, "", None, empty_input=True) for text in texts]
-    for i, row, score, cut in zip(rows, out, scores, truncated):
-        text = vocabulary.decode(evaluation.output_ids(row))
-        predictions[i] = Prediction(texts[i], text, float(score), truncated=bool(cut))
-    return predictions
+    return tokens, truncated
 
 
 def report_drops(fraction_dropped: float) -> None:
