@@ -404,68 +404,15 @@ class Experts(nn.Module):
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        rate = cfg.expert_dropout
-        key = self.make_rng("dropout") if enable_dropout and rate > 0 else None
+        key = self.make_rng("dropout") if enable_dropout and cfg.expert_dropout > 0 else None
         kernels = [wi().astype(dtype) for wi in self.wi] + [self.wo().astype(dtype)]
-        expert_shards, expert_axes = _group_shards("expert")
-        mlp_shards, mlp_axes = _group_shards("mlp")
-        _, batch_axes = _group_shards("batch")
-        token_axes = tuple(a for a in batch_axes if a not in expert_axes + mlp_axes)
-        mesh = jax.sharding.get_abstract_mesh()
-        token_shards = math.prod(mesh.shape[a] for a in token_axes) if token_axes else 1
-        if x.shape[0] % token_shards:
-            token_axes, token_shards = (), 1
-        local_experts = cfg.num_experts // expert_shards
-        acts = cfg.mlp_activations
-        impl = gmm_lib.default_impl()
-
-        sharded = not mesh.empty and (expert_shards > 1 or mlp_shards > 1 or token_shards > 1)
-
-        def run(x, expert_index, weights, kernels, key):
-            *wis, wo = kernels
-            b, length, d = x.shape
-            n, k = b * length, expert_index.shape[-1]
-            first = 0
-            if expert_axes:
-                first = jax.lax.axis_index(expert_axes) * local_experts
-            # Experts held by other shards are out of [0, local_experts): not computed here.
-            layout = gmm_lib.block_layout(
-                (expert_index.reshape(n * k) - first).astype(jnp.int32),
-                local_experts,
-                cfg.dropless_block_size,
-            )
-            block = gmm_lib.block_rows(n * k, cfg.dropless_block_size)
-            # [n, d] -> [blocks, block, d]
-            xb = gmm_lib.dispatch_rows(x.reshape(n, d).astype(dtype), layout, k, block)
-
-            def project(w):
-                return gmm_lib.gmm(xb, w, layout.block_expert, layout.used_blocks, impl)
-
-            h = None
-            for act_name, w in zip(acts, wis):
-                a = _ACTIVATIONS[act_name](project(w))
-                h = a if h is None else h * a
-            if key is not None:
-                # Expert dropout (arXiv 2101.03961 Table 4), one key per shard.
-                k_drop = key
-                for axis in mesh.axis_names if sharded else ():
-                    k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(axis))
-                keep = jax.random.bernoulli(k_drop, 1.0 - rate, h.shape)
-                h = jnp.where(keep, h / max(1.0 - rate, 1e-12), 0.0).astype(dtype)
-            # [blocks, block, f] x [e, f, d] -> [blocks, block, d] -> [n * k, d] -> [n, k, d]
-            y = gmm_lib.gmm(h, wo, layout.block_expert, layout.used_blocks, impl)
-            y = gmm_lib.combine_rows(y, layout).reshape(n, k, d)
-            # [n, k, d] x [n, k] -> [n, d]
-            out = jnp.einsum("nkd,nk->nd", y, weights.reshape(n, k).astype(dtype))
-            if expert_axes or mlp_axes:
-                out = jax.lax.psum(out, expert_axes + mlp_axes)
-            return out.reshape(b, length, d)
-
-        if not sharded:
+        layout = _DroplessShards.of(cfg, x.shape[0])
+        run = functools.partial(_dropless_rows, cfg=cfg, shards=layout)
+        if not layout.sharded:
             return run(x, expert_index, weights, kernels, key)
-        tokens = P(token_axes or None)
-        wi_spec = P(expert_axes or None, None, mlp_axes or None)
-        wo_spec = P(expert_axes or None, mlp_axes or None, None)
+        tokens = P(layout.token_axes or None)
+        wi_spec = P(layout.expert_axes or None, None, layout.mlp_axes or None)
+        wo_spec = P(layout.expert_axes or None, layout.mlp_axes or None, None)
         specs = (tokens, tokens, tokens, [wi_spec] * len(self.wi) + [wo_spec])
         if key is None:
             return jax.shard_map(
@@ -474,6 +421,84 @@ class Experts(nn.Module):
         return jax.shard_map(run, in_specs=(*specs, P()), out_specs=tokens, check_vma=False)(
             x, expert_index, weights, kernels, key
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _DroplessShards:
+    """How the dropless experts split over the mesh: expert shards hold `local_experts` each,
+    model shards a slice of d_ff, token shards the batch rows the others do not split."""
+
+    expert_axes: tuple[str, ...]
+    mlp_axes: tuple[str, ...]
+    token_axes: tuple[str, ...]
+    local_experts: int
+    sharded: bool
+    axis_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: SwitchConfig, batch: int) -> _DroplessShards:
+        expert_shards, expert_axes = _group_shards("expert")
+        mlp_shards, mlp_axes = _group_shards("mlp")
+        _, batch_axes = _group_shards("batch")
+        token_axes = tuple(a for a in batch_axes if a not in expert_axes + mlp_axes)
+        mesh = jax.sharding.get_abstract_mesh()
+        token_shards = math.prod(mesh.shape[a] for a in token_axes) if token_axes else 1
+        if batch % token_shards:
+            token_axes, token_shards = (), 1
+        sharded = not mesh.empty and (expert_shards > 1 or mlp_shards > 1 or token_shards > 1)
+        return cls(
+            expert_axes,
+            mlp_axes,
+            token_axes,
+            cfg.num_experts // expert_shards,
+            sharded,
+            tuple(mesh.axis_names) if sharded else (),
+        )
+
+
+def _dropless_rows(x, expert_index, weights, kernels, key, *, cfg, shards: _DroplessShards):
+    """One shard's dropless experts (the whole layer when unsharded); see `Experts.grouped`."""
+    *wis, wo = kernels
+    dtype = jnp.dtype(cfg.dtype)
+    impl = gmm_lib.default_impl()
+    b, length, d = x.shape
+    n, k = b * length, expert_index.shape[-1]
+    first = 0
+    if shards.expert_axes:
+        first = jax.lax.axis_index(shards.expert_axes) * shards.local_experts
+    # Experts held by other shards are out of [0, local_experts): not computed here.
+    layout = gmm_lib.block_layout(
+        (expert_index.reshape(n * k) - first).astype(jnp.int32),
+        shards.local_experts,
+        cfg.dropless_block_size,
+    )
+    block = gmm_lib.block_rows(n * k, cfg.dropless_block_size)
+    # [n, d] -> [blocks, block, d]
+    xb = gmm_lib.dispatch_rows(x.reshape(n, d).astype(dtype), layout, k, block)
+    h = None
+    for act_name, w in zip(cfg.mlp_activations, wis):
+        a = _ACTIVATIONS[act_name](
+            gmm_lib.gmm(xb, w, layout.block_expert, layout.used_blocks, impl)
+        )
+        h = a if h is None else h * a
+    if key is not None:
+        h = _expert_dropout(h, key, cfg.expert_dropout, shards.axis_names, dtype)
+    # [blocks, block, f] x [e, f, d] -> [blocks, block, d] -> [n * k, d] -> [n, k, d]
+    y = gmm_lib.gmm(h, wo, layout.block_expert, layout.used_blocks, impl)
+    y = gmm_lib.combine_rows(y, layout).reshape(n, k, d)
+    # [n, k, d] x [n, k] -> [n, d]
+    out = jnp.einsum("nkd,nk->nd", y, weights.reshape(n, k).astype(dtype))
+    if shards.expert_axes or shards.mlp_axes:
+        out = jax.lax.psum(out, shards.expert_axes + shards.mlp_axes)
+    return out.reshape(b, length, d)
+
+
+def _expert_dropout(h, key, rate: float, axes: tuple[str, ...], dtype):
+    """Expert dropout (arXiv 2101.03961 Table 4), one key per shard."""
+    for axis in axes:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+    keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+    return jnp.where(keep, h / max(1.0 - rate, 1e-12), 0.0).astype(dtype)
 
 
 def dispatch_einsum(x: jax.Array, plan: routing_lib.DispatchPlan) -> tuple[jax.Array, jax.Array]:
