@@ -611,7 +611,24 @@ def compile_in_subprocess(
         text=True,
         env=env,
     )
-    # Progress ("plan: ..." lines) goes to our stderr as it comes; the rest is kept for errors.
+    stdout, err_lines, timed_out = _run_worker(proc, timeout)
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    stderr = "".join(err_lines)
+    for line in stdout.splitlines():
+        if line.startswith(_WORKER_TAG):
+            return StepPlan(**json.loads(line[len(_WORKER_TAG) :]))
+        if line.startswith(_ERROR_TAG):
+            raise PlanError(json.loads(line[len(_ERROR_TAG) :]))
+    raise RuntimeError(
+        f"compiling the train step for {n} simulated devices failed (exit {proc.returncode}):\n"
+        + stderr[-4000:]
+    )
+
+
+def _run_worker(proc: subprocess.Popen, timeout: float | None):
+    """(stdout, stderr lines, timed out) of the worker; its progress ("plan: ..." lines) goes
+    to our stderr as it comes, the rest of its stderr is kept for errors."""
     err_lines: list[str] = []
 
     def pump() -> None:
@@ -642,18 +659,7 @@ def compile_in_subprocess(
     finally:
         if killer:
             killer.cancel()
-    if timed_out.is_set():
-        raise subprocess.TimeoutExpired(proc.args, timeout)
-    stderr = "".join(err_lines)
-    for line in stdout.splitlines():
-        if line.startswith(_WORKER_TAG):
-            return StepPlan(**json.loads(line[len(_WORKER_TAG) :]))
-        if line.startswith(_ERROR_TAG):
-            raise PlanError(json.loads(line[len(_ERROR_TAG) :]))
-    raise RuntimeError(
-        f"compiling the train step for {n} simulated devices failed (exit {proc.returncode}):\n"
-        + stderr[-4000:]
-    )
+    return stdout, err_lines, timed_out
 
 
 # ---------------------------------------------------------------------------------------------
