@@ -26,8 +26,7 @@ Nothing damaged is ever restored, and nothing is silently skipped:
   - A failed write (e.g. no space left) raises `CheckpointSaveError` naming the step; earlier
     checkpoints are untouched (orbax deletes old steps only after a successful save).
 
-All file handling for local paths and `gs://` URLs is in this module (`etils.epath`, which orbax
-uses too), so the rest of the code never branches on the kind of path.
+Paths go through `fileio` (local and `gs://` alike) and the folder layout is `run_dir`'s.
 """
 
 from __future__ import annotations
@@ -47,65 +46,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from switch_t5 import errors, faults
+from switch_t5 import errors, faults, fileio, run_dir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
-LOCK_NAME = ".train.lock"
-QUARANTINE_SUBDIR = "checkpoints_quarantine"
+CHECKPOINT_SUBDIR = run_dir.CHECKPOINTS
 CHECKSUM_FILE = "switch_t5_checksums.json"
 # orbax's suffix of a step directory still being written (`atomicity_types.TMP_DIR_SUFFIX`).
 ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 DAMAGED_TAG = ".damaged-"
-
-
-# ---------------------------------------------------------------------------------------------
-# File handling (local paths and object-store URLs alike).
-# ---------------------------------------------------------------------------------------------
-
-
-def is_remote(path: str) -> bool:
-    """True for object-store URLs (gs://, s3://): no POSIX locks, no local writes."""
-    return "://" in str(path)
-
-
-def path(p: str | os.PathLike, *parts: str) -> epath.Path:
-    out = epath.Path(p)
-    for part in parts:
-        out = out / part
-    return out
-
-
-def makedirs(p: str | os.PathLike) -> None:
-    path(p).mkdir(parents=True, exist_ok=True)
-
-
-def exists(p: str | os.PathLike) -> bool:
-    return path(p).exists()
-
-
-def write_text(p: str | os.PathLike, text: str) -> None:
-    path(p).write_text(text)
-
-
-def read_text(p: str | os.PathLike) -> str:
-    return path(p).read_text()
-
-
-def append_text(p: str | os.PathLike, text: str) -> None:
-    """Appends to a local file; on an object store the whole object is rewritten."""
-    if is_remote(str(p)):
-        old = read_text(p) if exists(p) else ""
-        write_text(p, old + text)
-    else:
-        with open(p, "a") as f:
-            f.write(text)
-
-
-def local_dir_for(p: str) -> str | None:
-    """The local directory for things only written locally (None for remote paths)."""
-    return None if is_remote(p) else os.fspath(p)
 
 
 class ModelDirIsFileError(errors.UserError):
@@ -120,9 +69,9 @@ def check_model_dir(
     """Raises ModelDirIsFileError when `model_dir`, or the nearest existing path above it, is a
     file: nothing could be written there (train) or read from it (eval, infer). Object stores
     have no such conflict and are not checked."""
-    if is_remote(str(model_dir)):
+    if fileio.is_remote(str(model_dir)):
         return
-    p = path(model_dir)
+    p = fileio.path(model_dir)
     for candidate in (p, *p.parents):
         if not candidate.exists():
             continue
@@ -155,7 +104,7 @@ class ModelDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> ModelDirLock:
-        if is_remote(self.model_dir):
+        if fileio.is_remote(self.model_dir):
             log.warning(
                 "MODEL_DIR %s is on an object store: no lock prevents two runs from sharing it",
                 self.model_dir,
@@ -164,7 +113,7 @@ class ModelDirLock:
         import fcntl
 
         os.makedirs(self.model_dir, exist_ok=True)
-        lock_path = os.path.join(self.model_dir, LOCK_NAME)
+        lock_path = run_dir.RunDir(self.model_dir).lock_file
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -247,7 +196,7 @@ def recorded_feature_lengths(meta: dict[str, Any], step_dir: str | os.PathLike) 
     (e.g. a checkpoint imported from Hugging Face)."""
     if meta.get("feature_lengths"):
         return {k: int(v) for k, v in meta["feature_lengths"].items()}
-    data = path(step_dir, "data", "metadata")
+    data = fileio.path(step_dir, "data", "metadata")
     try:
         lengths = json.loads(data.read_text())["config"]["feature_lengths"]
         return {k: int(v) for k, v in lengths.items()}
@@ -406,8 +355,8 @@ class Checkpointer:
     ):
         faults.install_checkpoint_write_hook()
         self.model_dir = str(model_dir)
-        self.directory = path(model_dir, CHECKPOINT_SUBDIR)
-        self.quarantine_dir = path(model_dir, QUARANTINE_SUBDIR)
+        self.directory = run_dir.RunDir(model_dir).checkpoints
+        self.quarantine_dir = run_dir.RunDir(model_dir).quarantine
         self.checksums = checksums
         self.quarantined: list[str] = []
         self._pending_checksums: list[int] = []

@@ -38,6 +38,7 @@ from switch_t5 import (
     checkpoints,
     decoding,
     errors,
+    fileio,
     init_checkpoint,
     network,
     partitioning,
@@ -390,9 +391,9 @@ class Evaluator:
 
 def write_outputs(result: EvalResult, output_dir: str, checkpoint: str | None = None) -> None:
     """Writes predictions.jsonl and metrics.json into `output_dir`."""
-    checkpoints.makedirs(output_dir)
+    fileio.makedirs(output_dir)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
-    checkpoints.write_text(checkpoints.path(output_dir, PREDICTIONS_FILE), lines)
+    fileio.write_text(fileio.path(output_dir, PREDICTIONS_FILE), lines)
     record = {
         "step": result.step,
         "checkpoint": checkpoint,
@@ -400,9 +401,7 @@ def write_outputs(result: EvalResult, output_dir: str, checkpoint: str | None = 
         "num_examples": result.num_examples,
         "metrics": result.metrics,
     }
-    checkpoints.write_text(
-        checkpoints.path(output_dir, METRICS_FILE), json.dumps(record, indent=1) + "\n"
-    )
+    fileio.write_text(fileio.path(output_dir, METRICS_FILE), json.dumps(record, indent=1) + "\n")
 
 
 def write_tensorboard(result: EvalResult, logdir: str, step: int) -> None:
@@ -431,14 +430,12 @@ class BestCheckpointKeeper:
     """
 
     def __init__(self, model_dir: str, metric: str | None = None):
-        self.directory = str(checkpoints.path(model_dir, BEST_SUBDIR))
+        self.directory = str(fileio.path(model_dir, BEST_SUBDIR))
         self.metric = metric
         self._ckpt: checkpoints.Checkpointer | None = None
-        record_path = checkpoints.path(self.directory, BEST_RECORD)
+        record_path = fileio.path(self.directory, BEST_RECORD)
         self.best: dict[str, Any] | None = (
-            json.loads(checkpoints.read_text(record_path))
-            if checkpoints.exists(record_path)
-            else None
+            json.loads(fileio.read_text(record_path)) if fileio.exists(record_path) else None
         )
 
     def update(self, step: int, result: EvalResult, state: Any, data_state: Any, meta: Any) -> bool:
@@ -459,8 +456,8 @@ class BestCheckpointKeeper:
         self._ckpt.save(step, state, data_state, meta)
         self.best = {"step": int(step), "metric": key, "value": value, "metrics": result.metrics}
         if jax.process_index() == 0:
-            checkpoints.write_text(
-                checkpoints.path(self.directory, BEST_RECORD), json.dumps(self.best, indent=1)
+            fileio.write_text(
+                fileio.path(self.directory, BEST_RECORD), json.dumps(self.best, indent=1)
             )
         return True
 
@@ -550,7 +547,7 @@ def resolve_checkpoint(
 ) -> init_checkpoint.CheckpointRef:
     """The checkpoint CHECKPOINT_STEP names: None = latest, N, or "best" (MODEL_DIR/best)."""
     if checkpoint_step == "best":
-        best_dir = checkpoints.path(model_dir, BEST_SUBDIR)
+        best_dir = fileio.path(model_dir, BEST_SUBDIR)
         ref = init_checkpoint.find_checkpoint(str(best_dir))
         if ref is None:
             raise FileNotFoundError(

@@ -35,7 +35,7 @@ import gin
 import jax
 import numpy as np
 
-from switch_t5 import checkpoints, decoding, evaluation, gin_utils, init_checkpoint
+from switch_t5 import checkpoints, decoding, evaluation, fileio, gin_utils, init_checkpoint
 from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def resolve_vocabulary(
         path = data_gin.vocabulary_path(path)  # "embedded": the embedded corpus's vocabulary
     else:
         path = (ref.meta.get("vocabulary") or {}).get("path")
-        if not path or not checkpoints.exists(path):
+        if not path or not fileio.exists(path):
             raise FileNotFoundError(
                 f"the checkpoint {ref.step_dir} records the vocabulary {path!r}, which is not on "
                 "this machine; pass --vocabulary_path=SPM_MODEL (the SentencePiece model it was "
@@ -280,11 +280,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_input_file(path: str) -> list[str]:
     """Every line of a UTF-8 file, blank ones included (each input line gets one output line);
     newline characters removed."""
-    if not checkpoints.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"--input_file {path} does not exist")
     # Lines end at "\n" only (as `wc -l` and the output file count them), not at the other
     # separators str.splitlines() knows (form feed, U+2028, ...).
-    texts = checkpoints.read_text(path).split("\n")
+    texts = fileio.read_text(path).split("\n")
     if texts[-1] == "":
         texts.pop()  # the newline that ends the last line
     texts = [t.removesuffix("\r") for t in texts]
@@ -311,7 +311,7 @@ def main(argv: Sequence[str]) -> list[Prediction]:
             lines = "".join(
                 json.dumps(dataclasses.asdict(p), ensure_ascii=False) + "\n" for p in predictions
             )
-            checkpoints.write_text(rest.output_file, lines)
+            fileio.write_text(rest.output_file, lines)
     return predictions
 
 

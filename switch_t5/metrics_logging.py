@@ -20,11 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from switch_t5 import checkpoints, moe_metrics
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-PLOTS_DIR = "plots"
+from switch_t5 import fileio, moe_metrics, run_dir
 
 # Dense bf16 peak FLOP/s per chip, for the MFU estimate (vendor figures).
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -89,7 +85,7 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     A last line without its newline is what a process killed mid-write leaves: it is dropped
     (the resumed run logs that step again). Any other unreadable line is an error naming it.
     """
-    p = checkpoints.path(model_dir, METRICS_FILE)
+    p = run_dir.RunDir(model_dir).metrics_file
     if not p.exists():
         return []
     text = p.read_text()
@@ -114,8 +110,8 @@ def truncate_metrics(model_dir: str, last_step: int) -> None:
     records = read_metrics(model_dir)
     kept = [r for r in records if r["step"] <= last_step]
     if len(kept) != len(records):
-        checkpoints.write_text(
-            checkpoints.path(model_dir, METRICS_FILE),
+        fileio.write_text(
+            run_dir.RunDir(model_dir).metrics_file,
             "".join(json.dumps(r) + "\n" for r in kept),
         )
 
@@ -149,7 +145,7 @@ class MetricsLogger:
         self._lines = False
         if not enabled:
             return
-        checkpoints.makedirs(self.model_dir)
+        fileio.makedirs(self.model_dir)
         if progress == "auto":
             progress = "tqdm" if sys.stderr.isatty() else "lines"
         if progress == "tqdm":
@@ -163,7 +159,7 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             self._writers[split] = SummaryWriter(
-                str(checkpoints.path(self.model_dir, TENSORBOARD_DIR, split))
+                str(run_dir.RunDir(self.model_dir).tensorboard(split))
             )
         return self._writers[split]
 
@@ -173,9 +169,7 @@ class MetricsLogger:
             return
         record = {"step": int(step), "split": split}
         record.update({k: _to_json(v) for k, v in metrics.items() if _shown(k, moe_metrics.JSONL)})
-        checkpoints.append_text(
-            checkpoints.path(self.model_dir, METRICS_FILE), json.dumps(record) + "\n"
-        )
+        fileio.append_text(run_dir.RunDir(self.model_dir).metrics_file, json.dumps(record) + "\n")
         writer = self._writer(split)
         for key, value in metrics.items():
             arr = np.asarray(value)
@@ -253,9 +247,9 @@ def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict
 
     records = read_metrics(model_dir)
     if not records:
-        raise FileNotFoundError(f"no metrics in {model_dir}/{METRICS_FILE} to plot")
-    plots_dir = checkpoints.path(model_dir, PLOTS_DIR)
-    checkpoints.makedirs(plots_dir)
+        raise FileNotFoundError(f"no metrics in {model_dir}/{run_dir.METRICS_FILE} to plot")
+    plots_dir = run_dir.RunDir(model_dir).plots
+    fileio.makedirs(plots_dir)
     written = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -302,12 +296,12 @@ def _plot_layers(plt, metric, record: Mapping[str, Any], layer_names, plots_dir)
 
 
 def _save(fig, p) -> str:
-    if checkpoints.is_remote(str(p)):
+    if fileio.is_remote(str(p)):
         import io
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        checkpoints.path(p).write_bytes(buf.getvalue())
+        fileio.path(p).write_bytes(buf.getvalue())
     else:
         fig.savefig(os.fspath(p), dpi=110, bbox_inches="tight")
     return str(p)

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from switch_t5 import metrics_logging
+from switch_t5 import metrics_logging, run_dir
 
 
 def _write(model_dir, text):
-    (model_dir / metrics_logging.METRICS_FILE).write_text(text)
+    (model_dir / run_dir.METRICS_FILE).write_text(text)
 
 
 def test_unterminated_last_line_is_dropped_and_truncate_rewrites_cleanly(tmp_path):
@@ -17,7 +17,7 @@ def test_unterminated_last_line_is_dropped_and_truncate_rewrites_cleanly(tmp_pat
     _write(tmp_path, full + '{"step": 4, "split": "tr')
     assert metrics_logging.read_metrics(str(tmp_path)) == records
     metrics_logging.truncate_metrics(str(tmp_path), 2)
-    assert (tmp_path / metrics_logging.METRICS_FILE).read_text() == "".join(
+    assert (tmp_path / run_dir.METRICS_FILE).read_text() == "".join(
         json.dumps(r) + "\n" for r in records[:2]
     )
 

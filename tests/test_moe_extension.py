@@ -18,6 +18,7 @@ from switch_t5 import (
     network,
     optim,
     routing,
+    run_dir,
     train_state,
     trainer,
 )
@@ -210,7 +211,7 @@ def test_logger_and_plots_follow_the_schema(tmp_path, capsys):
     logger.progress(1, {"loss": 2.0, KEPT: 0.5})
     logger.close()
     assert f" {KEPT} 0.5" in capsys.readouterr().out
-    record = json.loads((tmp_path / metrics_logging.METRICS_FILE).read_text())
+    record = json.loads((tmp_path / run_dir.METRICS_FILE).read_text())
     assert record[KEPT] == 0.5 and record["tokens_per_expert"] == [[1.0] * 4] * 2
     written = metrics_logging.make_plots(str(tmp_path))
     assert set(written) == {"loss", "expert_load", "tokens_per_expert"}

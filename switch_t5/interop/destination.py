@@ -24,6 +24,7 @@ import os
 import shutil
 from typing import Literal
 
+from switch_t5 import fileio, run_dir
 from switch_t5.errors import UserError
 
 Kind = Literal["hf", "orbax"]
@@ -58,29 +59,13 @@ HF_PATTERNS = (
 
 
 def _orbax_patterns() -> tuple[str, ...]:
-    from switch_t5 import checkpoints, metrics_logging
-
-    return (
-        checkpoints.CHECKPOINT_SUBDIR,
-        checkpoints.QUARANTINE_SUBDIR,
-        "best",  # eval.BEST_SUBDIR
-        "config.gin",
-        "model.gin",
-        VOCABULARY_FILE,
-        metrics_logging.METRICS_FILE,
-        metrics_logging.TENSORBOARD_DIR,
-        metrics_logging.PLOTS_DIR,
-        "eval",
-        "profile",
-        STAGING_DIR,
-    )
+    """What a run or a converted checkpoint writes at the top of its folder."""
+    return (*run_dir.RUN_ENTRIES, "model.gin", VOCABULARY_FILE, STAGING_DIR)
 
 
 def _ignored() -> set[str]:
-    from switch_t5 import checkpoints
-
     # Left by an earlier (possibly interrupted) conversion; neither holds a model.
-    return {checkpoints.LOCK_NAME, STAGING_DIR}
+    return {run_dir.LOCK_FILE, STAGING_DIR}
 
 
 def _listing(dst: str, names: list[str], limit: int = 8) -> str:
@@ -96,9 +81,8 @@ def _inside(path: str, parent: str) -> bool:
 
 def check_path(dst: str, src: str | None = None) -> None:
     """Raises UserError when `dst` cannot be a conversion's output directory at all."""
-    from switch_t5 import checkpoints
 
-    if checkpoints.is_remote(dst):
+    if fileio.is_remote(dst):
         raise UserError(f"--dst {dst}: conversions write local directories only")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise UserError(f"--dst {dst} is a file; give a directory (new or empty)")

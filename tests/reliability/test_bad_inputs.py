@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 from fault_runs import TINY, cli_args, committed_steps
 
-from switch_t5 import checkpoints, config, train_state, trainer
+from switch_t5 import checkpoints, config, run_dir, train_state, trainer
 from switch_t5 import train as train_lib
 
 # In-process: the 8 simulated devices of tests/conftest.py on a (2, 2, 2) mesh.
@@ -132,4 +132,4 @@ def test_checkpoint_of_another_architecture(tmp_path, monkeypatch):
     finally:
         gin.clear_config()
     assert committed_steps(d) == [2]
-    assert not os.path.exists(os.path.join(d, checkpoints.QUARANTINE_SUBDIR))
+    assert not os.path.exists(os.path.join(d, run_dir.QUARANTINE))

@@ -16,7 +16,7 @@ import pytest
 from fault_runs import array_files, committed_steps
 from tiny import toy_setup
 
-from switch_t5 import checkpoints, config
+from switch_t5 import checkpoints, config, run_dir
 
 META = checkpoints.make_meta(config.SwitchConfig(), {"path": "v.model", "hash": "abc"})
 
@@ -68,7 +68,7 @@ def _check_fell_back_to_2(saved, d, caplog, **kw):
     assert restored.step == 2 and restored.data_state == {"position": 2}
     assert checkpoints.tree_equal(restored.state, _state_at(state, 2))
     assert f"{_step_dir(d, 3)} is not usable" in caplog.text
-    moved = os.listdir(os.path.join(d, checkpoints.QUARANTINE_SUBDIR))
+    moved = os.listdir(os.path.join(d, run_dir.QUARANTINE))
     assert len(moved) == 1 and moved[0].startswith("3.damaged-")
     # Step 3 can be saved again: nothing is left that orbax would refuse to overwrite.
     assert ckpt.save(3, restored.state, {"position": 3}, META)
@@ -111,9 +111,7 @@ def test_leftover_of_a_killed_write_is_moved_aside(saved, model_dir, caplog):
     ckpt.close()
     assert restored.step == 3
     assert "4.orbax-checkpoint-tmp-123 is not usable" in caplog.text
-    assert os.listdir(os.path.join(model_dir, checkpoints.QUARANTINE_SUBDIR)) == [
-        "4.orbax-checkpoint-tmp-123"
-    ]
+    assert os.listdir(os.path.join(model_dir, run_dir.QUARANTINE)) == ["4.orbax-checkpoint-tmp-123"]
 
 
 def test_only_a_killed_first_write_starts_from_scratch(saved, tmp_path):
@@ -147,7 +145,7 @@ def test_other_architecture_is_a_mismatch_and_nothing_is_moved(saved, model_dir,
         ckpt.restore_latest(other.abstract_state, expected_meta=META)
     ckpt.close()
     assert committed_steps(model_dir) == [1, 2, 3]
-    assert not os.path.exists(os.path.join(model_dir, checkpoints.QUARANTINE_SUBDIR))
+    assert not os.path.exists(os.path.join(model_dir, run_dir.QUARANTINE))
 
 
 def _flip_a_bit(step_dir):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from fault_runs import TRAIN_STEPS, array_files, complete_steps, losses, run
 
-from switch_t5 import checkpoints
+from switch_t5 import checkpoints, run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +142,7 @@ def test_damaged_checkpoints_are_quarantined_and_the_run_finishes_exactly(runs):
     assert r.start_step == 2
     for step in (6, 4):
         assert f"checkpoints/{step} is not usable" in r.output, r.output[-3000:]
-    quarantine = os.listdir(os.path.join(d, checkpoints.QUARANTINE_SUBDIR))
+    quarantine = os.listdir(os.path.join(d, run_dir.QUARANTINE))
     damaged = [q for q in quarantine if checkpoints.DAMAGED_TAG in q]
     assert sorted(q.split(".")[0] for q in damaged) == ["4", "6"], quarantine
     # With the half-written 4 of mid_checkpoint_write (and maybe a 2 cut by mid_step).
