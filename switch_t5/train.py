@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -251,6 +252,12 @@ def print_summary(result: TrainResult) -> None:
             f"{how} at step {result.step}: checkpoint {result.step} saved; rerun the same "
             "command to resume."
         )
+    elif result.train_steps is not None and result.start_step >= result.train_steps:
+        print(
+            f"Nothing to train: {result.model_dir} already holds the checkpoint of step "
+            f"{result.start_step} and TRAIN_STEPS is {result.train_steps}. To continue this "
+            "run, rerun with a larger --gin.TRAIN_STEPS; to start over, give another MODEL_DIR."
+        )
     else:
         print(
             f"Trained steps {result.start_step} -> {result.step} in {result.train_seconds:.0f} s"
@@ -264,13 +271,12 @@ def print_summary(result: TrainResult) -> None:
         first, last = result.eval_losses[0], result.eval_losses[-1]
         print(f"Eval loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
     print(f"Checkpoints:      {result.checkpoint_dir}")
-    print(
-        f"TensorBoard logs: {result.tensorboard_dir}  "
-        f"(tensorboard --logdir {result.tensorboard_dir})"
-    )
+    # tensorboardX writes the event files; the `tensorboard` viewer is not a dependency.
+    view = "tensorboard" if shutil.which("tensorboard") else "pip install tensorboard; tensorboard"
+    print(f"TensorBoard logs: {result.tensorboard_dir}  ({view} --logdir {result.tensorboard_dir})")
     print(f"Metrics:          {run_dir.RunDir(result.model_dir).metrics_file}")
     for name, p in result.plots.items():
-        print(f"Plot ({name}):".ljust(18) + p)
+        print(f"Plot ({name}):".ljust(17) + " " + p)
     for i, s in enumerate(result.samples):
         print(f"\nSample {i + 1} (greedy, KV cache)")
         print(f"  input:      {s['inputs']}")

@@ -88,6 +88,7 @@ class TrainResult:
       train_tokens_per_sec: non-padding tokens per second over the run's logged steps.
       samples: [{"inputs", "targets", "prediction"}] decoded validation examples.
       stop_signal: "SIGTERM" or "SIGINT" when preempted, else None.
+      train_steps: TRAIN_STEPS (a rerun of a finished run starts at or past it).
     """
 
     step: int
@@ -102,6 +103,7 @@ class TrainResult:
     train_tokens_per_sec: float | None
     samples: list[dict[str, str]]
     stop_signal: str | None = None
+    train_steps: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +264,11 @@ def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -
     session.logger.message(
         _first_line(run, start_step, t.train_steps, resumed, init_message, session.cache_dir)
     )
+    if start_step >= t.train_steps:
+        session.logger.message(
+            f"checkpoint {start_step} is at or past TRAIN_STEPS={t.train_steps}: nothing to "
+            "train (raise TRAIN_STEPS to continue this run)"
+        )
     preemption = loop_lib.Preemption()
     actions = make_actions(settings, run, prepared, session, train_pipe, preemption)
     loop = loop_lib.LoopState(
@@ -482,6 +489,7 @@ def finish(settings: RunSettings, run, prepared: Prepared, loop, ckpt) -> TrainR
         train_tokens_per_sec=loop.tokens / loop.seconds if loop.seconds > 0 else None,
         samples=samples,
         stop_signal=loop.stop_signal,
+        train_steps=t.train_steps,
     )
 
 

@@ -509,3 +509,24 @@ def test_sigint_saves_and_a_rerun_resumes(run_a, tmp_path):
     assert "steps 4 -> 6, resumed from checkpoint 4" in text
     # The same run as run_a (same model, data, seed and mesh): every loss equal.
     assert _losses(d) == _losses(d_a)
+
+
+def test_a_rerun_of_a_finished_run_says_so_and_how_to_continue(capsys):
+    result = training.TrainResult(
+        step=30,
+        start_step=30,
+        preempted=False,
+        eval_losses=[],
+        model_dir="/runs/a",
+        checkpoint_dir="/runs/a/checkpoints",
+        tensorboard_dir="/runs/a/tensorboard",
+        plots={},
+        train_seconds=0.0,
+        train_tokens_per_sec=None,
+        samples=[],
+        train_steps=30,
+    )
+    train_lib.print_summary(result)
+    out = capsys.readouterr().out
+    assert "Nothing to train: /runs/a already holds the checkpoint of step 30" in out
+    assert "rerun with a larger --gin.TRAIN_STEPS" in out and "Trained steps" not in out
