@@ -244,6 +244,7 @@ def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     records = read_metrics(model_dir)
     if not records:
@@ -256,11 +257,22 @@ def make_plots(model_dir: str, layer_names: Sequence[str] | None = None) -> dict
     for split, style in (("train", "-"), ("eval", "o-")):
         pts = [(r["step"], r["loss"]) for r in records if r["split"] == split]
         if pts:
-            ax.plot(*zip(*pts), style, label=f"{split} loss", markersize=4)
+            label = f"{split} loss (last {pts[-1][1]:.4g})"
+            ax.plot(*zip(*pts), style, label=label, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    # Log scale (early losses are large), labelled in plain numbers on every tick, minor ones
+    # included, so the axis reads down to the final value.
     ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
+    plain = matplotlib.ticker.FormatStrFormatter("%.3g")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    losses = [r["loss"] for r in records if r["split"] in ("train", "eval") and r["loss"] > 0]
+    if losses:  # down to the integer below the lowest loss, so a tick lies under it
+        low = min(losses)
+        ax.set_ylim(bottom=math.floor(low) if low >= 2 else low * 0.9)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("loss")
     written["loss"] = _save(fig, plots_dir / "loss.png")
