@@ -335,12 +335,14 @@ def finetuned(runner, pretrained):
     return os.path.join(runner.tmp, "rte_tsv")
 
 
+@pytest.mark.slow
 def test_quickstart_and_pretrain_rows(runner, pretrained):
     (result,) = runner.run_flow("pretrain")
     assert "Checkpoints:" in result.stdout + result.stderr
     assert os.path.exists(os.path.join(pretrained, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_data_show(runner):
     for result in runner.run_flow("data_show"):
         lines = result.stdout.strip().splitlines()
@@ -352,6 +354,7 @@ def test_plan(runner):
     assert "total_params: 1571" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval(runner, pretrained):
     for result in runner.run_flow("eval"):
         assert "Main metric embedded_span_corruption/cross_entropy" in result.stdout
@@ -363,6 +366,7 @@ def test_convert(runner, pretrained):
     assert {"config.json", "spiece.model"} <= set(os.listdir(hf_dir))
 
 
+@pytest.mark.slow
 def test_finetune_tsv(runner, finetuned):
     results = runner.run_flow("finetune_tsv")
     assert os.path.exists(os.path.join(finetuned, "best", "best.json"))
@@ -370,6 +374,7 @@ def test_finetune_tsv(runner, finetuned):
     assert "Main metric files_text_to_text/accuracy" in results[-1].stdout
 
 
+@pytest.mark.slow
 def test_infer(runner, pretrained, finetuned):
     results = runner.run_flow("infer")
     assert len(results) >= 3
@@ -377,6 +382,7 @@ def test_infer(runner, pretrained, finetuned):
         assert len(f.read().splitlines()) == 3  # one per input line, the blank one included
 
 
+@pytest.mark.slow
 def test_sweep(runner):
     result = runner.run_flow("sweep")[-1]  # README and training.md: the same command
     assert os.path.exists(os.path.join(runner.tmp, "sweep", "comparison.md")), result.stdout
