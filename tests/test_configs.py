@@ -381,3 +381,18 @@ def test_a_restated_default_is_caught(tmp_path):
         "LOG_EVERY = 100",
         "switch_t5.SwitchConfig.dropout_rate = 0.1",
     ]
+
+
+def test_eval_gin_leaves_the_lengths_to_the_checkpoint():
+    """eval.gin once set TASK_FEATURE_LENGTHS to 512/62 over what the run records: the quick
+    start's run (64/16) could not be evaluated with it (`error: ... span corruption of 512-token
+    inputs ... makes targets of 114 tokens`), and a run's config.gin lost its lengths."""
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin(
+            ["configs/experiments/quickstart.gin", "configs/runs/eval.gin"],
+            ["MODEL_DIR = '/tmp/m'", "MIXTURE_OR_TASK_NAME = 'embedded_span_corruption'"],
+        )
+        assert gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value") is None
+    finally:
+        gin.clear_config()
