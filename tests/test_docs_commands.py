@@ -63,6 +63,12 @@ TRAIN_OVERRIDES = (
     "--gin.train.num_samples=0",
     "--gin.train.make_plots=False",
 )
+# The gin files whose comment examples run here (the others need C4, GLUE or a full-size model).
+RUNNABLE_GIN_EXAMPLES = (
+    "configs/experiments/quickstart.gin",
+    "configs/experiments/finetune_user_tsv.gin",
+    "configs/runs/infer.gin",
+)
 FINETUNE_OVERRIDES = (
     # Decode-and-score at the end keeps MODEL_DIR/best, which the docs' later commands read.
     "--gin.INFER_EVAL_PERIOD=2",
@@ -300,6 +306,10 @@ class FlowRunner:
                 results.append(self.run(where, self.argv(argv)))
         return results
 
+    def run_gin_examples(self, path: str) -> list[subprocess.CompletedProcess]:
+        where = os.path.relpath(path, ROOT)
+        return [self.run(where, self.argv(argv)) for argv in _gin_comment_commands(path)]
+
     def run(self, where: str, argv: list[str]) -> subprocess.CompletedProcess:
         key = shlex.join(argv)
         if key not in self.ran:  # the README's pretrain row is the quick start's command
@@ -386,3 +396,14 @@ def test_infer(runner, pretrained, finetuned):
 def test_sweep(runner):
     result = runner.run_flow("sweep")[-1]  # README and training.md: the same command
     assert os.path.exists(os.path.join(runner.tmp, "sweep", "comparison.md")), result.stdout
+
+
+@pytest.mark.slow
+def test_gin_comment_examples(runner, finetuned):
+    """The quick start's and fine-tuning's are the docs' commands (already run); then eval of the
+    best checkpoint with the run's config.gin and runs/eval.gin, and beam search with infer.gin."""
+    results = []
+    for path in RUNNABLE_GIN_EXAMPLES:
+        results += runner.run_gin_examples(os.path.join(ROOT, path))
+    assert "Main metric files_text_to_text/accuracy" in results[-2].stdout
+    assert len(results[-1].stdout.splitlines()) == 3  # inputs.txt: one output per line
