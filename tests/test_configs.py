@@ -1,5 +1,6 @@
 """Every shipped model config parses and initialises abstractly; parameter counts."""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -192,3 +193,206 @@ def test_hf_import_with_experts_keeps_its_sparse_layers():
     ]
     config = hf.config_from_hf(config_json, names)
     assert config.sparse_layers("encoder") == (1,) and config.sparse_layers("decoder") == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every shipped gin file parses, finalizes and builds its model; run and experiment gins state
+# only deliberate choices.
+# ---------------------------------------------------------------------------------------------
+
+RUNS = sorted(glob.glob(os.path.join(gin_utils.CONFIGS_DIR, "runs", "*.gin")))
+EXPERIMENTS = sorted(glob.glob(os.path.join(gin_utils.CONFIGS_DIR, "experiments", "*.gin")))
+# The macros each run/experiment gin leaves required, set as its comment's example command does.
+REQUIRED_BINDINGS = {
+    "runs/pretrain.gin": ("MODEL_DIR = '/tmp/run'",),
+    "runs/finetune.gin": (
+        "MODEL_DIR = '/tmp/rte'",
+        "INITIAL_CHECKPOINT_PATH = '/tmp/switch_base_8'",
+        "MIXTURE_OR_TASK_NAME = 'glue_rte_v002'",
+        "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 8}",
+        "TRAIN_STEPS = 10000",
+    ),
+    "runs/eval.gin": ("MODEL_DIR = '/tmp/rte'", "MIXTURE_OR_TASK_NAME = 'glue_rte_v002'"),
+    "runs/infer.gin": (),
+    "experiments/quickstart.gin": (),
+    "experiments/finetune_glue.gin": ("MODEL_DIR = '/tmp/glue'", "INITIAL_CHECKPOINT_PATH = '/c'"),
+    "experiments/finetune_superglue.gin": (
+        "MODEL_DIR = '/tmp/superglue'",
+        "INITIAL_CHECKPOINT_PATH = '/c'",
+    ),
+    "experiments/finetune_user_tsv.gin": (
+        "MODEL_DIR = '/tmp/rte_tsv'",
+        "INITIAL_CHECKPOINT_PATH = '/c'",
+        "TRAIN_FILES = 'train.tsv'",
+        "VALIDATION_FILES = 'dev.tsv'",
+    ),
+}
+# Run gins follow a model gin, as the docs' commands do (eval and infer read the checkpoint's).
+RUN_MODELS = {"pretrain.gin": ("switch_base_8", "tiny"), "finetune.gin": ("switch_base_8",)}
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, gin_utils.CONFIGS_DIR)
+
+
+def _gin_combinations() -> list[tuple[str, ...]]:
+    combos = [(f"configs/{_rel(f)}",) for f in EXPERIMENTS]
+    for f in RUNS:
+        name = os.path.basename(f)
+        models = RUN_MODELS.get(name, (None,))
+        combos += [
+            ((f"configs/models/{m}.gin",) if m else ()) + (f"configs/{_rel(f)}",) for m in models
+        ]
+    return combos
+
+
+def test_every_run_and_experiment_gin_is_covered():
+    assert {_rel(f) for f in RUNS + EXPERIMENTS} == set(REQUIRED_BINDINGS)
+    assert {f[-1] for f in _gin_combinations()} == {
+        f"configs/{_rel(f)}" for f in RUNS + EXPERIMENTS
+    }
+
+
+@pytest.mark.parametrize("files", _gin_combinations(), ids=lambda f: "+".join(map(_rel, f)))
+def test_run_and_experiment_gins_parse_finalize_and_build(files):
+    """Parsed with parse_gin (unused macros refused), finalized (no required macro left), the
+    model config built and initialised abstractly."""
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin(files, REQUIRED_BINDINGS[_rel(files[-1])])
+        config = gin_utils.make_model_config()
+        model_plan = plan.plan_model(config)
+    finally:
+        gin.clear_config()
+    assert model_plan.total_params >= model_plan.active_params_per_token > 0
+
+
+def _defaults() -> dict[str, dict]:
+    """Signature defaults of the configurables a run or experiment gin binds, read at test time
+    (train()'s signature is the one home of its defaults)."""
+    import inspect
+
+    from switch_t5 import checkpoints, config, infer, train
+    from switch_t5 import eval as eval_lib
+
+    def params(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    switch = {f.name: f.default for f in dataclasses.fields(config.SwitchConfig)}
+    return {
+        "train": params(train.train),
+        "evaluate": params(eval_lib.run_eval),
+        "infer": params(infer.infer),
+        # Model gins keep the architecture explicit (T5X): only runtime fields are checked.
+        "SwitchConfig": {k: v for k, v in switch.items() if k in checkpoints.RUNTIME_FIELDS},
+    }
+
+
+class _Values(gin.config_parser.ParserDelegate):
+    """Parses values as they are written: `%NAME` -> ("%", NAME), `@x` -> ("@", x)."""
+
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return ("@", scoped_configurable_name)
+
+    def macro(self, macro_name):
+        return ("%", macro_name)
+
+
+def _statements(path: str) -> list:
+    """The binding statements of a gin file and of the files it includes, includes first."""
+    out = []
+    with open(path) as f:
+        for st in gin.config_parser.ConfigParser(f, _Values()):
+            if isinstance(st, gin.config_parser.IncludeStatement):
+                out += _statements(os.path.join(gin_utils.REPO_ROOT, st.filename))
+            elif isinstance(st, gin.config_parser.BindingStatement):
+                out.append((path, st))
+    return out
+
+
+def _is_deliberate(lines: list[str], line_num: int) -> bool:
+    """Whether the comment block heading the statement's group (the statements right below one
+    comment block, up to a blank line or the next comment) holds `deliberate:`."""
+    i = line_num - 2
+    while i >= 0 and lines[i].strip() and not lines[i].startswith("#"):
+        i -= 1
+    while i >= 0 and lines[i].startswith("#"):
+        if "deliberate:" in lines[i]:
+            return True
+        i -= 1
+    return False
+
+
+def _same(a, b) -> bool:
+    """Equal values of the same type (1 and 1.0 count as equal; True and 1 do not)."""
+    return a == b and (type(a) is type(b) or {type(a), type(b)} <= {int, float})
+
+
+def restated_defaults(path: str) -> list[str]:
+    """`file:line binding` for each binding of the file (a literal, or a macro wired to the
+    parameter) equal to the configurable's default without a `# deliberate:` comment."""
+    defaults = _defaults()
+    statements = _statements(path)
+    wired: dict[str, list[tuple[str, str]]] = {}  # macro -> [(configurable, param)]
+    for _, st in statements:
+        if st.arg_name and isinstance(st.value, tuple) and st.value[:1] == ("%",):
+            wired.setdefault(st.value[1], []).append((st.selector.split(".")[-1], st.arg_name))
+    with open(path) as f:
+        lines = f.read().splitlines()
+    found = []
+    for where, st in statements:
+        if where != path or (isinstance(st.value, tuple) and st.value[:1] in (("%",), ("@",))):
+            continue
+        targets = [(st.selector.split(".")[-1], st.arg_name)] if st.arg_name else []
+        for configurable, param in targets or wired.get(st.selector, []):
+            default = defaults.get(configurable, {}).get(param, object())
+            if _same(st.value, default) and not _is_deliberate(lines, st.location.line_num):
+                line = st.location.line_content.strip()
+                found.append(f"{_rel(path)}:{st.location.line_num} {line}")
+    return found
+
+
+@pytest.mark.parametrize("path", RUNS + EXPERIMENTS, ids=_rel)
+def test_run_and_experiment_gins_restate_no_default(path):
+    """A default stated again in a gin file hides which settings a run chose; a deliberate one
+    (a macro users override, a value the file's recipe depends on) says so in a comment."""
+    found = restated_defaults(path)
+    assert not found, (
+        "bindings equal to the Python default (drop them, or say why above them with a "
+        "`# deliberate: ...` comment):\n" + "\n".join(found)
+    )
+
+
+def test_a_restated_default_is_caught(tmp_path):
+    gin_file = tmp_path / "run.gin"
+    gin_file.write_text(
+        "include 'configs/runs/pretrain.gin'\n"
+        "train.optimizer = 'adafactor'\n"
+        "# deliberate: the schedule of this recipe.\n"
+        "train.lr_schedule = 'rsqrt'\n"
+        "\n"
+        "LOG_EVERY = 100\n"
+        "switch_t5.SwitchConfig.dropout_rate = 0.1\n"
+        "switch_t5.SwitchConfig.d_model = 768\n"
+    )
+    found = [line.split(" ", 1)[1] for line in restated_defaults(str(gin_file))]
+    assert found == [
+        "train.optimizer = 'adafactor'",
+        "LOG_EVERY = 100",
+        "switch_t5.SwitchConfig.dropout_rate = 0.1",
+    ]
+
+
+def test_eval_gin_leaves_the_lengths_to_the_checkpoint():
+    """eval.gin once set TASK_FEATURE_LENGTHS to 512/62 over what the run records: the quick
+    start's run (64/16) could not be evaluated with it (`error: ... span corruption of 512-token
+    inputs ... makes targets of 114 tokens`), and a run's config.gin lost its lengths."""
+    gin.clear_config()
+    try:
+        gin_utils.parse_gin(
+            ["configs/experiments/quickstart.gin", "configs/runs/eval.gin"],
+            ["MODEL_DIR = '/tmp/m'", "MIXTURE_OR_TASK_NAME = 'embedded_span_corruption'"],
+        )
+        assert gin.query_parameter("TASK_FEATURE_LENGTHS/macro.value") is None
+    finally:
+        gin.clear_config()
