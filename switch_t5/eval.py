@@ -12,8 +12,8 @@ recorded VOCABULARY_PATH. Without --gin_file the defaults are `run_eval`'s signa
 (configs/runs/eval.gin may still be given).
 
 A task without metric functions (span corruption) is scored teacher-forced instead, with the
-trainer's eval step: its validation loss, `cross_entropy` and token `accuracy` (a fraction, as
-in the training log), `trainer.CROSS_ENTROPY` being the main metric.
+trainer's eval step: its validation loss, `cross_entropy` and token `accuracy` (percent, as
+in the training log and T5's metrics), `trainer.CROSS_ENTROPY` being the main metric.
 
 Decodes a task's (or every task of a mixture's) validation split, each example exactly once (the
 last batch padded with empty rows whose outputs are dropped), maps predicted and target text

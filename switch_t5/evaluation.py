@@ -13,8 +13,8 @@ task example (MultiRC's `idx/question`, ReCoRD's `answers`, WSC's `targets_preto
 the examples are kept beside the decoder inputs built from them.
 
 A task without metric functions (span corruption) is scored teacher-forced instead, with the
-trainer's eval step: its validation loss, `cross_entropy` and token `accuracy` (a fraction, as
-in the training log), `trainer.CROSS_ENTROPY` being the main metric.
+trainer's eval step: its validation loss, `cross_entropy` and token `accuracy` (percent, as
+in the training log and T5's metrics), `trainer.CROSS_ENTROPY` being the main metric.
 
 Averages: `glue_average` / `super_glue_average` (T5's benchmark scores) for the GLUE/SuperGLUE
 mixtures, `mixture_average` (mean over tasks of each task's mean metric) for other mixtures.

@@ -295,7 +295,8 @@ def train_step(
         "loss": loss,
         CROSS_ENTROPY: aux["cross_entropy_sum"] / total_weight,
         "z_loss": aux["z_loss_sum"] / total_weight,
-        "accuracy": aux["correct_sum"] / total_weight,
+        # Percent, the unit of every accuracy the project reports (T5's metrics included).
+        "accuracy": 100.0 * aux["correct_sum"] / total_weight,
         **{m.name: aux[m.name] for m in moe_metrics.present(aux, "train")},
         "learning_rate": optimizer.schedule(state.step),
         "grad_norm": optax.global_norm(grads),
@@ -345,7 +346,7 @@ class EvalAccumulator:
             "loss": float((s["cross_entropy_sum"] + s["z_loss_sum"]) / w + aux),
             CROSS_ENTROPY: float(s["cross_entropy_sum"] / w),
             "z_loss": float(s["z_loss_sum"] / w),
-            "accuracy": float(s["correct_sum"] / w),
+            "accuracy": float(100.0 * s["correct_sum"] / w),  # percent, as train_step
             **moe,
             "target_tokens": float(s["weight_sum"]),
             "batches": n,

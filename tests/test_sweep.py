@@ -89,6 +89,7 @@ def test_the_trainer_logs_the_cross_entropy_under_that_name():
     result = acc.result()
     assert result[trainer.CROSS_ENTROPY] == 2.0
     assert result["loss"] == 2.0 + 0.01
+    assert result["accuracy"] == pytest.approx(100.0 / 3, rel=1e-12)  # percent, as T5's metrics
 
 
 def test_a_misspelt_macro_stops_the_sweep_before_any_run(tmp_path):
