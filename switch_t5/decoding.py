@@ -14,6 +14,7 @@ Shape letters: b = batch, k = beams, l = max decode length, v = vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -347,6 +348,136 @@ def _take_beams(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _top_candidates(
+    live_log_probs: jax.Array, live_seqs: jax.Array, log_probs: jax.Array, i: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The best 2k one-token extensions of the k live beams (fewer when k * v < 2k).
+
+    Args:
+      live_log_probs: <float32>[b, k] the live beams' log-probabilities.
+      live_seqs: <int32>[b, k, l] the live beams.
+      log_probs: <float32>[b, k, v] the next token's log-probabilities after each beam.
+      i: <int32>[] the position being decoded.
+
+    Returns:
+      top_lp: <float32>[b, 2k] the candidates' log-probabilities, best first.
+      top_beam: <int32>[b, 2k] the live beam each one extends.
+      top_token: <int32>[b, 2k] the token it adds.
+      top_seqs: <int32>[b, 2k, l] the candidates, position i holding the new token.
+    """
+    b, k, vocab = log_probs.shape
+    length = live_seqs.shape[-1]
+    candidates = live_log_probs[:, :, None] + log_probs
+    # [b, k, v] -> [b, k * v] -> [b, 2k]
+    num_candidates = min(2 * k, k * vocab)
+    top_lp, top_idx = lax.top_k(candidates.reshape(b, k * vocab), num_candidates)
+    top_beam, top_token = top_idx // vocab, top_idx % vocab
+    # [b, k, l] -> [b, 2k, l] with position i set to the new token.
+    top_seqs = _take_beams(live_seqs, top_beam)
+    top_seqs = jnp.where(jnp.arange(length) == i, top_token[:, :, None], top_seqs)
+    return top_lp, top_beam, top_token, top_seqs
+
+
+def _merge_finished(
+    s: _BeamState, top_seqs: jax.Array, new_scores: jax.Array, finishing: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best k of the finished set and this step's ending candidates (scores, seqs, flags).
+
+    new_scores: <float32>[b, 2k] length-penalised, NEG_INF where `finishing` is False.
+    """
+    k = s.finished_scores.shape[1]
+    # [b, k] + [b, 2k] -> [b, 3k] -> [b, k]
+    all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
+    all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
+    all_flags = jnp.concatenate([s.finished_flags, finishing], axis=1)
+    finished_scores, finished_pick = lax.top_k(all_scores, k)
+    return (
+        finished_scores,
+        _take_beams(all_seqs, finished_pick),
+        jnp.take_along_axis(all_flags, finished_pick, axis=1),
+    )
+
+
+def _beam_step(
+    s: _BeamState,
+    tokens_to_logits: TokensToLogits,
+    *,
+    alpha: float,
+    eos_id: int,
+    cache_batch_axis: int,
+) -> _BeamState:
+    """One position of `beam_search`: extend, keep the best k live beams, merge the ended ones."""
+    i = s.cur_index
+    b, k, length = s.live_seqs.shape
+    # [b, k, l] -> [b * k, l]
+    flat_seqs = s.live_seqs.reshape(b * k, length)
+    state = DecodingState(
+        cur_index=i, cur_token=_cur_token(flat_seqs, i), sequences=flat_seqs, cache=s.cache
+    )
+    logits, new_cache = tokens_to_logits(state)
+    logits = _check_logits(logits, b * k)
+    # [b * k, v] -> [b, k, v]
+    log_probs = jax.nn.log_softmax(logits).reshape(b, k, logits.shape[-1])
+    top_lp, top_beam, top_token, top_seqs = _top_candidates(
+        s.live_log_probs, s.live_seqs, log_probs, i
+    )
+
+    # Candidates grown from an empty slot carry ~NEG_INF: never keep them.
+    valid = top_lp > NEG_INF / 2
+    ends = (top_token == eos_id) | (i == length - 1)
+    in_top_k = jnp.arange(top_lp.shape[1]) < k
+
+    # Live: the best k candidates that do not end.
+    live_lp = jnp.where(valid & ~ends, top_lp, NEG_INF)
+    new_live_lp, live_pick = lax.top_k(live_lp, k)
+    new_live_seqs = _take_beams(top_seqs, live_pick)
+    # [b, k] source rows of the flat b * k cache.
+    src_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)
+    rows = (jnp.arange(b)[:, None] * k + src_beam).reshape(b * k)
+    new_cache = gather_cache(new_cache, rows, b * k, cache_batch_axis)
+
+    # Finished: merge the candidates that end here into the best k so far.
+    finishing = valid & ends & in_top_k
+    new_scores = jnp.where(finishing, top_lp / brevity_penalty(alpha, i + 1), NEG_INF)
+    finished_scores, finished_seqs, finished_flags = _merge_finished(
+        s, top_seqs, new_scores, finishing
+    )
+    return _BeamState(
+        cur_index=i + 1,
+        live_log_probs=new_live_lp,
+        live_seqs=new_live_seqs,
+        finished_scores=finished_scores,
+        finished_seqs=finished_seqs,
+        finished_flags=finished_flags,
+        cache=new_cache,
+    )
+
+
+def _beam_continue(s: _BeamState, alpha: float) -> jax.Array:
+    """<bool>[]: positions remain and some live beam could still beat its worst finished one."""
+    length = s.live_seqs.shape[-1]
+    # [b] the best score a live beam could still finish with.
+    penalty = jnp.maximum(brevity_penalty(alpha, s.cur_index + 1), brevity_penalty(alpha, length))
+    best_reachable = s.live_log_probs[:, 0] / penalty
+    worst_finished = jnp.where(s.finished_flags[:, -1], s.finished_scores[:, -1], NEG_INF)
+    done = s.finished_flags[:, -1] & (worst_finished > best_reachable)
+    return (s.cur_index < length) & ~jnp.all(done)
+
+
+def _initial_beam_state(cache: PyTree, b: int, k: int, length: int) -> _BeamState:
+    """Only beam 0 is live at the start: the k copies of the start token are one prefix."""
+    init_live = jnp.full((b, k), NEG_INF, jnp.float32).at[:, 0].set(0.0)
+    return _BeamState(
+        cur_index=jnp.array(0, jnp.int32),
+        live_log_probs=init_live,
+        live_seqs=jnp.full((b, k, length), PAD_ID, jnp.int32),
+        finished_scores=jnp.full((b, k), NEG_INF, jnp.float32),
+        finished_seqs=jnp.full((b, k, length), PAD_ID, jnp.int32),
+        finished_flags=jnp.zeros((b, k), bool),
+        cache=cache,
+    )
+
+
 def beam_search(
     tokens_to_logits: TokensToLogits,
     cache: PyTree,
@@ -394,84 +525,17 @@ def beam_search(
         raise errors.UserError(f"num_beams={num_beams} must be positive")
     b, k, length = batch_size, num_beams, max_decode_length
     _map_cache_rows(lambda leaf: leaf, cache, b * k, cache_batch_axis)  # fail early, clearly
-
-    def best_reachable(s: _BeamState) -> jax.Array:
-        # [b] the best score a live beam could still finish with.
-        penalty = jnp.maximum(
-            brevity_penalty(alpha, s.cur_index + 1), brevity_penalty(alpha, length)
-        )
-        return s.live_log_probs[:, 0] / penalty
-
-    def cond(s: _BeamState) -> jax.Array:
-        worst_finished = jnp.where(s.finished_flags[:, -1], s.finished_scores[:, -1], NEG_INF)
-        done = s.finished_flags[:, -1] & (worst_finished > best_reachable(s))
-        return (s.cur_index < length) & ~jnp.all(done)
-
-    def body(s: _BeamState) -> _BeamState:
-        i = s.cur_index
-        # [b, k, l] -> [b * k, l]
-        flat_seqs = s.live_seqs.reshape(b * k, length)
-        state = DecodingState(
-            cur_index=i, cur_token=_cur_token(flat_seqs, i), sequences=flat_seqs, cache=s.cache
-        )
-        logits, new_cache = tokens_to_logits(state)
-        logits = _check_logits(logits, b * k)
-        vocab = logits.shape[-1]
-        # [b * k, v] -> [b, k, v]
-        log_probs = jax.nn.log_softmax(logits).reshape(b, k, vocab)
-        candidates = s.live_log_probs[:, :, None] + log_probs
-        # [b, k, v] -> [b, k * v] -> [b, 2k]
-        num_candidates = min(2 * k, k * vocab)
-        top_lp, top_idx = lax.top_k(candidates.reshape(b, k * vocab), num_candidates)
-        top_beam, top_token = top_idx // vocab, top_idx % vocab
-        # [b, k, l] -> [b, 2k, l] with position i set to the new token.
-        top_seqs = _take_beams(s.live_seqs, top_beam)
-        top_seqs = jnp.where(jnp.arange(length) == i, top_token[:, :, None], top_seqs)
-
-        # Candidates grown from an empty slot carry ~NEG_INF: never keep them.
-        valid = top_lp > NEG_INF / 2
-        ends = (top_token == eos_id) | (i == length - 1)
-        in_top_k = jnp.arange(num_candidates) < k
-
-        # Live: the best k candidates that do not end.
-        live_lp = jnp.where(valid & ~ends, top_lp, NEG_INF)
-        new_live_lp, live_pick = lax.top_k(live_lp, k)
-        new_live_seqs = _take_beams(top_seqs, live_pick)
-        # [b, k] source rows of the flat b * k cache.
-        src_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)
-        rows = (jnp.arange(b)[:, None] * k + src_beam).reshape(b * k)
-        new_cache = gather_cache(new_cache, rows, b * k, cache_batch_axis)
-
-        # Finished: merge the candidates that end here into the best k so far.
-        finishing = valid & ends & in_top_k
-        new_scores = jnp.where(finishing, top_lp / brevity_penalty(alpha, i + 1), NEG_INF)
-        # [b, k] + [b, 2k] -> [b, 3k] -> [b, k]
-        all_scores = jnp.concatenate([s.finished_scores, new_scores], axis=1)
-        all_seqs = jnp.concatenate([s.finished_seqs, top_seqs], axis=1)
-        all_flags = jnp.concatenate([s.finished_flags, finishing], axis=1)
-        finished_scores, finished_pick = lax.top_k(all_scores, k)
-        return _BeamState(
-            cur_index=i + 1,
-            live_log_probs=new_live_lp,
-            live_seqs=new_live_seqs,
-            finished_scores=finished_scores,
-            finished_seqs=_take_beams(all_seqs, finished_pick),
-            finished_flags=jnp.take_along_axis(all_flags, finished_pick, axis=1),
-            cache=new_cache,
-        )
-
-    # Only beam 0 is live at the start: the k copies of the start token are one prefix.
-    init_live = jnp.full((b, k), NEG_INF, jnp.float32).at[:, 0].set(0.0)
-    init = _BeamState(
-        cur_index=jnp.array(0, jnp.int32),
-        live_log_probs=init_live,
-        live_seqs=jnp.full((b, k, length), PAD_ID, jnp.int32),
-        finished_scores=jnp.full((b, k), NEG_INF, jnp.float32),
-        finished_seqs=jnp.full((b, k, length), PAD_ID, jnp.int32),
-        finished_flags=jnp.zeros((b, k), bool),
-        cache=cache,
+    final = lax.while_loop(
+        functools.partial(_beam_continue, alpha=alpha),
+        functools.partial(
+            _beam_step,
+            tokens_to_logits=tokens_to_logits,
+            alpha=alpha,
+            eos_id=eos_id,
+            cache_batch_axis=cache_batch_axis,
+        ),
+        _initial_beam_state(cache, b, k, length),
     )
-    final = lax.while_loop(cond, body, init)
     return final.finished_seqs, final.finished_scores
 
 
@@ -679,6 +743,34 @@ def decode_batch(
     Returns:
       A `DecodeOutput`.
     """
+    encoder_tokens = _encoder_tokens(method, rng, batch)
+    params = nn.meta.unbox(params)
+    batch_size = encoder_tokens.shape[0]
+    beams = num_beams if method == "beam" else 1
+    encoded, encoder_tokens, fraction_dropped = _encode(model, params, encoder_tokens, beams)
+    cache = _model_cache(model, params, encoded, encoder_tokens, max_decode_length)
+    tokens_to_logits = _decoder_step_fn(model, params, encoded, encoder_tokens, max_decode_length)
+    output = _search(
+        method,
+        tokens_to_logits,
+        cache,
+        batch_size=batch_size,
+        max_decode_length=max_decode_length,
+        num_beams=num_beams,
+        alpha=alpha,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        rng=rng,
+        eos_id=eos_id,
+    )
+    return output._replace(fraction_dropped=fraction_dropped)
+
+
+def _encoder_tokens(
+    method: str, rng: jax.Array | None, batch: Mapping[str, jax.Array]
+) -> jax.Array:
+    """<int32>[b, inputs_length] the batch's encoder tokens, after checking the request."""
     if method not in ("greedy", "sample", "beam"):
         raise errors.UserError(f"method={method!r}: use 'greedy', 'sample' or 'beam'")
     if method == "sample" and rng is None:
@@ -687,13 +779,24 @@ def decode_batch(
         raise ValueError(
             f"batch has features {sorted(batch)}; decoding needs 'encoder_input_tokens'"
         )
-    params = nn.meta.unbox(params)
     encoder_tokens = jnp.asarray(batch["encoder_input_tokens"], jnp.int32)
     if encoder_tokens.ndim != 2:
         raise ValueError(
             f"encoder_input_tokens must be [batch, inputs_length], got shape {encoder_tokens.shape}"
         )
-    batch_size = encoder_tokens.shape[0]
+    return encoder_tokens
+
+
+def _encode(
+    model: nn.Module, params: PyTree, encoder_tokens: jax.Array, beams: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Runs the encoder once and repeats its outputs over the beams (beam-minor rows).
+
+    Returns:
+      encoded: [b * beams, inputs_length, embed] encoder outputs.
+      encoder_tokens: <int32>[b * beams, inputs_length].
+      fraction_dropped: <float32>[] the encoder's MoE drops (see `DecodeOutput`).
+    """
     # [b, inputs_length] -> [b, inputs_length, embed]
     encoded, sown = model.apply(
         {"params": params},
@@ -705,12 +808,21 @@ def decode_batch(
     fraction_dropped = moe.collect_moe_intermediates(sown.get("intermediates", {}))[
         "fraction_dropped"
     ]
-    beams = num_beams if method == "beam" else 1
     if beams > 1:
         # [b, ...] -> [b * k, ...], beam-minor like the beam search's rows.
         encoded = expand_beams(encoded, beams)
         encoder_tokens = expand_beams(encoder_tokens, beams)
-    cache = _model_cache(model, params, encoded, encoder_tokens, max_decode_length)
+    return encoded, encoder_tokens, fraction_dropped
+
+
+def _decoder_step_fn(
+    model: nn.Module,
+    params: PyTree,
+    encoded: jax.Array,
+    encoder_tokens: jax.Array,
+    max_decode_length: int,
+) -> TokensToLogits:
+    """The model's `tokens_to_logits`: one decoder position on the KV cache."""
 
     def tokens_to_logits(state: DecodingState) -> tuple[jax.Array, PyTree]:
         # [rows] -> [rows, 1] decoder input -> [rows, 1, vocab] logits -> [rows, vocab]
@@ -727,6 +839,25 @@ def decode_batch(
         )
         return logits[:, 0, :], variables["cache"]
 
+    return tokens_to_logits
+
+
+def _search(
+    method: DecodeMethod,
+    tokens_to_logits: TokensToLogits,
+    cache: PyTree,
+    *,
+    batch_size: int,
+    max_decode_length: int,
+    num_beams: int,
+    alpha: float,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    rng: jax.Array | None,
+    eos_id: int,
+) -> DecodeOutput:
+    """Runs the decoding `method` asks for (see `decode_batch`); fraction_dropped left None."""
     if method == "greedy":
         tokens, scores = greedy_decode(
             tokens_to_logits,
@@ -735,7 +866,7 @@ def decode_batch(
             max_decode_length=max_decode_length,
             eos_id=eos_id,
         )
-        return DecodeOutput(tokens, scores, fraction_dropped=fraction_dropped)
+        return DecodeOutput(tokens, scores)
     if method == "sample":
         tokens, scores = temperature_sample(
             tokens_to_logits,
@@ -748,7 +879,7 @@ def decode_batch(
             top_p=top_p,
             eos_id=eos_id,
         )
-        return DecodeOutput(tokens, scores, fraction_dropped=fraction_dropped)
+        return DecodeOutput(tokens, scores)
     all_beams, beam_scores = beam_search(
         tokens_to_logits,
         cache,
@@ -758,6 +889,4 @@ def decode_batch(
         alpha=alpha,
         eos_id=eos_id,
     )
-    return DecodeOutput(
-        all_beams[:, 0], beam_scores[:, 0], all_beams, beam_scores, fraction_dropped
-    )
+    return DecodeOutput(all_beams[:, 0], beam_scores[:, 0], all_beams, beam_scores)

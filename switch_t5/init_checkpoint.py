@@ -511,8 +511,6 @@ def load_initial_params(
       InitialCheckpointError: no checkpoint (without fallback), or another vocabulary.
       ArchitectureMismatchError: see `plan_restore`.
     """
-    import orbax.checkpoint as ocp
-
     ref = find_checkpoint(path, step)
     if ref is None:
         if fallback_to_scratch:
@@ -534,12 +532,46 @@ def load_initial_params(
         assignment_map=assignment_map,
         where=f"checkpoint {ref.step_dir}",
     )
-    # One read per checkpoint array (several targets may share one), on the sharding the first
-    # target that needs it asks for; orbax reshards on read and casts to the requested dtype.
+    first_target = _first_targets(restored, pieces)
+    read = _read_arrays(ref, _restore_args(first_target, target, saved))
+    values = _place_values(restored, pieces, target, read, first_target)
+    del read
+    leaves = [values.get(name) for name in flatten(abstract_params)]
+    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
+    used = {real for source in restored.values() for real in pieces[source].sources}
+    unused = sorted(n for n in saved if n not in used)
+    if unused:
+        log.info("%d checkpoint params are not used, e.g. %s", len(unused), unused[0])
+    return LoadedParams(params, ref, restored, fresh, unused)
+
+
+def _first_targets(
+    restored: Mapping[str, str], pieces: Mapping[str, _Piece]
+) -> dict[str, tuple[str, str]]:
+    """{checkpoint array: (the first target param that reads it, how it is read)}.
+
+    One read per checkpoint array (several targets may share one), on the sharding the first
+    target that needs it asks for.
+    """
     first_target: dict[str, tuple[str, str]] = {}
     for name, source in restored.items():
         for real in pieces[source].sources:
             first_target.setdefault(real, (name, pieces[source].kind))
+    return first_target
+
+
+def _restore_args(
+    first_target: Mapping[str, tuple[str, str]],
+    target: Mapping[str, Any],
+    saved: Mapping[str, tuple[tuple[int, ...], Any]],
+) -> dict[str, Any]:
+    """The nested orbax `ArrayRestoreArgs` of the arrays to read.
+
+    Each array is read on the sharding of its first target (`_source_sharding` of it) and in
+    that target's dtype: orbax reshards on read and casts.
+    """
+    import orbax.checkpoint as ocp
+
     item: dict[str, Any] = {}
     for real, (name, kind) in first_target.items():
         node = item
@@ -552,6 +584,13 @@ def load_initial_params(
             global_shape=tuple(saved[real][0]),
             dtype=t.dtype,
         )
+    return item
+
+
+def _read_arrays(ref: CheckpointRef, item: dict[str, Any]) -> dict[str, Any]:
+    """{checkpoint name: array} of the params `item` asks for (a partial orbax restore)."""
+    import orbax.checkpoint as ocp
+
     abstract_item = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.global_shape, a.dtype, sharding=a.sharding),
         item,
@@ -563,7 +602,17 @@ def load_initial_params(
             item={"params": abstract_item}, restore_args={"params": item}, partial_restore=True
         ),
     )
-    read = flatten(out["params"])
+    return flatten(out["params"])
+
+
+def _place_values(
+    restored: Mapping[str, str],
+    pieces: Mapping[str, _Piece],
+    target: Mapping[str, Any],
+    read: Mapping[str, Any],
+    first_target: Mapping[str, tuple[str, str]],
+) -> dict[str, Any]:
+    """{target name: array on its sharding and dtype}, from the arrays read."""
     values: dict[str, Any] = {}
     for name, source in restored.items():
         piece, t = pieces[source], target[name]
@@ -575,14 +624,7 @@ def load_initial_params(
             # A separate buffer: the same one twice in a tree cannot be donated.
             x = jax.device_put(jnp.copy(x).astype(t.dtype), t.sharding)
         values[name] = x
-    del read, out
-    leaves = [values.get(name) for name in flatten(abstract_params)]
-    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract_params), leaves)
-    used = {real for source in restored.values() for real in pieces[source].sources}
-    unused = sorted(n for n in saved if n not in used)
-    if unused:
-        log.info("%d checkpoint params are not used, e.g. %s", len(unused), unused[0])
-    return LoadedParams(params, ref, restored, fresh, unused)
+    return values
 
 
 def initial_train_state(

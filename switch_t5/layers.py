@@ -324,6 +324,31 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         dtype = compute_dtype(cfg)
         heads, head_dim = cfg.num_heads, cfg.head_dim
+        query, key, value = self._project_qkv(inputs_q, inputs_kv)
+        if decode:
+            key, value, mask, bias = self._decode_cache(query, key, value, mask, bias)
+
+        # [b, q, h, d] x [b, k, h, d] -> [b, h, q, k]; logits and softmax in float32.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        attention_bias = mask_to_bias(mask, bias)
+        if attention_bias is not None:
+            logits = logits + attention_bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=not enable_dropout)
+        # [b, h, q, k] x [b, k, h, d] -> [b, q, h, d]
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        # [b, q, h, d] -> [b, q, h * d]
+        out = out.reshape(*out.shape[:-2], heads * head_dim)
+        init = kernel_init(cfg.init_scale)
+        return Dense(cfg.d_model, ("joined_kv", "embed"), cfg, init, name="out")(out)
+
+    def _project_qkv(
+        self, inputs_q: jax.Array, inputs_kv: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[batch, q or k, embed] -> query, key, value: [batch, q or k, heads, kv]."""
+        cfg = self.config
+        heads, head_dim = cfg.num_heads, cfg.head_dim
         init = kernel_init(cfg.init_scale)
 
         # No 1/sqrt(head_dim) on the logits: T5/Mesh-TF fold it into the query init, std
@@ -343,62 +368,62 @@ class MultiHeadAttention(nn.Module):
         query = project("query", query_init, inputs_q)
         key = project("key", init, inputs_kv)
         value = project("value", init, inputs_kv)
+        return query, key, value
 
-        if decode:
-            is_initialized = self.has_variable("cache", "cached_key")
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-            cached_value = self.variable(
-                "cache", "cached_value", jnp.zeros, value.shape, value.dtype
-            )
-            cache_index = self.variable(
-                "cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32)
-            )
-            if is_initialized:
-                batch, max_length, _, _ = cached_key.value.shape
-                if query.shape[1] != 1:
-                    raise ValueError(
-                        f"decode=True with an initialised cache takes one token per step, got "
-                        f"decoder inputs of length {query.shape[1]}; feed [batch, 1] tokens"
-                    )
-                if key.shape[0] != batch:
-                    raise ValueError(
-                        f"decode batch {key.shape[0]} does not match the cache's batch {batch}; "
-                        "initialise the cache with the same batch size"
-                    )
-                cur = cache_index.value
-                # [batch, max_length, heads, kv] with [batch, 1, heads, kv] written at `cur`.
-                key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, cur, 0, 0))
-                value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, cur, 0, 0))
-                cached_key.value, cached_value.value = key, value
-                cache_index.value = cur + 1
-                # Causality from the cache: only positions written so far (<= cur).
-                # [max_length] -> [batch, 1, 1, max_length]
-                valid = jnp.arange(max_length) <= cur
-                step_mask = jnp.broadcast_to(valid[None, None, None, :], (batch, 1, 1, max_length))
-                mask = combine_masks(mask, step_mask)
-                if bias is not None:
-                    if bias.shape[-1] != max_length or bias.shape[-2] != max_length:
-                        raise ValueError(
-                            f"decode-mode relative position bias has shape {bias.shape} but the "
-                            f"cache holds {max_length} positions; pass max_decode_length="
-                            f"{max_length} (the length the cache was initialised with)"
-                        )
-                    # [1, heads, max_length, max_length] -> [1, heads, 1, max_length]
-                    bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=-2)
+    def _decode_cache(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        mask: jax.Array | None,
+        bias: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """Decode mode: the KV cache, created by the first call and written one step at a time.
 
-        # [b, q, h, d] x [b, k, h, d] -> [b, h, q, k]; logits and softmax in float32.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        attention_bias = mask_to_bias(mask, bias)
-        if attention_bias is not None:
-            logits = logits + attention_bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=not enable_dropout)
-        # [b, h, q, k] x [b, k, h, d] -> [b, q, h, d]
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, value)
-        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        # [b, q, h, d] -> [b, q, h * d]
-        out = out.reshape(*out.shape[:-2], heads * head_dim)
-        return Dense(cfg.d_model, ("joined_kv", "embed"), cfg, init, name="out")(out)
+        The first call (full-length inputs, typically `model.init`) only creates the variables
+        and returns its arguments unchanged. Later calls write this step's key and value at
+        `cache_index` and return (key, value, mask, bias) over all cached positions: keys and
+        values [batch, max_length, heads, kv], the mask limited to the positions written so
+        far, the bias cut to the current row.
+        """
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+        if not is_initialized:
+            return key, value, mask, bias
+        batch, max_length, _, _ = cached_key.value.shape
+        if query.shape[1] != 1:
+            raise ValueError(
+                f"decode=True with an initialised cache takes one token per step, got "
+                f"decoder inputs of length {query.shape[1]}; feed [batch, 1] tokens"
+            )
+        if key.shape[0] != batch:
+            raise ValueError(
+                f"decode batch {key.shape[0]} does not match the cache's batch {batch}; "
+                "initialise the cache with the same batch size"
+            )
+        cur = cache_index.value
+        # [batch, max_length, heads, kv] with [batch, 1, heads, kv] written at `cur`.
+        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, cur, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, cur, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = cur + 1
+        # Causality from the cache: only positions written so far (<= cur).
+        # [max_length] -> [batch, 1, 1, max_length]
+        valid = jnp.arange(max_length) <= cur
+        step_mask = jnp.broadcast_to(valid[None, None, None, :], (batch, 1, 1, max_length))
+        mask = combine_masks(mask, step_mask)
+        if bias is not None:
+            if bias.shape[-1] != max_length or bias.shape[-2] != max_length:
+                raise ValueError(
+                    f"decode-mode relative position bias has shape {bias.shape} but the "
+                    f"cache holds {max_length} positions; pass max_decode_length="
+                    f"{max_length} (the length the cache was initialised with)"
+                )
+            # [1, heads, max_length, max_length] -> [1, heads, 1, max_length]
+            bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=-2)
+        return key, value, mask, bias
 
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

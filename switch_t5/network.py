@@ -366,51 +366,23 @@ class Decoder(nn.Module):
         """Returns <float32>[batch, target_length, vocab] logits."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate)
-        length = decoder_input_tokens.shape[1]
         encoder_real = encoder_input_tokens > 0
-
         if decode:
-            if cfg.scan_layers:
-                raise ValueError(
-                    "decode=True needs unscanned layers: convert the params with "
-                    "switch_t5.scan_utils.unscan_params and decode with scan_layers=False"
-                )
-            if decoder_segment_ids is not None or encoder_segment_ids is not None:
-                raise ValueError(
-                    "decode=True does not support packed (segment_ids) inputs; decode unpacked "
-                    "examples"
-                )
-            # The KV cache makes the self-attention causal; every decoded token is real.
-            self_mask = None
-            decoder_real = jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
-            cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
-            padding_mask = None
+            masks = _decode_step_masks(
+                cfg, decoder_input_tokens, encoder_real, encoder_segment_ids, decoder_segment_ids
+            )
+            length = decoder_input_tokens.shape[1]
             bias_length = max_decode_length if max_decode_length is not None else length
         else:
-            decoder_real = (
-                decoder_target_tokens > 0
-                if decoder_target_tokens is not None
-                else jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
+            masks = _decoder_masks(
+                decoder_input_tokens,
+                decoder_target_tokens,
+                encoder_real,
+                encoder_segment_ids,
+                decoder_segment_ids,
             )
-            self_mask = layers.combine_masks(
-                layers.make_causal_mask(decoder_input_tokens),
-                layers.make_attention_mask(decoder_real, decoder_real),
-            )
-            cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
-            if decoder_segment_ids is not None:
-                if encoder_segment_ids is None:
-                    raise ValueError(
-                        "decoder_segment_ids given without encoder_segment_ids; packed examples "
-                        "need both"
-                    )
-                self_mask = layers.combine_masks(
-                    self_mask, layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
-                )
-                cross_mask = layers.combine_masks(
-                    cross_mask, layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
-                )
-            padding_mask = decoder_real if decoder_target_tokens is not None else None
-            bias_length = length
+            bias_length = decoder_input_tokens.shape[1]
+        self_mask, cross_mask, padding_mask = masks
         # Computed once and shared by every layer; in decode mode the full
         # [max_decode_length, max_decode_length] bias, sliced per step by the attention.
         bias = layers.RelativePositionBiases(cfg, bidirectional=False, name="relpos_bias")(
@@ -429,7 +401,11 @@ class Decoder(nn.Module):
         )
         y = layers.RMSNorm(cfg, name="decoder_norm")(y)
         y = dropout(y, deterministic=not enable_dropout)
+        return self._logits(y)
 
+    def _logits(self, y: jax.Array) -> jax.Array:
+        """[batch, length, embed] decoder output -> <float32>[batch, length, vocab] logits."""
+        cfg = self.config
         if cfg.logits_via_embedding:
             # Tied logits: rescale by d_model**-0.5 first (Mesh-TF, HF), because the N(0, 1)
             # embedding would otherwise give logits of std ~sqrt(d_model).
@@ -444,6 +420,68 @@ class Decoder(nn.Module):
                 name="logits_dense",
             )(y).astype(jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+# (self-attention mask, cross-attention mask, MoE padding mask) of the decoder; each may be None.
+_DecoderMasks = tuple[jax.Array | None, jax.Array | None, jax.Array | None]
+
+
+def _decode_step_masks(
+    config: SwitchConfig,
+    decoder_input_tokens: jax.Array,
+    encoder_real: jax.Array,
+    encoder_segment_ids: jax.Array | None,
+    decoder_segment_ids: jax.Array | None,
+) -> _DecoderMasks:
+    """The decoder's masks in decode mode, after refusing what the KV cache cannot do."""
+    if config.scan_layers:
+        raise ValueError(
+            "decode=True needs unscanned layers: convert the params with "
+            "switch_t5.scan_utils.unscan_params and decode with scan_layers=False"
+        )
+    if decoder_segment_ids is not None or encoder_segment_ids is not None:
+        raise ValueError(
+            "decode=True does not support packed (segment_ids) inputs; decode unpacked examples"
+        )
+    # The KV cache makes the self-attention causal; every decoded token is real.
+    decoder_real = jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
+    cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
+    return None, cross_mask, None
+
+
+def _decoder_masks(
+    decoder_input_tokens: jax.Array,
+    decoder_target_tokens: jax.Array | None,
+    encoder_real: jax.Array,
+    encoder_segment_ids: jax.Array | None,
+    decoder_segment_ids: jax.Array | None,
+) -> _DecoderMasks:
+    """The decoder's masks on whole sequences: causal, padding and (packed) segment masks."""
+    decoder_real = (
+        decoder_target_tokens > 0
+        if decoder_target_tokens is not None
+        else jnp.ones_like(decoder_input_tokens, dtype=jnp.bool_)
+    )
+    # [b, 1, l, l]: causal and both positions real.
+    self_mask = layers.combine_masks(
+        layers.make_causal_mask(decoder_input_tokens),
+        layers.make_attention_mask(decoder_real, decoder_real),
+    )
+    # [b, 1, l, inputs_length]
+    cross_mask = layers.make_attention_mask(decoder_real, encoder_real)
+    if decoder_segment_ids is not None:
+        if encoder_segment_ids is None:
+            raise ValueError(
+                "decoder_segment_ids given without encoder_segment_ids; packed examples need both"
+            )
+        self_mask = layers.combine_masks(
+            self_mask, layers.segment_mask(decoder_segment_ids, decoder_segment_ids)
+        )
+        cross_mask = layers.combine_masks(
+            cross_mask, layers.segment_mask(decoder_segment_ids, encoder_segment_ids)
+        )
+    padding_mask = decoder_real if decoder_target_tokens is not None else None
+    return self_mask, cross_mask, padding_mask
 
 
 class EncoderDecoder(nn.Module):

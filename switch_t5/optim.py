@@ -173,6 +173,24 @@ class AdafactorState(NamedTuple):
     v: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class _AdafactorSettings:
+    """The hyperparameters of `adafactor` (see its Args), shared by its init and update steps."""
+
+    decay_rate: float
+    clipping_threshold: float | None
+    multiply_by_parameter_scale: bool
+    epsilon1: float
+    epsilon2: float
+    factored: bool
+    min_dim_size_to_factor: int
+    weight_decay_rate: float | None
+    state_dtype: Any
+
+    def dims(self, shape: Sequence[int], axes: Sequence[int]) -> tuple[int, int] | None:
+        return factored_dims(shape, axes, self.factored, self.min_dim_size_to_factor)
+
+
 def adafactor(
     learning_rate: float | Schedule,
     batch_axes: Any = None,
@@ -205,6 +223,17 @@ def adafactor(
         is computed in float32 either way).
     """
     lr_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+    settings = _AdafactorSettings(
+        decay_rate=decay_rate,
+        clipping_threshold=clipping_threshold,
+        multiply_by_parameter_scale=multiply_by_parameter_scale,
+        epsilon1=epsilon1,
+        epsilon2=epsilon2,
+        factored=factored,
+        min_dim_size_to_factor=min_dim_size_to_factor,
+        weight_decay_rate=weight_decay_rate,
+        state_dtype=state_dtype,
+    )
 
     def _axes(params):
         if batch_axes is None:
@@ -212,89 +241,131 @@ def adafactor(
         return batch_axes
 
     def init_fn(params):
-        def init_one(p, axes):
-            dims = factored_dims(p.shape, axes, factored, min_dim_size_to_factor)
-            placeholder = jnp.zeros((1,), state_dtype)
-            if dims is None:
-                return placeholder, placeholder, jnp.zeros(p.shape, state_dtype)
-            d_row, d_col = dims
-            row_shape = tuple(s for i, s in enumerate(p.shape) if i != d_col)
-            col_shape = tuple(s for i, s in enumerate(p.shape) if i != d_row)
-            return jnp.zeros(row_shape, state_dtype), jnp.zeros(col_shape, state_dtype), placeholder
-
-        out = jax.tree.map(init_one, params, _axes(params), is_leaf=lambda x: x is None)
-        treedef = jax.tree.structure(params)
-        leaves = treedef.flatten_up_to(out)
-        return AdafactorState(
-            count=jnp.zeros([], jnp.int32),
-            v_row=treedef.unflatten([x[0] for x in leaves]),
-            v_col=treedef.unflatten([x[1] for x in leaves]),
-            v=treedef.unflatten([x[2] for x in leaves]),
-        )
+        return _adafactor_init(params, _axes(params), settings)
 
     def update_fn(grads, state, params):
         if params is None:
             raise ValueError("Adafactor needs the params (parameter scale): pass them to update")
-        t = state.count.astype(jnp.float32) + 1.0
-        beta2 = 1.0 - t ** (-decay_rate)
-        lr = lr_fn(state.count)
-
-        def update_one(g, v_row, v_col, v, p, axes):
-            g = g.astype(jnp.float32)
-            v_row, v_col, v = (x.astype(jnp.float32) for x in (v_row, v_col, v))
-            g_sqr = jnp.square(g) + epsilon1
-            dims = factored_dims(p.shape, axes, factored, min_dim_size_to_factor)
-            if dims is None:
-                v = beta2 * v + (1.0 - beta2) * g_sqr
-                u = g * jax.lax.rsqrt(v)
-            else:
-                d_row, d_col = dims
-                # [e, m, n] -> [e, m]: averaged over the largest axis (n).
-                v_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sqr, axis=d_col)
-                # [e, m, n] -> [e, n]: averaged over the second largest axis (m).
-                v_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sqr, axis=d_row)
-                # Normaliser per expert: mean of v_row over its m axis (position in v_row).
-                row_axis_in_row = d_row - 1 if d_row > d_col else d_row
-                row_mean = jnp.mean(v_row, axis=row_axis_in_row, keepdims=True)
-                row_factor = jax.lax.rsqrt(v_row / row_mean)
-                col_factor = jax.lax.rsqrt(v_col)
-                u = g * jnp.expand_dims(row_factor, d_col) * jnp.expand_dims(col_factor, d_row)
-            if clipping_threshold is not None:
-                u = u / jnp.maximum(1.0, _rms(u, axes) / clipping_threshold)
-            u = u * lr
-            if multiply_by_parameter_scale:
-                u = u * jnp.maximum(_rms(p.astype(jnp.float32), axes), epsilon2)
-            if weight_decay_rate is not None:
-                u = u + weight_decay_rate * lr * p.astype(jnp.float32)
-            return (
-                (-u).astype(p.dtype),
-                v_row.astype(state_dtype),
-                v_col.astype(state_dtype),
-                v.astype(state_dtype),
-            )
-
-        treedef = jax.tree.structure(grads)
-        out = [
-            update_one(*args)
-            for args in zip(
-                treedef.flatten_up_to(grads),
-                treedef.flatten_up_to(state.v_row),
-                treedef.flatten_up_to(state.v_col),
-                treedef.flatten_up_to(state.v),
-                treedef.flatten_up_to(params),
-                treedef.flatten_up_to(_axes(params)),
-            )
-        ]
-        updates = treedef.unflatten([o[0] for o in out])
-        new_state = AdafactorState(
-            count=optax.safe_increment(state.count),
-            v_row=treedef.unflatten([o[1] for o in out]),
-            v_col=treedef.unflatten([o[2] for o in out]),
-            v=treedef.unflatten([o[3] for o in out]),
-        )
-        return updates, new_state
+        return _adafactor_update(grads, state, params, _axes(params), lr_fn, settings)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _unzip_trees(treedef: Any, tuples: Sequence[tuple], n: int) -> list[Any]:
+    """Per-leaf n-tuples -> n trees of `treedef`."""
+    return [treedef.unflatten([t[i] for t in tuples]) for i in range(n)]
+
+
+def _adafactor_init(params: Any, axes_tree: Any, settings: _AdafactorSettings) -> AdafactorState:
+    """Zero second moments: factored (v_row, v_col) or full (v), placeholders elsewhere."""
+    state_dtype = settings.state_dtype
+
+    def init_one(p, axes):
+        dims = settings.dims(p.shape, axes)
+        placeholder = jnp.zeros((1,), state_dtype)
+        if dims is None:
+            return placeholder, placeholder, jnp.zeros(p.shape, state_dtype)
+        d_row, d_col = dims
+        row_shape = tuple(s for i, s in enumerate(p.shape) if i != d_col)
+        col_shape = tuple(s for i, s in enumerate(p.shape) if i != d_row)
+        return jnp.zeros(row_shape, state_dtype), jnp.zeros(col_shape, state_dtype), placeholder
+
+    out = jax.tree.map(init_one, params, axes_tree, is_leaf=lambda x: x is None)
+    treedef = jax.tree.structure(params)
+    v_row, v_col, v = _unzip_trees(treedef, treedef.flatten_up_to(out), 3)
+    return AdafactorState(count=jnp.zeros([], jnp.int32), v_row=v_row, v_col=v_col, v=v)
+
+
+def _adafactor_update(
+    grads: Any,
+    state: AdafactorState,
+    params: Any,
+    axes_tree: Any,
+    lr_fn: Schedule,
+    settings: _AdafactorSettings,
+) -> tuple[Any, AdafactorState]:
+    """One Adafactor step over every param: (updates, new state)."""
+    t = state.count.astype(jnp.float32) + 1.0
+    beta2 = 1.0 - t ** (-settings.decay_rate)
+    lr = lr_fn(state.count)
+    treedef = jax.tree.structure(grads)
+    out = [
+        _update_one(g, v_row, v_col, v, p, axes, beta2, lr, settings)
+        for g, v_row, v_col, v, p, axes in zip(
+            treedef.flatten_up_to(grads),
+            treedef.flatten_up_to(state.v_row),
+            treedef.flatten_up_to(state.v_col),
+            treedef.flatten_up_to(state.v),
+            treedef.flatten_up_to(params),
+            treedef.flatten_up_to(axes_tree),
+        )
+    ]
+    updates, v_row, v_col, v = _unzip_trees(treedef, out, 4)
+    new_state = AdafactorState(
+        count=optax.safe_increment(state.count), v_row=v_row, v_col=v_col, v=v
+    )
+    return updates, new_state
+
+
+def _update_one(
+    g: jax.Array,
+    v_row: jax.Array,
+    v_col: jax.Array,
+    v: jax.Array,
+    p: jax.Array,
+    axes: Sequence[int],
+    beta2: jax.Array,
+    lr: jax.Array,
+    settings: _AdafactorSettings,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One param's (update, v_row, v_col, v); the update in p's dtype, moments in state_dtype."""
+    g = g.astype(jnp.float32)
+    v_row, v_col, v = (x.astype(jnp.float32) for x in (v_row, v_col, v))
+    g_sqr = jnp.square(g) + settings.epsilon1
+    dims = settings.dims(p.shape, axes)
+    if dims is None:
+        v = beta2 * v + (1.0 - beta2) * g_sqr
+        u = g * jax.lax.rsqrt(v)
+    else:
+        u, v_row, v_col = _factored_step(g, g_sqr, v_row, v_col, dims, beta2)
+    if settings.clipping_threshold is not None:
+        u = u / jnp.maximum(1.0, _rms(u, axes) / settings.clipping_threshold)
+    u = u * lr
+    if settings.multiply_by_parameter_scale:
+        u = u * jnp.maximum(_rms(p.astype(jnp.float32), axes), settings.epsilon2)
+    if settings.weight_decay_rate is not None:
+        u = u + settings.weight_decay_rate * lr * p.astype(jnp.float32)
+    state_dtype = settings.state_dtype
+    return (
+        (-u).astype(p.dtype),
+        v_row.astype(state_dtype),
+        v_col.astype(state_dtype),
+        v.astype(state_dtype),
+    )
+
+
+def _factored_step(
+    g: jax.Array,
+    g_sqr: jax.Array,
+    v_row: jax.Array,
+    v_col: jax.Array,
+    dims: tuple[int, int],
+    beta2: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The factored second-moment update and the unclipped step (u, v_row, v_col), in float32."""
+    d_row, d_col = dims
+    # [e, m, n] -> [e, m]: averaged over the largest axis (n).
+    v_row = beta2 * v_row + (1.0 - beta2) * jnp.mean(g_sqr, axis=d_col)
+    # [e, m, n] -> [e, n]: averaged over the second largest axis (m).
+    v_col = beta2 * v_col + (1.0 - beta2) * jnp.mean(g_sqr, axis=d_row)
+    # Normaliser per expert: mean of v_row over its m axis (position in v_row).
+    row_axis_in_row = d_row - 1 if d_row > d_col else d_row
+    row_mean = jnp.mean(v_row, axis=row_axis_in_row, keepdims=True)
+    row_factor = jax.lax.rsqrt(v_row / row_mean)
+    col_factor = jax.lax.rsqrt(v_col)
+    # [e, m] and [e, n] -> [e, m, n]
+    u = g * jnp.expand_dims(row_factor, d_col) * jnp.expand_dims(col_factor, d_row)
+    return u, v_row, v_col
 
 
 def _drop_axis(spec: PartitionSpec, ndim: int, axis: int) -> PartitionSpec:

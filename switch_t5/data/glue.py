@@ -308,36 +308,93 @@ def _glue_specs() -> list[_Spec]:
     return specs
 
 
+def _sg(config: str) -> str:
+    """The TFDS name of a SuperGLUE config."""
+    return f"super_glue/{config}:{SUPER_GLUE_TFDS_VERSION}"
+
+
+# SuperGLUE classification configs: (config, the columns T5 writes out or None for all of
+# them, metric fns). WiC ignores the word's character offsets (start1/end1/...), as T5 does.
+_SUPER_GLUE_CLASSIFICATION = (
+    ("boolq", None, (metrics.accuracy,)),
+    ("cb", None, (metrics.mean_multiclass_f1(3), metrics.accuracy)),
+    ("copa", None, (metrics.accuracy,)),
+    ("rte", None, (metrics.accuracy,)),
+    ("wic", ("sentence1", "sentence2", "word"), (metrics.accuracy,)),
+)
+
+# ReCoRD: free-text answers, one example per gold answer.
+_RECORD_SPEC = _Spec(
+    "super_glue_record_v102",
+    _sg("record"),
+    _SPLITS,
+    (preprocessors.record,),
+    (metrics.record,),
+    record_postprocess,
+)
+
+# WSC (and DPR, trained on with it as in T5) in the "simple" form: targets are the referent.
+_REFERENT_SPECS = (
+    _Spec(
+        "super_glue_wsc_v102_simple_train",
+        _sg("wsc.fixed"),
+        ("train",),
+        (functools.partial(preprocessors.wsc_simple, correct_referent_only=True),),
+        (),
+        None,
+    ),
+    _Spec(
+        "super_glue_wsc_v102_simple_eval",
+        _sg("wsc.fixed"),
+        ("validation", "test"),
+        (functools.partial(preprocessors.wsc_simple, correct_referent_only=False),),
+        (metrics.accuracy,),
+        wsc_simple_postprocess,
+    ),
+    _Spec(
+        "dpr_v001_simple",
+        f"definite_pronoun_resolution:{DPR_TFDS_VERSION}",
+        ("train", "test"),
+        (preprocessors.definite_pronoun_resolution_simple,),
+        (metrics.accuracy,),
+        None,
+    ),
+)
+
+
 def _super_glue_specs() -> list[_Spec]:
-    accuracy = (metrics.accuracy,)
+    """Every SuperGLUE task (and DPR), in the order `register_glue_tasks` lists them."""
+    return [
+        *_super_glue_label_specs(),
+        _RECORD_SPEC,
+        *_super_glue_diagnostic_specs(),
+        *_REFERENT_SPECS,
+    ]
 
-    def sg(config: str) -> str:
-        return f"super_glue/{config}:{SUPER_GLUE_TFDS_VERSION}"
 
+def _super_glue_label_specs() -> list[_Spec]:
+    """The tasks whose targets are the TFDS builder's label names (and MultiRC's)."""
     specs = []
-    for config, metric_fns in (
-        ("boolq", accuracy),
-        ("cb", (metrics.mean_multiclass_f1(3), metrics.accuracy)),
-        ("copa", accuracy),
-        ("rte", accuracy),
-    ):
+    for config, feature_names, metric_fns in _SUPER_GLUE_CLASSIFICATION:
         labels = tuple(_label_classes("super_glue", config))
-        text_fns, post = _classification(config, labels)
+        text_fns, post = _classification(config, labels, feature_names)
         specs.append(
             _Spec(
-                f"super_glue_{config}_v102", sg(config), _SPLITS, text_fns, metric_fns, post, labels
+                f"super_glue_{config}_v102",
+                _sg(config),
+                _SPLITS,
+                text_fns,
+                metric_fns,
+                post,
+                labels,
             )
         )
-    # WiC ignores the word's character offsets (start1/end1/...), as T5 does.
-    labels = tuple(_label_classes("super_glue", "wic"))
-    text_fns, post = _classification("wic", labels, ("sentence1", "sentence2", "word"))
-    specs.append(_Spec("super_glue_wic_v102", sg("wic"), _SPLITS, text_fns, accuracy, post, labels))
     labels = tuple(_label_classes("super_glue", "multirc"))
     text_fns, _ = _classification("multirc", labels, ("question", "answer", "paragraph"))
     specs.append(
         _Spec(
             "super_glue_multirc_v102",
-            sg("multirc"),
+            _sg("multirc"),
             _SPLITS,
             text_fns,
             (metrics.multirc_f1_over_all_answers, metrics.multirc_exact_match),
@@ -345,66 +402,29 @@ def _super_glue_specs() -> list[_Spec]:
             labels,
         )
     )
-    specs.append(
-        _Spec(
-            "super_glue_record_v102",
-            sg("record"),
-            _SPLITS,
-            (preprocessors.record,),
-            (metrics.record,),
-            record_postprocess,
-        )
-    )
-    # The diagnostics are cast as RTE; AXb names its sentences sentence1/sentence2.
+    return specs
+
+
+def _super_glue_diagnostic_specs() -> list[_Spec]:
+    """AXb and AXg, test only, cast as RTE; AXb names its sentences sentence1/sentence2."""
     rte_labels = tuple(_label_classes("super_glue", "rte"))
     text_fns, post = _classification("rte", rte_labels)
     axb_rekey = functools.partial(
         preprocessors.rekey,
         key_map={"premise": "sentence1", "hypothesis": "sentence2", "label": "label", "idx": "idx"},
     )
-    specs.append(
+    return [
         _Spec(
             "super_glue_axb_v102",
-            sg("axb"),
+            _sg("axb"),
             ("test",),
             (axb_rekey, *text_fns),
             (),
             post,
             rte_labels,
-        )
-    )
-    specs.append(_Spec("super_glue_axg_v102", sg("axg"), ("test",), text_fns, (), post, rte_labels))
-    specs.append(
-        _Spec(
-            "super_glue_wsc_v102_simple_train",
-            sg("wsc.fixed"),
-            ("train",),
-            (functools.partial(preprocessors.wsc_simple, correct_referent_only=True),),
-            (),
-            None,
-        )
-    )
-    specs.append(
-        _Spec(
-            "super_glue_wsc_v102_simple_eval",
-            sg("wsc.fixed"),
-            ("validation", "test"),
-            (functools.partial(preprocessors.wsc_simple, correct_referent_only=False),),
-            accuracy,
-            wsc_simple_postprocess,
-        )
-    )
-    specs.append(
-        _Spec(
-            "dpr_v001_simple",
-            f"definite_pronoun_resolution:{DPR_TFDS_VERSION}",
-            ("train", "test"),
-            (preprocessors.definite_pronoun_resolution_simple,),
-            accuracy,
-            None,
-        )
-    )
-    return specs
+        ),
+        _Spec("super_glue_axg_v102", _sg("axg"), ("test",), text_fns, (), post, rte_labels),
+    ]
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:

@@ -46,7 +46,7 @@ import json
 import logging
 import string
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import seqio
@@ -381,49 +381,101 @@ def register_files_text_to_text(
       with feature lengths raises `lengths.TargetLengthError` if a label, or one of the first
       `target_scan_examples` free-text targets of the split, would be cut.
     """
+    # Every argument is checked here, in this order, so a bad setting fails at registration
+    # with one message, before any file is read.
+    vocabulary = _resolve_vocabulary(vocabulary, vocabulary_path)
+    if train_files is None and validation_files is None:
+        raise errors.UserError(
+            "Give TRAIN_FILES and/or VALIDATION_FILES (globs of TSV/CSV/JSONL files)."
+        )
+    fmt, metric_fns = _row_format(
+        input_template,
+        target_column,
+        label_names,
+        metrics,
+        has_header=has_header,
+        column_names=column_names,
+        skip_invalid_rows=skip_invalid_rows,
+    )
+    split_files = _split_files(train_files, validation_files)
+    read_split = _split_reader(name, split_files, fmt)
+    if fmt.label_names is not None:
+        targets_check = tasks.labels_check(fmt.label_names, vocabulary, name)
+    else:
+        targets_check = _free_text_targets_check(
+            name, split_files, read_split, vocabulary, target_scan_examples
+        )
+    return _add_task(
+        name,
+        source=seqio.FunctionDataSource(_dataset_fn(read_split), splits=list(split_files)),
+        vocabulary=vocabulary,
+        fmt=fmt,
+        metric_fns=metric_fns,
+        targets_check=targets_check,
+    )
+
+
+def _add_task(
+    name: str,
+    *,
+    source: seqio.DataSource,
+    vocabulary: seqio.Vocabulary,
+    fmt: RowFormat,
+    metric_fns: Sequence[Any],
+    targets_check: Callable[[str, Mapping[str, int]], None],
+) -> seqio.Task:
+    """Registers (or replaces) the task: tokenize, cache, EOS, and the metrics' postprocessing."""
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        task_cls=tasks.LengthCheckedTask,
+        targets_check=targets_check,
+        source=source,
+        preprocessors=[
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=glue.output_features(vocabulary),
+        postprocess_fn=_postprocess_fn(fmt.label_names, fmt.numeric_targets),
+        metric_fns=metric_fns,
+    )
+
+
+def _resolve_vocabulary(
+    vocabulary: seqio.Vocabulary | None, vocabulary_path: str | None
+) -> seqio.Vocabulary:
+    """The vocabulary given, or the one loaded from `vocabulary_path`; exactly one is needed."""
     if vocabulary is None:
         if not vocabulary_path:
             raise errors.UserError(
                 "Give the vocabulary: set VOCABULARY_PATH to a SentencePiece model."
             )
-        vocabulary = vocab.get_vocabulary(vocabulary_path)
-    elif vocabulary_path:
+        return vocab.get_vocabulary(vocabulary_path)
+    if vocabulary_path:
         raise errors.UserError("Give either vocabulary or vocabulary_path, not both.")
-    if train_files is None and validation_files is None:
-        raise errors.UserError(
-            "Give TRAIN_FILES and/or VALIDATION_FILES (globs of TSV/CSV/JSONL files)."
-        )
+    return vocabulary
+
+
+def _row_format(
+    input_template: str,
+    target_column: str,
+    label_names: Sequence[str] | None,
+    metrics: Sequence[str],
+    *,
+    has_header: bool,
+    column_names: Sequence[str] | None,
+    skip_invalid_rows: bool,
+) -> tuple[RowFormat, list[Any]]:
+    """The checked row format and the metric functions (they decide if targets are numbers)."""
     template_columns = _template_columns(input_template)
     if not isinstance(target_column, str) or not target_column:
         raise errors.UserError(
             "TARGET_COLUMN must name the column holding the label or target text."
         )
-    if label_names is not None:
-        if isinstance(label_names, str) or not label_names:
-            raise errors.UserError(
-                f"LABEL_NAMES must be a non-empty list such as ['entailment', 'not_entailment'], "
-                f"got {label_names!r}"
-            )
-        label_names = tuple(str(n) for n in label_names)
-        if len(set(label_names)) != len(label_names):
-            raise errors.UserError(f"LABEL_NAMES {list(label_names)} has duplicates.")
-    if has_header and column_names is not None:
-        raise errors.UserError(
-            "COLUMN_NAMES is for files without a header row; set HAS_HEADER=False with it, or "
-            "drop COLUMN_NAMES to use the header."
-        )
-    if not has_header:
-        if not column_names or isinstance(column_names, str):
-            raise errors.UserError(
-                "HAS_HEADER=False needs COLUMN_NAMES, the list of columns in order."
-            )
-        column_names = tuple(column_names)
-        missing = [c for c in (*template_columns, target_column) if c not in column_names]
-        if missing:
-            raise errors.UserError(
-                f"COLUMN_NAMES {list(column_names)} lacks {missing}, used by INPUT_TEMPLATE or "
-                "TARGET_COLUMN."
-            )
+    label_names = _check_label_names(label_names)
+    column_names = _check_column_names(has_header, column_names, template_columns, target_column)
     metric_fns, numeric = _check_metrics(list(metrics), label_names)
     fmt = RowFormat(
         input_template=input_template,
@@ -435,6 +487,54 @@ def register_files_text_to_text(
         column_names=column_names,
         skip_invalid_rows=skip_invalid_rows,
     )
+    return fmt, metric_fns
+
+
+def _check_label_names(label_names: Sequence[str] | None) -> tuple[str, ...] | None:
+    """LABEL_NAMES as a tuple of distinct strings (a bare string would be split into letters)."""
+    if label_names is None:
+        return None
+    if isinstance(label_names, str) or not label_names:
+        raise errors.UserError(
+            f"LABEL_NAMES must be a non-empty list such as ['entailment', 'not_entailment'], "
+            f"got {label_names!r}"
+        )
+    label_names = tuple(str(n) for n in label_names)
+    if len(set(label_names)) != len(label_names):
+        raise errors.UserError(f"LABEL_NAMES {list(label_names)} has duplicates.")
+    return label_names
+
+
+def _check_column_names(
+    has_header: bool,
+    column_names: Sequence[str] | None,
+    template_columns: Sequence[str],
+    target_column: str,
+) -> tuple[str, ...] | None:
+    """COLUMN_NAMES for header-less files (None with a header), holding every column used."""
+    if has_header and column_names is not None:
+        raise errors.UserError(
+            "COLUMN_NAMES is for files without a header row; set HAS_HEADER=False with it, or "
+            "drop COLUMN_NAMES to use the header."
+        )
+    if has_header:
+        return column_names
+    if not column_names or isinstance(column_names, str):
+        raise errors.UserError("HAS_HEADER=False needs COLUMN_NAMES, the list of columns in order.")
+    column_names = tuple(column_names)
+    missing = [c for c in (*template_columns, target_column) if c not in column_names]
+    if missing:
+        raise errors.UserError(
+            f"COLUMN_NAMES {list(column_names)} lacks {missing}, used by INPUT_TEMPLATE or "
+            "TARGET_COLUMN."
+        )
+    return column_names
+
+
+def _split_files(
+    train_files: str | Sequence[str] | None, validation_files: str | Sequence[str] | None
+) -> dict[str, list[str]]:
+    """Each given split's files, resolved now so a bad glob or extension fails at registration."""
     split_files = {}
     for split, patterns, macro in (
         ("train", train_files, "TRAIN_FILES"),
@@ -444,7 +544,13 @@ def register_files_text_to_text(
             split_files[split] = readers.resolve_files(patterns, what=macro)
             for path in split_files[split]:
                 _file_format(path)  # unknown extensions fail now, not at the first batch
+    return split_files
 
+
+def _split_reader(
+    name: str, split_files: Mapping[str, Sequence[str]], fmt: RowFormat
+) -> Callable[[str], list[tuple[str, str]]]:
+    """`read_split(split)`: the split's examples, read on first use and cached for the process."""
     cache: dict[str, list[tuple[str, str]]] = {}
 
     def read_split(split: str) -> list[tuple[str, str]]:
@@ -465,6 +571,14 @@ def register_files_text_to_text(
             )
         return cache[split]
 
+    return read_split
+
+
+def _dataset_fn(
+    read_split: Callable[[str], list[tuple[str, str]]],
+) -> Callable[..., tf.data.Dataset]:
+    """seqio's `dataset_fn` over the cached examples of `read_split`."""
+
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # seqio shuffles examples; row order is the files' order
         pairs = read_split(split)
@@ -476,45 +590,43 @@ def register_files_text_to_text(
             }
         )
 
-    if label_names is not None:
-        postprocess = functools.partial(glue.string_label_to_class_id, label_classes=label_names)
-    elif numeric:
-        postprocess = glue.string_to_float
-    else:
-        postprocess = None
-    if label_names is not None:
-        targets_check = tasks.labels_check(label_names, vocabulary, name)
-    else:
+    return dataset_fn
 
-        def targets_check(split: str, feature_lengths: Mapping[str, int]) -> None:
-            if split not in split_files:
-                return  # seqio's own error names the missing split
-            lengths.check_targets_fit(
-                (target for _, target in read_split(split)),
-                vocabulary,
-                feature_lengths,
-                name,
-                split,
-                max_examples=target_scan_examples,
-                skip_hint=(
-                    "switch_t5.data_gin.register_tasks.target_scan_examples=0 skips this check "
-                    "and lets such targets be cut"
-                ),
-            )
 
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    return seqio.TaskRegistry.add(
-        name,
-        task_cls=tasks.LengthCheckedTask,
-        targets_check=targets_check,
-        source=seqio.FunctionDataSource(dataset_fn, splits=list(split_files)),
-        preprocessors=[
-            seqio.preprocessors.tokenize,
-            seqio.CacheDatasetPlaceholder(),
-            seqio.preprocessors.append_eos_after_trim,
-        ],
-        output_features=glue.output_features(vocabulary),
-        postprocess_fn=postprocess,
-        metric_fns=metric_fns,
-    )
+def _postprocess_fn(
+    label_names: tuple[str, ...] | None, numeric: bool
+) -> Callable[..., Any] | None:
+    """Decoded text -> what the metrics score: a class id, a float, or the text itself (None)."""
+    if label_names is not None:
+        return functools.partial(glue.string_label_to_class_id, label_classes=label_names)
+    if numeric:
+        return glue.string_to_float
+    return None
+
+
+def _free_text_targets_check(
+    name: str,
+    split_files: Mapping[str, Sequence[str]],
+    read_split: Callable[[str], list[tuple[str, str]]],
+    vocabulary: seqio.Vocabulary,
+    target_scan_examples: int,
+) -> Callable[[str, Mapping[str, int]], None]:
+    """Refuses targets lengths that would cut one of the first scanned free-text targets."""
+
+    def targets_check(split: str, feature_lengths: Mapping[str, int]) -> None:
+        if split not in split_files:
+            return  # seqio's own error names the missing split
+        lengths.check_targets_fit(
+            (target for _, target in read_split(split)),
+            vocabulary,
+            feature_lengths,
+            name,
+            split,
+            max_examples=target_scan_examples,
+            skip_hint=(
+                "switch_t5.data_gin.register_tasks.target_scan_examples=0 skips this check "
+                "and lets such targets be cut"
+            ),
+        )
+
+    return targets_check

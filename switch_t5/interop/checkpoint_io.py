@@ -211,10 +211,38 @@ def _write_step_0(
     vocabulary: dict[str, Any] | None,
     converted_from: dict[str, Any] | None,
 ) -> streaming.RunStats:
-    import orbax.checkpoint as ocp
-
+    """Writes dst/checkpoints/0 (staged, then renamed into place) and dst/model.gin."""
     final = os.path.join(dst, checkpoints.CHECKPOINT_SUBDIR, "0")
     template = _state_template(config, optimizer, seed)
+    _check_plan_matches(config, plan)
+    placeholder_state, streamed, pieces = _placeholder_state(template, plan)
+    staging = os.path.join(dst, destination.STAGING_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    meta = checkpoints.make_meta(config, vocabulary)
+    meta["converted_from"] = dict(converted_from or {})
+    step_dir = _save_placeholders(staging, placeholder_state, meta)
+    state_dir = os.path.join(step_dir, "state")
+    names = _orbax_names(state_dir)
+    missing = sorted(set(streamed) - set(names))
+    if missing:
+        raise RuntimeError(f"orbax named the arrays differently than expected: {missing[:3]}")
+    sink = streaming.ZarrSink({k: os.path.join(state_dir, names[k]) for k in streamed})
+    stats = streaming.run_plan(
+        streaming.Plan(streamed, pieces), source, sink, budget_bytes=budget_bytes
+    )
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(step_dir, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    header = "Model config of the checkpoint converted into this directory."
+    if converted_from:
+        header += f"\nConverted from {converted_from.get('format')} {converted_from.get('path')}."
+    with open(os.path.join(dst, "model.gin"), "w") as f:
+        f.write(config_to_gin(config, header))
+    return stats
+
+
+def _check_plan_matches(config: SwitchConfig, plan: streaming.Plan) -> None:
+    """Refuses a plan whose tensors are not exactly the model's params, or leaves one unwritten."""
     flat_params, _ = abstract_params(config)
     expected = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat_params.items()}
     got = {k: (tuple(t.shape), np.dtype(t.dtype)) for k, t in plan.targets.items()}
@@ -226,7 +254,19 @@ def _write_step_0(
         )
     streaming.check_plan_covers(plan)
 
-    # Placeholders for streamed arrays; small arrays (step, rng, factored optimizer rows) real.
+
+def _placeholder_state(
+    template: Any, plan: streaming.Plan
+) -> tuple[Any, dict[str, streaming.TargetSpec], list[streaming.Piece]]:
+    """The state orbax saves first, and what is streamed over it afterwards.
+
+    Params and large optimizer arrays are size-1 placeholders (streamed later: params from the
+    plan, optimizer moments as zeros); small arrays (step, rng, factored optimizer rows) are
+    written for real.
+
+    Returns:
+      (placeholder state, {state path: spec of a streamed array}, the pieces that write them).
+    """
     streamed: dict[str, streaming.TargetSpec] = {}
     pieces: list[streaming.Piece] = []
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -248,12 +288,19 @@ def _write_step_0(
             leaves.append(np.zeros(shape, dtype))
         else:
             leaves.append(np.asarray(leaf))
-    placeholder_state = jax.tree_util.tree_unflatten(treedef, leaves)
     for piece in plan.pieces:
         pieces.append(dataclasses.replace(piece, dst="params/" + piece.dst))
+    return jax.tree_util.tree_unflatten(treedef, leaves), streamed, pieces
 
-    staging = os.path.join(dst, destination.STAGING_DIR)
-    shutil.rmtree(staging, ignore_errors=True)
+
+def _save_placeholders(staging: str, placeholder_state: Any, meta: dict[str, Any]) -> str:
+    """Saves step 0 under `staging` with orbax; returns its step directory.
+
+    The state is saved without OCDBT: one zarr directory per array, so that each can then be
+    rewritten chunk by chunk.
+    """
+    import orbax.checkpoint as ocp
+
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR)),
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
@@ -264,8 +311,6 @@ def _write_step_0(
             "meta": ocp.JsonCheckpointHandler(),
         },
     )
-    meta = checkpoints.make_meta(config, vocabulary)
-    meta["converted_from"] = dict(converted_from or {})
     manager.save(
         0,
         args=ocp.args.Composite(
@@ -275,25 +320,7 @@ def _write_step_0(
         ),
     )
     manager.close()
-    step_dir = os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR, "0")
-    state_dir = os.path.join(step_dir, "state")
-    names = _orbax_names(state_dir)
-    missing = sorted(set(streamed) - set(names))
-    if missing:
-        raise RuntimeError(f"orbax named the arrays differently than expected: {missing[:3]}")
-    sink = streaming.ZarrSink({k: os.path.join(state_dir, names[k]) for k in streamed})
-    stats = streaming.run_plan(
-        streaming.Plan(streamed, pieces), source, sink, budget_bytes=budget_bytes
-    )
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.rename(step_dir, final)
-    shutil.rmtree(staging, ignore_errors=True)
-    header = "Model config of the checkpoint converted into this directory."
-    if converted_from:
-        header += f"\nConverted from {converted_from.get('format')} {converted_from.get('path')}."
-    with open(os.path.join(dst, "model.gin"), "w") as f:
-        f.write(config_to_gin(config, header))
-    return stats
+    return os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR, "0")
 
 
 @dataclasses.dataclass
