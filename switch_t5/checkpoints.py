@@ -50,7 +50,6 @@ from switch_t5 import errors, faults, fileio, run_dir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = run_dir.CHECKPOINTS
 CHECKSUM_FILE = "switch_t5_checksums.json"
 # orbax's suffix of a step directory still being written (`atomicity_types.TMP_DIR_SUFFIX`).
 ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -47,7 +47,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from switch_t5 import errors, partitioning, train_state
+from switch_t5 import errors, partitioning, run_dir, train_state
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,6 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointRef | None:
       InitialCheckpointError: `step` is not among the complete steps, or `path` is one step's
         folder of another step.
     """
-    from switch_t5 import checkpoints  # orbax: imported only when reading
 
     p = epath.Path(path)
     if _is_step_dir(p):
@@ -165,9 +164,7 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointRef | None:
             )
         step_dir = p
     else:
-        root = (
-            p / checkpoints.CHECKPOINT_SUBDIR if (p / checkpoints.CHECKPOINT_SUBDIR).is_dir() else p
-        )
+        root = p / run_dir.CHECKPOINTS if (p / run_dir.CHECKPOINTS).is_dir() else p
         steps = _complete_steps(root)
         if not steps:
             return None

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from switch_t5 import checkpoints, network
+from switch_t5 import checkpoints, network, run_dir
 from switch_t5.config import SwitchConfig
 from switch_t5.errors import UserError
 from switch_t5.interop import destination, streaming
@@ -212,7 +212,7 @@ def _write_step_0(
     converted_from: dict[str, Any] | None,
 ) -> streaming.RunStats:
     """Writes dst/checkpoints/0 (staged, then renamed into place) and dst/model.gin."""
-    final = os.path.join(dst, checkpoints.CHECKPOINT_SUBDIR, "0")
+    final = os.path.join(dst, run_dir.CHECKPOINTS, "0")
     template = _state_template(config, optimizer, seed)
     _check_plan_matches(config, plan)
     placeholder_state, streamed, pieces = _placeholder_state(template, plan)
@@ -302,7 +302,7 @@ def _save_placeholders(staging: str, placeholder_state: Any, meta: dict[str, Any
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR)),
+        os.path.abspath(os.path.join(staging, run_dir.CHECKPOINTS)),
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
         item_names=("state", "data", "meta"),
         item_handlers={
@@ -320,7 +320,7 @@ def _save_placeholders(staging: str, placeholder_state: Any, meta: dict[str, Any
         ),
     )
     manager.close()
-    return os.path.join(staging, checkpoints.CHECKPOINT_SUBDIR, "0")
+    return os.path.join(staging, run_dir.CHECKPOINTS, "0")
 
 
 @dataclasses.dataclass
@@ -344,8 +344,8 @@ def _step_dir(path: str, step: int | None) -> tuple[str, int]:
     if os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta")):
         return path, int(os.path.basename(os.path.normpath(path)))
     root = path
-    if os.path.isdir(os.path.join(path, checkpoints.CHECKPOINT_SUBDIR)):
-        root = os.path.join(path, checkpoints.CHECKPOINT_SUBDIR)
+    if os.path.isdir(os.path.join(path, run_dir.CHECKPOINTS)):
+        root = os.path.join(path, run_dir.CHECKPOINTS)
     steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
     if not steps:
         raise FileNotFoundError(
