@@ -25,7 +25,9 @@ The layer reaches its router through a registry (`register_router`, chosen by
 expert slot holds, with what combine weight), its unweighted losses and its metrics
 (`RouterOutput`). "switch" and "topk" are the token-choice router above (`token_choice_router`);
 the plan does not assume that tokens pick experts (`plan_from_slots` takes an expert-choice
-router's per-slot picks).
+router's per-slot picks). "experts_choose" is expert-choice routing (arXiv 2202.09368,
+`expert_choice_router`): each expert takes its top-capacity tokens of a group, so a token gets
+any number of experts; it is not causal and runs in encoder layers only.
 
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
