@@ -13,7 +13,7 @@ from typing import Literal
 from switch_t5.errors import UserError
 
 DispatchImpl = Literal["auto", "einsum", "scatter", "dropless", "ragged"]
-RouterType = Literal["switch", "topk"]
+RouterType = Literal["switch", "topk", "experts_choose"]
 # How the tokens of a MoE layer call are split into routing groups (capacity is per group):
 #   "tokens": consecutive groups of `group_size` tokens over the flattened batch (training and
 #     teacher-forced evaluation: the paper's setting, arXiv 2101.03961 sec. 2.2);
@@ -97,8 +97,9 @@ class SwitchConfig:
         sparse where layer % interval == interval - 1.
       encoder_sparse_layers: explicit sparse encoder layer indices (None = derived).
       decoder_sparse_layers: explicit sparse decoder layer indices (None = derived).
-      router_type: "switch" (top-1), "topk" or a router added with
-        `switch_t5.routing.register_router`.
+      router_type: "switch" (top-1), "topk", "experts_choose" (expert-choice routing, arXiv
+        2202.09368: each expert takes its top-capacity tokens of a group; encoder layers and
+        capacity dispatches only) or a router added with `switch_t5.routing.register_router`.
       num_selected_experts: k for the top-k router (1 for switch).
       batch_prioritized_routing: encoder layers give capacity to confident tokens first.
       train_capacity_factor: expert capacity factor during training.
@@ -238,6 +239,8 @@ class SwitchConfig:
         from switch_t5 import moe
 
         problems.extend(moe.config_problems(self))
+        if self.num_experts and self.router_type == "experts_choose":
+            problems.extend(self._expert_choice_problems(moe))
         if self.dropless_block_size <= 0:
             problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
         if self.remat_policy not in REMAT_POLICIES:
@@ -260,6 +263,28 @@ class SwitchConfig:
             problems.append(self._no_sparse_layer_problem())
         if problems:
             raise InvalidConfigError("Invalid SwitchConfig: " + "; ".join(problems))
+
+    def _expert_choice_problems(self, moe) -> list[str]:
+        """Where expert-choice routing cannot run: an expert compares all tokens of a group,
+        later positions included (not causal), and it needs a capacity per expert."""
+        problems = []
+        decoder = self.sparse_layers("decoder")
+        if decoder:
+            problems.append(
+                f"router_type='experts_choose' is not causal (each expert picks among all tokens "
+                f"of a group, later ones included) but decoder layers {decoder} are sparse: set "
+                f"decoder_sparse_layers=() to keep the decoder dense, or use router_type='switch'"
+            )
+        if (
+            self.dispatch in moe.dispatch_names()
+            and not moe.get_dispatch(self.dispatch).drops_tokens
+        ):
+            problems.append(
+                f"router_type='experts_choose' gives each expert a capacity of cf x tokens / "
+                f"experts, which dispatch={self.dispatch!r} does not have: use dispatch='auto', "
+                f"'scatter' or 'einsum'"
+            )
+        return problems
 
     def _no_sparse_layer_problem(self) -> str:
         """The text for `num_experts > 0` with no sparse layer in either stack: such a model

@@ -98,7 +98,15 @@ _BUILTIN = (
         loss_weight="router_z_loss_weight",
         description="ST-MoE router z-loss, mean logsumexp(router logits)^2 (arXiv 2202.08906)",
     ),
-    MoeMetric("fraction_dropped", description="dropped (token, choice) pairs / real pairs"),
+    MoeMetric(
+        "fraction_dropped",
+        description="dropped (token, choice) pairs / real pairs (expert choice: real tokens no "
+        "expert took)",
+    ),
+    MoeMetric(
+        "fraction_multi_routed",
+        description="real tokens that more than one expert took / real tokens (expert choice)",
+    ),
     MoeMetric("router_confidence", description="mean top-1 router probability"),
     MoeMetric(
         "expert_usage",

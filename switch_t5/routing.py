@@ -25,7 +25,9 @@ The layer reaches its router through a registry (`register_router`, chosen by
 expert slot holds, with what combine weight), its unweighted losses and its metrics
 (`RouterOutput`). "switch" and "topk" are the token-choice router above (`token_choice_router`);
 the plan does not assume that tokens pick experts (`plan_from_slots` takes an expert-choice
-router's per-slot picks).
+router's per-slot picks). "experts_choose" is expert-choice routing (arXiv 2202.09368,
+`expert_choice_router`): each expert takes its top-capacity tokens of a group, so a token gets
+any number of experts; it is not causal and runs in encoder layers only.
 
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
@@ -434,12 +436,18 @@ def plan_from_slots(slot_token: jax.Array, slot_weight: jax.Array, num_tokens: i
     g, e, c = slot_token.shape
     # Empty slots write to an extra token row t, dropped below.
     rows = jnp.where((slot_token >= 0) & (slot_token < num_tokens), slot_token, num_tokens)
-    gi = jnp.arange(g)[:, None, None]
-    ei = jnp.arange(e)[None, :, None]
-    slots = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (g, e, c))
+    ei = jnp.arange(e)[:, None]
+    slots = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (e, c))
+
+    def one_group(rows_g, weight_g):
+        # [e, c] -> [t + 1, e]
+        position_g = jnp.full((num_tokens + 1, e), c, jnp.int32).at[rows_g, ei].set(slots)
+        return position_g, jnp.zeros((num_tokens + 1, e), jnp.float32).at[rows_g, ei].set(weight_g)
+
+    # One scatter per group (vmap: the groups are a batch dimension of the scatter), so the
+    # partitioner keeps it on each group shard instead of gathering the slot tables of all groups.
     # [g, e, c] -> [g, t + 1, e] -> [g, t, e]
-    position = jnp.full((g, num_tokens + 1, e), c, jnp.int32).at[gi, rows, ei].set(slots)
-    weight = jnp.zeros((g, num_tokens + 1, e), jnp.float32).at[gi, rows, ei].set(slot_weight)
+    position, weight = jax.vmap(one_group)(rows, slot_weight)
     position, weight = position[:, :num_tokens], weight[:, :num_tokens]
     return DispatchPlan(
         expert=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, num_tokens, e)),
@@ -573,6 +581,92 @@ def token_choice_router(config: Any) -> RouterFn:
 
 register_router("switch", token_choice_router)
 register_router("topk", token_choice_router)
+
+# Expert-choice routing (arXiv 2202.09368): each expert picks its tokens.
+EXPERTS_CHOOSE = "experts_choose"
+
+
+def expert_choice_slots(
+    router_probs: jax.Array, valid: jax.Array, capacity: int, slot_limit: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Each expert's top-`capacity` real tokens of each group by router probability.
+
+    Expert e of group g fills its first min(limit_g, real tokens of g) slots with the tokens of
+    highest probability p[g, t, e], best first (ties: the earlier token), limit_g = the slot
+    limit (None = capacity); the other slots stay empty. Padding is never taken.
+
+    The top-C is a stable sort along the token axis of each (group, expert) row, which the SPMD
+    partitioner keeps on each group shard; `jax.lax.top_k` here made it all-gather the
+    [groups, experts, tokens] probabilities of every group (tests/test_expert_choice.py).
+
+    Args:
+      router_probs: <float32>[groups, tokens, experts].
+      valid: <bool>[groups, tokens] real tokens.
+      capacity: static slots per expert and group (<= tokens).
+      slot_limit: <int32>[groups] usable slots per expert of each group, or None.
+
+    Returns:
+      slot_token: <int32>[groups, experts, capacity] the token of each slot; `tokens` = empty.
+      slot_weight: <float32>[groups, experts, capacity] its router probability (0 if empty).
+    """
+    t = router_probs.shape[1]
+    real = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    limit = real if slot_limit is None else jnp.minimum(slot_limit, real)
+    # [g, t, e] -> [g, e, t]; padding scores -1 (a probability is >= 0), so it sorts last.
+    probs = jnp.swapaxes(router_probs, 1, 2)
+    scores = jnp.where(valid[:, None, :], probs, -1.0)
+    # [g, e, t] -> [g, e, c]
+    token = jnp.argsort(-scores, axis=-1, stable=True)[..., :capacity].astype(jnp.int32)
+    weight = jnp.take_along_axis(probs, token, axis=-1)
+    taken = jnp.arange(capacity, dtype=jnp.int32) < limit[:, None, None]
+    return jnp.where(taken, token, t), jnp.where(taken, weight, 0.0)
+
+
+def expert_choice_metrics(
+    plan: DispatchPlan, router_probs: jax.Array, valid: jax.Array
+) -> dict[str, jax.Array]:
+    """Load metrics of an expert-choice layer call, over real tokens only.
+
+    Returns:
+      fraction_dropped: <float32>[] real tokens no expert took / real tokens.
+      fraction_multi_routed: <float32>[] real tokens more than one expert took / real tokens.
+      router_confidence: <float32>[] mean top-1 router probability (as token choice).
+      tokens_per_expert: <float32>[experts] tokens each expert processes (all groups).
+    """
+    n = _num_real(valid)
+    # [g, t, e] -> [g, t]: how many experts took each token (padding: none).
+    experts_per_token = jnp.sum(plan.kept, axis=-1)
+    top1 = jnp.max(router_probs, axis=-1)
+    return {
+        "fraction_dropped": jnp.sum(valid & (experts_per_token == 0)) / n,
+        "fraction_multi_routed": jnp.sum(valid & (experts_per_token > 1)) / n,
+        "router_confidence": jnp.sum(jnp.where(valid, top1, 0.0)) / n,
+        "tokens_per_expert": jnp.sum(plan.kept, axis=(0, 1), dtype=jnp.float32),
+    }
+
+
+def expert_choice_router(config: Any) -> RouterFn:
+    """Expert-choice routing (arXiv 2202.09368): every expert takes its top-C tokens of each
+    group (`expert_choice_slots`, C = the call's capacity, cf x tokens / experts), weighted by
+    their router probability. Load is balanced by construction: no load-balancing loss; the
+    router z-loss as token choice. A token may get several experts or none. Not causal (an
+    expert compares all tokens of a group): encoder layers only (`SwitchConfig` refuses it in
+    the decoder)."""
+
+    def run(router_logits: jax.Array, valid: jax.Array, call: RouteCall) -> RouterOutput:
+        router_logits = router_logits.astype(jnp.float32)
+        router_probs = jax.nn.softmax(router_logits, axis=-1)
+        slot_token, slot_weight = expert_choice_slots(
+            router_probs, valid, call.capacity, call.slot_limit
+        )
+        plan = plan_from_slots(slot_token, slot_weight, router_probs.shape[1])
+        losses = {"router_z_loss": router_z_loss(router_logits, valid)}
+        return RouterOutput(plan, losses, expert_choice_metrics(plan, router_probs, valid))
+
+    return run
+
+
+register_router(EXPERTS_CHOOSE, expert_choice_router)
 
 
 class Router(nn.Module):
