@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -472,6 +473,13 @@ class OptimizerConfig:
       epsilon2: Adafactor: floor of the parameter scale.
       factored: Adafactor factors the second moments of large enough matrices.
       min_dim_size_to_factor: Adafactor factors matrices whose two largest free dims reach it.
+      freeze_router: the router params (`ROUTER_PARAMS`) get no update at all, weight decay
+        included (fine-tuning with the pretrained routing kept; see `control_updates`).
+      router_learning_rate_multiplier: the router params' whole update (the optimizer's step,
+        weight decay included) is multiplied by it; 0 = frozen.
+      trainable_params: a regex searched (`re.search`) in each param's '/'-joined path, e.g.
+        "decoder/" or "^encoder/.*/attention/"; params it does not match get no update at all.
+        None = every param is trained.
     """
 
     name: str = "adafactor"
@@ -492,9 +500,13 @@ class OptimizerConfig:
     epsilon2: float = 1e-3
     factored: bool = True
     min_dim_size_to_factor: int = 128
+    freeze_router: bool = False
+    router_learning_rate_multiplier: float = 1.0
+    trainable_params: str | None = None
 
     def __post_init__(self):
         problems = self._name_problems() + self._schedule_problems() + self._setting_problems()
+        problems += self._control_problems()
         if problems:
             raise OptimizerConfigError("Invalid OptimizerConfig: " + "; ".join(problems))
 
@@ -555,6 +567,40 @@ class OptimizerConfig:
         if not _is_int(self.min_dim_size_to_factor) or self.min_dim_size_to_factor < 1:
             problems.append(f"min_dim_size_to_factor={self.min_dim_size_to_factor!r} must be >= 1")
         return problems
+
+    def _control_problems(self) -> list[str]:
+        problems = []
+        if not isinstance(self.freeze_router, bool):
+            problems.append(f"freeze_router={self.freeze_router!r} must be True or False")
+        multiplier = self.router_learning_rate_multiplier
+        if not _is_number(multiplier) or not 0 <= multiplier < math.inf:
+            problems.append(
+                f"router_learning_rate_multiplier={multiplier!r} must be a number >= 0 "
+                "(0 = frozen router)"
+            )
+        if self.trainable_params is not None:
+            if not isinstance(self.trainable_params, str):
+                problems.append(
+                    f"trainable_params={self.trainable_params!r} must be a regex string or None"
+                )
+            else:
+                try:
+                    re.compile(self.trainable_params)
+                except re.error as e:
+                    problems.append(
+                        f"trainable_params={self.trainable_params!r} is not a valid regex ({e}): "
+                        "fix it, e.g. 'decoder/' trains only the decoder"
+                    )
+        return problems
+
+    @property
+    def controls_updates(self) -> bool:
+        """Whether some params' updates are frozen or scaled (`control_updates`)."""
+        return (
+            self.freeze_router
+            or self.router_learning_rate_multiplier != 1.0
+            or self.trainable_params is not None
+        )
 
     def make_schedule(self) -> Schedule:
         """The learning rate as a function of the step (`make_schedule` of these fields)."""
@@ -675,6 +721,85 @@ register_optimizer("adafactor", _build_adafactor)
 register_optimizer("adamw", _build_adamw)
 
 
+# ---------------------------------------------------------------------------------------------
+# Frozen and scaled params (fine-tuning's router control).
+# ---------------------------------------------------------------------------------------------
+
+# The router selector, the ONE place that says which params are the routers': every MoE layer's
+# `.../mlp/router/w/kernel` (`routing.Router`, named "router" by `moe.MoeLayer`), scanned
+# (`.../layers/subblock_1/mlp/router/...`) or not (`.../layers_1/mlp/router/...`).
+ROUTER_PARAMS = r"(^|/)router/"
+
+
+def param_path(key_path: Sequence[Any]) -> str:
+    """The '/'-joined name of a param from its jax key path ("encoder/layers_1/mlp/...")."""
+    return "/".join(
+        str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path
+    )
+
+
+def update_scale(config: OptimizerConfig, path: str) -> float:
+    """What the optimizer's update of the param at `path` is multiplied by (0 = frozen)."""
+    if config.trainable_params is not None and not re.search(config.trainable_params, path):
+        return 0.0
+    if re.search(ROUTER_PARAMS, path):
+        return 0.0 if config.freeze_router else float(config.router_learning_rate_multiplier)
+    return 1.0
+
+
+def control_updates(
+    tx: optax.GradientTransformation, config: OptimizerConfig
+) -> optax.GradientTransformation:
+    """`tx` whose updates are frozen or scaled per param (`update_scale`), its state unchanged.
+
+    The whole update of a param (the optimizer's step, Adafactor's and AdamW's decoupled weight
+    decay included) is multiplied by its scale, after `tx`; a scale of 0 replaces it by -0.0, so
+    `param + update` is the param bit for bit (-0.0 keeps even a -0.0 param, and a NaN step of a
+    frozen param cannot leak). Frozen params get no update at all.
+
+    Why a final transform and not `optax.multi_transform` + `set_to_zero`: the optimizer state
+    stays the same tree whatever the flags, so a run resumes with any of them toggled (frozen
+    params stay bitwise fixed from the resumed step on; unfrozen ones continue with moments
+    that kept tracking their gradients), an initial checkpoint or a checkpoint of another run
+    restores unchanged, and the state shardings and `plan`'s memory estimate do not depend on
+    them. The cost: the state of frozen params is still allocated and updated, and their
+    gradients still computed. For the routers that is nothing (Adafactor: [embed] + [experts]
+    per layer when factored, else [embed, experts]); with `trainable_params` freezing most of
+    a model it is Adafactor's factored moments (rows + cols per matrix) or, with AdamW, two
+    moments the size of the frozen params.
+
+    Raises:
+      OptimizerConfigError: (from init) `trainable_params` matches none of the params.
+    """
+    if not config.controls_updates:
+        return tx  # the defaults: the optimizer itself, so its steps are unchanged bit for bit
+    inner = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        if config.trainable_params is not None and not any(
+            re.search(config.trainable_params, p) for p in paths
+        ):
+            raise OptimizerConfigError(
+                f"trainable_params={config.trainable_params!r} matches none of the model's "
+                f"params (e.g. {paths[0]!r}): fix the regex or leave it None to train all"
+            )
+        return inner.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, state = inner.update(updates, state, params, **extra_args)
+
+        def scaled(key_path, u):
+            scale = update_scale(config, param_path(key_path))
+            if scale == 0.0:
+                return jnp.full_like(u, -0.0)
+            return u if scale == 1.0 else (u * scale).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def make_optimizer(
     config: OptimizerConfig | str = OptimizerConfig(),
     schedule: Schedule | None = None,
@@ -690,6 +815,10 @@ def make_optimizer(
       schedule: learning rate per step; None = `config.make_schedule()`.
       logical_specs: logical PartitionSpecs of the params (marks per-expert matrices).
 
+    Returns:
+      The registered builder's Optimizer; with `freeze_router`, a router multiplier or
+      `trainable_params` set, its `tx` wrapped by `control_updates` (same state).
+
     Raises:
       OptimizerConfigError: an unknown name or invalid settings (all of them listed).
     """
@@ -702,7 +831,9 @@ def make_optimizer(
         )
     if schedule is None:
         schedule = config.make_schedule()
-    return _OPTIMIZER_BUILDERS[config.name](config, schedule, logical_specs)
+    optimizer = _OPTIMIZER_BUILDERS[config.name](config, schedule, logical_specs)
+    # Frozen / scaled params: a final transform; the state (and its shardings) are unchanged.
+    return dataclasses.replace(optimizer, tx=control_updates(optimizer.tx, config))
 
 
 def state_bytes(state: Any) -> int:
