@@ -44,7 +44,6 @@ class Run:
       setup: `train_state.StateSetup` (abstract state, shardings, optimizer, init_fn).
       losses: the loss weights.
       batch_shardings: {feature: NamedSharding} of a global batch.
-      train_step: the jitted train step (`trainer.make_train_step`).
       num_microbatches: gradient-accumulation microbatches per step.
     """
 
@@ -54,8 +53,21 @@ class Run:
     setup: train_state.StateSetup
     losses: trainer.LossConfig
     batch_shardings: dict[str, Any]
-    train_step: Any
     num_microbatches: int
+
+    @functools.cached_property
+    def train_step(self):
+        """The jitted train step (`trainer.make_train_step`; the state is donated). Built on
+        first use, so a run refused at restore (a checkpoint of another model) builds none."""
+        return trainer.make_train_step(
+            self.module,
+            self.setup.optimizer,
+            self.losses,
+            self.setup.shardings,
+            self.batch_shardings,
+            self.mesh,
+            self.num_microbatches,
+        )
 
     @functools.cached_property
     def eval_step(self):
@@ -102,15 +114,13 @@ def build_run(
       seed: RANDOM_SEED of the parameter init.
       num_microbatches: gradient accumulation per step.
     """
+    losses.check_resolved()
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
     )
     module = network.EncoderDecoder(config)
     b_shardings = trainer.batch_shardings(dict.fromkeys(features.FEATURE_KEYS), mesh)
-    step = trainer.make_train_step(
-        module, setup.optimizer, losses, setup.shardings, b_shardings, mesh, num_microbatches
-    )
-    return Run(config, mesh, module, setup, losses, b_shardings, step, num_microbatches)
+    return Run(config, mesh, module, setup, losses, b_shardings, num_microbatches)
 
 
 def decoding_model(config: SwitchConfig) -> tuple[network.EncoderDecoder, Callable[[Any], Any]]:
