@@ -47,13 +47,12 @@ from typing import Any
 import gin
 import jax
 
-from switch_t5 import checkpoints, decoding, fileio, gin_utils, run_dir
+from switch_t5 import checkpoints, decoding, fileio, gin_utils, run_builder, run_dir
 from switch_t5.evaluation import (
     EvalConfigError,
     EvalResult,
     Evaluator,
     has_metrics,
-    load_model,
     resolve_checkpoint,
     teacher_forced_eval,
     write_outputs,
@@ -143,7 +142,7 @@ def run_eval(
     mixture_or_task_name, vocabulary, lengths = _task(
         ref, mixture_or_task_name, task_feature_lengths, split
     )
-    model, params, config, mesh = load_model(
+    model, params, config, mesh = run_builder.load_model(
         ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
     )
     where = dict(split=split, max_examples=max_examples)

@@ -1,9 +1,9 @@
 """Evaluating a checkpoint: decode-and-score and teacher-forced metrics, the outputs they
-write, the best-checkpoint keeper, and loading a checkpoint's model for decoding.
+write, and the best-checkpoint keeper (the model comes from `run_builder.load_model`).
 
 The library behind `python -m switch_t5.eval` (its command line and gin live in `eval.py`),
 training's infer-eval and `switch_t5.infer`. No gin here: a caller passes the SwitchConfig
-overrides it was given (`load_model(..., overrides=...)`).
+overrides it was given (`run_builder.load_model(..., overrides=...)`).
 
 Decode-and-score decodes a task's (or every task of a mixture's) validation split, each example
 exactly once (the last batch padded with empty rows whose outputs are dropped), maps predicted
@@ -40,12 +40,11 @@ from switch_t5 import (
     errors,
     fileio,
     init_checkpoint,
-    network,
     partitioning,
     run_dir,
     trainer,
 )
-from switch_t5.config import INFERENCE_FIELDS, SwitchConfig
+from switch_t5.config import SwitchConfig
 
 log = logging.getLogger(__name__)
 
@@ -568,47 +567,3 @@ def resolve_checkpoint(
             "checkpoints/ folder or one step's folder"
         )
     return ref
-
-
-def load_model(
-    ref: init_checkpoint.CheckpointRef,
-    mesh_shape: tuple[int, int | None, int] = (-1, None, 1),
-    vocabulary: Any | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> tuple[nn.Module, Any, SwitchConfig, Mesh]:
-    """(model, params on the mesh, config, mesh) of a checkpoint (strict restore), the model
-    configured for decoding: unscanned, each sequence its own MoE routing group.
-
-    Args:
-      ref: the checkpoint.
-      mesh_shape: (data, expert, model) sizes for `partitioning.make_mesh`.
-      vocabulary: when given, checked against the checkpoint's vocabulary record.
-      overrides: SwitchConfig fields to change (the `switch_t5.SwitchConfig.*` bindings the
-        command line gave, e.g. eval_capacity_factor).
-    """
-    if "model_config" not in ref.meta:
-        raise init_checkpoint.InitialCheckpointError(
-            f"{ref.step_dir}/meta has no model_config: not a checkpoint of this project"
-        )
-    # Decoding runs unscanned layers (the KV cache is per layer): a checkpoint of the scanned
-    # layout is converted while it is read (`init_checkpoint.layout_view`). Each sequence is its
-    # own routing group (`SwitchConfig.for_inference`) unless a gin binding says otherwise.
-    saved = {**ref.meta["model_config"], **INFERENCE_FIELDS}
-    from switch_t5.data import vocab as vocab_lib
-    from switch_t5.interop import checkpoint_io
-
-    config = dataclasses.replace(
-        checkpoint_io.config_from_dict(dict(saved)), **{**(overrides or {}), "scan_layers": False}
-    )
-    if vocabulary is not None:
-        init_checkpoint.check_vocabulary(ref, vocab_lib.vocabulary_record(vocabulary))
-
-        vocab_lib.check_model_vocab_size(vocabulary, config.vocab_size, "the evaluated task")
-    mesh = partitioning.make_mesh(*mesh_shape, num_experts=config.num_experts)
-    boxed = network.init_abstract(config)["params"]
-    shardings = partitioning.params_shardings(boxed, mesh)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
-    )
-    loaded = init_checkpoint.load_initial_params(str(ref.step_dir), abstract, strict=True)
-    return network.EncoderDecoder(config), loaded.params, config, mesh

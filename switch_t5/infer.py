@@ -35,7 +35,15 @@ import gin
 import jax
 import numpy as np
 
-from switch_t5 import checkpoints, decoding, evaluation, fileio, gin_utils, init_checkpoint
+from switch_t5 import (
+    checkpoints,
+    decoding,
+    evaluation,
+    fileio,
+    gin_utils,
+    init_checkpoint,
+    run_builder,
+)
 from switch_t5.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -187,7 +195,7 @@ def infer(
         method, max_decode_length, num_beams, alpha, temperature, top_k, top_p, seed
     )
     ref, vocabulary = _checkpoint(checkpoint_dir, step, vocabulary_path)
-    model, params, _, mesh = evaluation.load_model(
+    model, params, _, mesh = run_builder.load_model(
         ref, (mesh_data, mesh_expert, mesh_model), vocabulary, gin_utils.model_overrides()
     )
     rows = [i for i, text in enumerate(texts) if not is_empty_input(text)]

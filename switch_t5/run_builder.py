@@ -1,4 +1,5 @@
-"""Building a run: mesh, model, optimizer, train state, jitted steps, input pipelines.
+"""Building a run: mesh, model, optimizer, train state, jitted steps, input pipelines; and a
+checkpoint's model for decoding (`load_model`, what eval and infer run).
 
 One path for everyone who needs the train step: `switch_t5.train` runs it, `switch_t5.plan`
 compiles it abstractly for a pod, the benchmarks time it. So the planner's memory figure is the
@@ -20,9 +21,19 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
 
-from switch_t5 import network, optim, scan_utils, train_state, trainer
-from switch_t5.config import SwitchConfig
+from switch_t5 import (
+    init_checkpoint,
+    network,
+    optim,
+    partitioning,
+    scan_utils,
+    train_state,
+    trainer,
+)
+from switch_t5.config import INFERENCE_FIELDS, SwitchConfig
 from switch_t5.data import features
 
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "switch_t5", "jax_cache")
@@ -159,3 +170,46 @@ def configure_compilation_cache(cache_dir: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return cache_dir
+
+
+def load_model(
+    ref: init_checkpoint.CheckpointRef,
+    mesh_shape: tuple[int, int | None, int] = (-1, None, 1),
+    vocabulary: Any | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, Any, SwitchConfig, Mesh]:
+    """(model, params on the mesh, config, mesh) of a checkpoint (strict restore), the model
+    configured for decoding: unscanned, each sequence its own MoE routing group.
+
+    Args:
+      ref: the checkpoint.
+      mesh_shape: (data, expert, model) sizes for `partitioning.make_mesh`.
+      vocabulary: when given, checked against the checkpoint's vocabulary record.
+      overrides: SwitchConfig fields to change (the `switch_t5.SwitchConfig.*` bindings the
+        command line gave, e.g. eval_capacity_factor).
+    """
+    if "model_config" not in ref.meta:
+        raise init_checkpoint.InitialCheckpointError(
+            f"{ref.step_dir}/meta has no model_config: not a checkpoint of this project"
+        )
+    # Decoding runs unscanned layers (the KV cache is per layer): a checkpoint of the scanned
+    # layout is converted while it is read (`init_checkpoint.layout_view`). Each sequence is its
+    # own routing group (`SwitchConfig.for_inference`) unless a gin binding says otherwise.
+    saved = {**ref.meta["model_config"], **INFERENCE_FIELDS}
+    from switch_t5.data import vocab as vocab_lib
+    from switch_t5.interop import checkpoint_io
+
+    config = dataclasses.replace(
+        checkpoint_io.config_from_dict(dict(saved)), **{**(overrides or {}), "scan_layers": False}
+    )
+    if vocabulary is not None:
+        init_checkpoint.check_vocabulary(ref, vocab_lib.vocabulary_record(vocabulary))
+        vocab_lib.check_model_vocab_size(vocabulary, config.vocab_size, "the evaluated task")
+    mesh = partitioning.make_mesh(*mesh_shape, num_experts=config.num_experts)
+    boxed = network.init_abstract(config)["params"]
+    shardings = partitioning.params_shardings(boxed, mesh)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+    )
+    loaded = init_checkpoint.load_initial_params(str(ref.step_dir), abstract, strict=True)
+    return network.EncoderDecoder(config), loaded.params, config, mesh

@@ -20,6 +20,7 @@ from switch_t5 import (
     infer,
     init_checkpoint,
     network,
+    run_builder,
 )
 from switch_t5.data import vocab
 from switch_t5.data import vocab as vocab_lib
@@ -271,7 +272,7 @@ def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
         )
     assert "MoE routing dropped" in caplog.text  # capacity really drops tokens here
     ref = init_checkpoint.find_checkpoint(dropping_ckpt)
-    model, params, config, mesh = evaluation.load_model(ref)
+    model, params, config, mesh = run_builder.load_model(ref)
     assert config.routing_groups == "sequence"
     decoder = evaluation.BatchDecoder(model, mesh, 8, 8)
     tokens, _ = infer.encode_inputs(texts, ckpt["vocabulary"], LENGTH)
@@ -284,7 +285,7 @@ def test_outputs_do_not_depend_on_batch_mates(dropping_ckpt, ckpt, caplog):
     longer, _ = infer.encode_inputs(texts, ckpt["vocabulary"], 40)
     padded = decoder(params, longer)
     # The (2, 2, 2) mesh, batches of 4 (the second padded with empty rows).
-    model_222, params_222, _, mesh_222 = evaluation.load_model(ref, (2, 2, 2))
+    model_222, params_222, _, mesh_222 = run_builder.load_model(ref, (2, 2, 2))
     on_mesh = evaluation.BatchDecoder(model_222, mesh_222, 4, 8)(params_222, tokens)
     for i, (row, score) in enumerate(alone):
         j = int(np.flatnonzero(perm == i)[0])

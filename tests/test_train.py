@@ -22,11 +22,11 @@ from tiny import TINY_FIELDS
 from switch_t5 import (
     checkpoints,
     errors,
-    evaluation,
     gin_utils,
     network,
     optim,
     partitioning,
+    run_builder,
     train_state,
     training,
 )
@@ -213,7 +213,7 @@ def test_scanned_run_decodes_and_serves_unscanned(tmp_path):
     assert all(s["prediction"] for s in result.samples)
     ref = init_checkpoint.find_checkpoint(d)
     assert any("/layers/subblock_1/" in n for n in init_checkpoint.saved_params(ref))
-    _, params, cfg, _ = evaluation.load_model(ref, (2, 2, 2))
+    _, params, cfg, _ = run_builder.load_model(ref, (2, 2, 2))
     assert not cfg.scan_layers and "layers_1" in params["encoder"]
     scanned = SwitchConfig(**{**TINY, "scan_layers": True, "remat_policy": "full"})
     setup = train_state.setup_train_state(
