@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -113,6 +113,7 @@ def build_run(
     *,
     seed: int = 0,
     num_microbatches: int = 1,
+    batch_keys: Sequence[str] = features.FEATURE_KEYS,
 ) -> Run:
     """Builds the model, the abstract train state and the jitted train step on `mesh`.
 
@@ -124,13 +125,14 @@ def build_run(
       losses: the loss weights (`trainer.LossConfig.for_model(config, ...)`).
       seed: RANDOM_SEED of the parameter init.
       num_microbatches: gradient accumulation per step.
+      batch_keys: the batch's features (default: all the input pipeline yields).
     """
     losses.check_resolved()
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
     )
     module = network.EncoderDecoder(config)
-    b_shardings = trainer.batch_shardings(dict.fromkeys(features.FEATURE_KEYS), mesh)
+    b_shardings = trainer.batch_shardings(dict.fromkeys(batch_keys), mesh)
     return Run(config, mesh, module, setup, losses, b_shardings, num_microbatches)
 
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from tiny import tiny_config
+from tiny import tiny_config, tiny_train_step
 
-from switch_t5 import errors, moe, network, optim, partitioning, routing, train_state, trainer
+from switch_t5 import errors, moe, partitioning, routing
 
 EC = routing.EXPERTS_CHOOSE
 
@@ -182,22 +182,8 @@ TRAIN_CFG = ec_config(group_size=16, router_init_stddev=2e-2)
 
 def _train(mesh, steps=2):
     """(losses, last metrics, compiled HLO text) of `steps` train steps of TRAIN_CFG."""
-    st = train_state.setup_train_state(
-        lambda rng: network.init_variables(TRAIN_CFG, rng),
-        lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
-        mesh,
-        seed=0,
-    )
-    shardings = trainer.batch_shardings(_train_batch(), mesh)
-    step = trainer.make_train_step(
-        network.EncoderDecoder(TRAIN_CFG),
-        st.optimizer,
-        trainer.LossConfig().for_model(TRAIN_CFG),
-        st.shardings,
-        shardings,
-        mesh,
-    )
-    batch = {k: jax.device_put(v, shardings[k]) for k, v in _train_batch().items()}
+    run, batch = tiny_train_step(TRAIN_CFG, mesh, _train_batch())
+    st, step = run.setup, run.train_step
     state, losses = st.init_fn(), []
     for _ in range(steps):
         state, metrics = step(state, batch)

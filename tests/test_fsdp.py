@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 from test_trainer import _batch
-from tiny import tiny_config
+from tiny import tiny_config, tiny_train_step
 
-from switch_t5 import checkpoints, network, optim, train_state, trainer
+from switch_t5 import checkpoints
 
 # Scanned layers (4 per stack, 2 scan steps of a dense+sparse pair), no dropout or jitter so that
 # the two layouts compute the same function; capacity large enough that nothing drops.
@@ -29,24 +29,8 @@ CFG = tiny_config(
 
 
 def _setup(mesh, fsdp):
-    cfg = dataclasses.replace(CFG, fsdp=fsdp)
-    st = train_state.setup_train_state(
-        lambda rng: network.init_variables(cfg, rng),
-        lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
-        mesh,
-        seed=0,
-    )
-    shardings = trainer.batch_shardings(_batch(), mesh)
-    step = trainer.make_train_step(
-        network.EncoderDecoder(cfg),
-        st.optimizer,
-        trainer.LossConfig(1e-4, 0.01, 0.0),
-        st.shardings,
-        shardings,
-        mesh,
-    )
-    batch = {k: jax.device_put(v, shardings[k]) for k, v in _batch().items()}
-    return st, step, batch
+    run, batch = tiny_train_step(dataclasses.replace(CFG, fsdp=fsdp), mesh, _batch())
+    return run.setup, run.train_step, batch
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from tiny import tiny_config
+from tiny import tiny_config, tiny_train_step
 
 from switch_t5 import (
     errors,
     metrics_logging,
     moe,
     moe_metrics,
-    network,
-    optim,
     routing,
     run_dir,
-    train_state,
-    trainer,
 )
 
 FIRST_FIT = "test_first_fit"
@@ -120,25 +116,10 @@ def _batch(batch=8, inputs=16, targets=8):
 
 
 def test_registered_router_and_metric_train_through_make_train_step(mesh_222):
-    toy = _toy_config()
-    st = train_state.setup_train_state(
-        lambda rng: network.init_variables(toy, rng),
-        lambda specs: optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs),
-        mesh_222,
-        seed=0,
-    )
-    shardings = trainer.batch_shardings(_batch(), mesh_222)
-    step = trainer.make_train_step(
-        network.EncoderDecoder(toy),
-        st.optimizer,
-        trainer.LossConfig().for_model(toy),
-        st.shardings,
-        shardings,
-        mesh_222,
-    )
-    state = st.init_fn()
+    run, batch = tiny_train_step(_toy_config(), mesh_222, _batch())
+    state = run.setup.init_fn()
     for _ in range(2):
-        state, metrics = step(state, _batch())
+        state, metrics = run.train_step(state, batch)
     m = jax.device_get(metrics)
     assert np.isfinite(m["loss"])
     assert float(m[KEPT]) == 0.5

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from tiny import TINY_FIELDS, tiny_config
+from tiny import TINY_FIELDS, tiny_config, tiny_train_step
 
-from switch_t5 import checkpoints, network, optim, partitioning, train_state, trainer
+from switch_t5 import checkpoints, network, optim, partitioning, train_state
 from switch_t5 import train as train_lib
 from switch_t5.config import SwitchConfig
 
@@ -60,24 +60,12 @@ def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _train_steps(mesh, config: optim.OptimizerConfig, steps: int = 5):
     """{path: param} before and after `steps` train steps of TINY with `config`."""
-    st = train_state.setup_train_state(
-        lambda rng: network.init_variables(TINY, rng),
-        lambda specs: optim.make_optimizer(config, logical_specs=specs),
-        mesh,
-        seed=0,
+    run, batch = tiny_train_step(
+        TINY, mesh, _batch(), lambda specs: optim.make_optimizer(config, logical_specs=specs)
     )
-    shardings = trainer.batch_shardings(_batch(), mesh)
-    step = trainer.make_train_step(
-        network.EncoderDecoder(TINY),
-        st.optimizer,
-        trainer.LossConfig().for_model(TINY),
-        st.shardings,
-        shardings,
-        mesh,
-    )
+    st, step = run.setup, run.train_step
     state = st.init_fn()
     before = _flat(state.params)  # before the step donates the state
-    batch = {k: jax.device_put(v, shardings[k]) for k, v in _batch().items()}
     for _ in range(steps):
         state, _ = step(state, batch)
     return before, _flat(state.params)

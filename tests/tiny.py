@@ -1,5 +1,6 @@
-"""What many tests share: the tiny network config `tiny_config(**overrides)`, and a toy train
-state with the real model's logical param names (`toy_setup`) for the checkpoint tests.
+"""What many tests share: the tiny network config `tiny_config(**overrides)`, the real train
+step of a tiny batch (`tiny_train_step`), and a toy train state with the real model's logical
+param names (`toy_setup`) for the checkpoint tests.
 
 Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis fails loudly, float32
 for exact comparisons. Each test module overrides what it exercises (layers, routing groups,
@@ -30,6 +31,27 @@ TINY_FIELDS = dict(
 def tiny_config(**overrides) -> SwitchConfig:
     """`SwitchConfig(**TINY_FIELDS)` with `overrides` applied (any SwitchConfig field)."""
     return SwitchConfig(**{**TINY_FIELDS, **overrides})
+
+
+def tiny_train_step(config: SwitchConfig, mesh: Mesh, batch, make_optimizer=None, losses=None):
+    """(run, batch on the mesh): `run_builder.build_run`'s train step (the one training runs)
+    for a batch with only `batch`'s features; Adafactor on T5's rsqrt schedule and the model's
+    loss weights unless given. `run.setup.init_fn()` gives the state."""
+    from switch_t5 import run_builder, trainer
+
+    if make_optimizer is None:
+
+        def make_optimizer(specs):
+            return optim.make_optimizer("adafactor", optim.rsqrt_schedule(), specs)
+
+    run = run_builder.build_run(
+        config,
+        mesh,
+        make_optimizer,
+        losses or trainer.LossConfig().for_model(config),
+        batch_keys=tuple(batch),
+    )
+    return run, {k: jax.device_put(v, run.batch_shardings[k]) for k, v in batch.items()}
 
 
 class ToyModel(nn.Module):
