@@ -277,10 +277,11 @@ class FlowRunner:
         self.seconds: dict[str, float] = {}
 
     def argv(self, argv: list[str]) -> list[str]:
-        text = shlex.join(argv)
+        # argv[0] is this interpreter: its path may itself lie under /tmp (a clone there).
+        text = shlex.join(argv[1:])
         for old, new in SUBSTITUTIONS:
             text = text.replace(old, new)
-        argv = shlex.split(text.replace("/tmp/", self.tmp + "/"))
+        argv = [argv[0], *shlex.split(text.replace("/tmp/", self.tmp + "/"))]
         program = _program(argv)
         if program == "switch_t5.train" or program.endswith("sweep_experts.py"):
             argv += TRAIN_OVERRIDES
