@@ -589,15 +589,15 @@ class DecodingConfig:
             problems.append(f"max_decode_length={self.max_decode_length!r} must be positive")
         if not _positive_int(self.num_beams):
             problems.append(f"num_beams={self.num_beams!r} must be positive")
-        if not _number(self.alpha):
+        if not errors.is_number(self.alpha):
             problems.append(f"alpha={self.alpha!r} must be a number")
-        if not _number(self.temperature) or self.temperature < 0:
+        if not errors.is_number(self.temperature) or self.temperature < 0:
             problems.append(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
-        if not _int(self.top_k) or self.top_k < 0:
+        if not errors.is_int(self.top_k) or self.top_k < 0:
             problems.append(f"top_k={self.top_k!r} must be >= 0 (0 = no top-k limit)")
-        if not _number(self.top_p) or not 0 <= self.top_p <= 1:
+        if not errors.is_number(self.top_p) or not 0 <= self.top_p <= 1:
             problems.append(f"top_p={self.top_p!r} must be in [0, 1] (0 = off)")
-        if not _int(self.seed):
+        if not errors.is_int(self.seed):
             problems.append(f"seed={self.seed!r} must be an integer")
         if problems:
             raise DecodingConfigError("Invalid decoding settings: " + "; ".join(problems))
@@ -638,16 +638,8 @@ FLAG_TYPES: dict[str, type] = {
 }
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _positive_int(value: Any) -> bool:
-    return _int(value) and value > 0
+    return errors.is_int(value) and value > 0
 
 
 class DecodeOutput(NamedTuple):

@@ -554,9 +554,7 @@ def resolve_checkpoint(
                 "INFER_EVAL_PERIOD > 0); evaluate the latest (CHECKPOINT_STEP=None) or a step"
             )
         return ref
-    if checkpoint_step is not None and (
-        isinstance(checkpoint_step, bool) or not isinstance(checkpoint_step, int)
-    ):
+    if checkpoint_step is not None and not errors.is_int(checkpoint_step):
         raise EvalConfigError(
             f"CHECKPOINT_STEP={checkpoint_step!r}: give None (latest), a step number or 'best'"
         )

@@ -527,15 +527,15 @@ class OptimizerConfig:
             problems.append(
                 f"unknown learning-rate schedule {self.lr_schedule!r}: use {_quoted(SCHEDULES)}"
             )
-        if not _is_number(self.base_learning_rate) or self.base_learning_rate < 0:
+        if not errors.is_number(self.base_learning_rate) or self.base_learning_rate < 0:
             problems.append(f"base_learning_rate={self.base_learning_rate!r} must be >= 0")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not errors.is_int(self.warmup_steps) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         elif self.lr_schedule in _RSQRT_SCHEDULES and self.warmup_steps == 0:
             problems.append(f"warmup_steps=0 must be positive for the {self.lr_schedule} schedule")
         if self.lr_schedule == "cosine" and (
-            not _is_int(self.decay_steps)
-            or not _is_int(self.warmup_steps)
+            not errors.is_int(self.decay_steps)
+            or not errors.is_int(self.warmup_steps)
             or self.decay_steps <= self.warmup_steps
         ):
             problems.append(
@@ -547,24 +547,24 @@ class OptimizerConfig:
     def _setting_problems(self) -> list[str]:
         problems = []
         if self.weight_decay is not None and (
-            not _is_number(self.weight_decay) or self.weight_decay < 0
+            not errors.is_number(self.weight_decay) or self.weight_decay < 0
         ):
             problems.append(f"weight_decay={self.weight_decay!r} must be >= 0 or None")
         for field in ("b1", "b2"):
             value = getattr(self, field)
-            if not _is_number(value) or not 0 <= value < 1:
+            if not errors.is_number(value) or not 0 <= value < 1:
                 problems.append(f"{field}={value!r} must be in [0, 1) (AdamW's moment decay)")
         for field in ("eps", "decay_rate", "epsilon1", "epsilon2"):
             value = getattr(self, field)
-            if not _is_number(value) or value < 0:
+            if not errors.is_number(value) or value < 0:
                 problems.append(f"{field}={value!r} must be >= 0")
         if self.clipping_threshold is not None and (
-            not _is_number(self.clipping_threshold) or self.clipping_threshold <= 0
+            not errors.is_number(self.clipping_threshold) or self.clipping_threshold <= 0
         ):
             problems.append(
                 f"clipping_threshold={self.clipping_threshold!r} must be > 0 or None (no clipping)"
             )
-        if not _is_int(self.min_dim_size_to_factor) or self.min_dim_size_to_factor < 1:
+        if not errors.is_int(self.min_dim_size_to_factor) or self.min_dim_size_to_factor < 1:
             problems.append(f"min_dim_size_to_factor={self.min_dim_size_to_factor!r} must be >= 1")
         return problems
 
@@ -573,7 +573,7 @@ class OptimizerConfig:
         if not isinstance(self.freeze_router, bool):
             problems.append(f"freeze_router={self.freeze_router!r} must be True or False")
         multiplier = self.router_learning_rate_multiplier
-        if not _is_number(multiplier) or not 0 <= multiplier < math.inf:
+        if not errors.is_number(multiplier) or not 0 <= multiplier < math.inf:
             problems.append(
                 f"router_learning_rate_multiplier={multiplier!r} must be a number >= 0 "
                 "(0 = frozen router)"
@@ -616,14 +616,6 @@ class OptimizerConfig:
 def _quoted(names) -> str:
     names = [repr(n) for n in names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # name -> builder(config, schedule, logical_specs) -> Optimizer.

@@ -134,7 +134,7 @@ class MeshConfig:
         for name, value in sizes.items():
             if value is None and name == "expert":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not errors.is_int(value):
                 problems.append(f"{name}={value!r} must be an integer")
             elif value == 0 or value < -1:
                 problems.append(f"{name}={value} must be positive (or -1 for 'the rest')")

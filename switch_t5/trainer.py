@@ -74,7 +74,7 @@ class LossConfig:
             value = getattr(self, f.name)
             if value is None and f.name != "z_loss":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not errors.is_number(value) or value < 0:
                 problems.append(f"{f.name}={value!r} must be a number >= 0")
         if problems:
             raise errors.UserError("bad loss weights: " + "; ".join(problems))
