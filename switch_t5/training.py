@@ -509,14 +509,12 @@ def decode_samples(module, params, t: TrainingConfig, lengths: Mapping[str, int]
     for i, r in enumerate(rows):
         ids = list(r["inputs"])[: lengths["inputs"]]
         enc[i, : len(ids)] = ids
+    # Greedy (DecodingConfig's default method) up to the targets length.
+    settings = decoding.DecodingConfig(max_decode_length=lengths["targets"]).decode_kwargs()
     with jax.set_mesh(mesh), partitioning.axis_rules():
-        out = jax.jit(
-            lambda p, b: (
-                decoding.decode_batch(
-                    module, p, b, method="greedy", max_decode_length=lengths["targets"]
-                ).tokens
-            )
-        )(params, {"encoder_input_tokens": enc})
+        out = jax.jit(lambda p, b: decoding.decode_batch(module, p, b, **settings).tokens)(
+            params, {"encoder_input_tokens": enc}
+        )
     return [
         {
             "inputs": r["inputs_text"],
