@@ -34,7 +34,6 @@ from switch_t5 import (
     optim,
     partitioning,
     run_builder,
-    run_dir,
     trainer,
 )
 from switch_t5 import flops as flops_lib
@@ -230,7 +229,6 @@ class _Session:
 
 def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -> TrainResult:
     t, config = settings.training, prepared.config
-    folder = run_dir.RunDir(t.model_dir)
     is_main = jax.process_index() == 0
     if is_main:
         fileio.makedirs(t.model_dir)
@@ -254,7 +252,7 @@ def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -
     if is_main:
         # Only now: a refused resume (another model, changed data settings) leaves the
         # config.gin of the run it refused to continue as it was.
-        write_config(folder, session.operative_config, settings, config)
+        write_config(session.operative_config, settings, config)
         # Steps logged after the checkpoint (or, killed before the first one committed,
         # after the start) are redone now.
         metrics_logging.truncate_metrics(t.model_dir, start_step)
@@ -379,9 +377,7 @@ def _resume_data_stream(train_pipe, restored, ckpt, restart: bool) -> str:
     return f", new data stream (restart_data_stream=True; {reason})"
 
 
-def write_config(
-    folder: run_dir.RunDir, operative: str, settings: RunSettings, config: SwitchConfig
-) -> None:
+def write_config(operative: str, settings: RunSettings, config: SwitchConfig) -> None:
     """MODEL_DIR/config.gin: the operative gin config, then the resolved configs as comments."""
     lines = [operative.rstrip(), "", "# Resolved by switch_t5.train:"]
     for name, value in (
@@ -392,7 +388,7 @@ def write_config(
         lines += [f"#   {name}.{k} = {v!r}" for k, v in dataclasses.asdict(value).items()]
     lines.append(f"#   {settings.optimizer!r}")
     lines.append(f"#   {settings.mesh!r}")
-    fileio.write_text(folder.config_file, "\n".join(lines) + "\n")
+    fileio.write_text(settings.training.folder.config_file, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,8 +403,7 @@ def make_actions(
     t, logger = settings.training, session.logger
     actions: list[loop_lib.Action] = []
     if t.profile_steps:
-        folder = run_dir.RunDir(t.model_dir)
-        actions.append(loop_lib.Profile(*t.profile_steps, logdir=str(folder.profile)))
+        actions.append(loop_lib.Profile(*t.profile_steps, logdir=str(t.folder.profile)))
     peak = t.peak_flops_per_device or metrics_logging.peak_flops_per_device(
         jax.devices()[0].device_kind
     )
@@ -436,7 +431,6 @@ def _infer_eval_action(t: TrainingConfig, run, prepared: Prepared, logger, train
     """Decodes the validation split, scores it, keeps the best state in MODEL_DIR/best."""
     from switch_t5 import evaluation
 
-    folder = run_dir.RunDir(t.model_dir)
     module, to_decoding = run_builder.decoding_model(run.config)
     evaluator = evaluation.Evaluator(
         module, t.mixture_or_task_name, prepared.lengths, t.batch_size, run.mesh
@@ -445,7 +439,7 @@ def _infer_eval_action(t: TrainingConfig, run, prepared: Prepared, logger, train
 
     def evaluate(state, at: int) -> dict[str, float]:
         out = evaluator.evaluate(
-            to_decoding(state.params), step=at, output_dir=str(folder.eval_dir(at))
+            to_decoding(state.params), step=at, output_dir=str(t.folder.eval_dir(at))
         )
         improved = best.update(at, out, state, train_pipe.get_state(), prepared.meta)
         logger.message(
@@ -483,7 +477,7 @@ def finish(settings: RunSettings, run, prepared: Prepared, loop, ckpt) -> TrainR
         eval_losses=loop.eval_losses,
         model_dir=str(t.model_dir),
         checkpoint_dir=str(ckpt.directory),
-        tensorboard_dir=str(run_dir.RunDir(t.model_dir).tensorboard()),
+        tensorboard_dir=str(t.folder.tensorboard()),
         plots=plots,
         train_seconds=loop.elapsed(),
         train_tokens_per_sec=loop.tokens / loop.seconds if loop.seconds > 0 else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from switch_t5 import errors
+from switch_t5 import errors, run_dir
 
 # T5's pretraining lengths (arXiv 1910.10683 sec. 3.1).
 DEFAULT_FEATURE_LENGTHS = {"inputs": 512, "targets": 114}
@@ -104,6 +104,11 @@ class TrainingConfig:
     @property
     def lengths(self) -> dict[str, int]:
         return dict(self.task_feature_lengths)
+
+    @property
+    def folder(self) -> run_dir.RunDir:
+        """MODEL_DIR's layout (checkpoints, metrics, plots, ...)."""
+        return run_dir.RunDir(self.model_dir)
 
     def _type_problems(self) -> list[str]:
         problems = []

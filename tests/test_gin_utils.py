@@ -259,14 +259,12 @@ def test_entry_points_print_one_error_line_with_status_2(module, argv, message):
 def test_eval_cli_loads_a_runs_config_gin_with_its_train_bindings(tmp_path):
     """The run's config.gin (train.* bindings included) parses in `python -m switch_t5.eval`;
     the command then stops at the unknown task, after gin."""
-    from switch_t5 import config, run_dir, training
+    from switch_t5 import config, training
     from switch_t5.training_config import TrainingConfig
 
     gin_utils.parse_gin([QUICKSTART], [f"MODEL_DIR = '{tmp_path}'"])
     settings = training.RunSettings(TrainingConfig(str(tmp_path), 2, "t"))
-    training.write_config(
-        run_dir.RunDir(tmp_path), gin.config_str(), settings, config.SwitchConfig()
-    )
+    training.write_config(gin.config_str(), settings, config.SwitchConfig())
     gin.clear_config()
     proc = _cli(
         "switch_t5.eval",
