@@ -220,6 +220,7 @@ REQUIRED_BINDINGS = {
         "MODEL_DIR = '/tmp/superglue'",
         "INITIAL_CHECKPOINT_PATH = '/c'",
     ),
+    "experiments/mswitch_base.gin": ("MODEL_DIR = '/tmp/mswitch'",),
     "experiments/finetune_user_tsv.gin": (
         "MODEL_DIR = '/tmp/rte_tsv'",
         "INITIAL_CHECKPOINT_PATH = '/c'",

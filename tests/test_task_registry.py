@@ -29,6 +29,14 @@ SHIPPED_MACROS = {
     "HAS_HEADER",
     "COLUMN_NAMES",
 }
+# Read since the multilingual mixtures (switch_t5.data.multilingual_tasks).
+MULTILINGUAL_MACROS = {
+    "MC4_ALPHA",
+    "MC4_LANGUAGES",
+    "MC4_FILES",
+    "MC4_VALIDATION_FILES",
+    "MC4_COUNTS",
+}
 
 
 @pytest.fixture
@@ -76,12 +84,16 @@ def test_every_shipped_task_name_has_its_builder_and_macros():
         "glue_v002_proportional": "build_glue",
         "super_glue_boolq_v102": "build_glue",
         "dpr_v001_simple": "build_glue",
+        "text_files_span_corruption.de": "build_text_files",
+        "mc4_span_corruption": "build_mc4",
+        "mc4_span_corruption.ru_Latn": "build_mc4",
     }
     for name, builder in names.items():
         assert registry.find_builder(name).build.__name__ == builder, name
     assert registry.find_builder("no_such_task") is None
-    assert set(data_gin.MACROS) == SHIPPED_MACROS and data_gin.MACROS[0] == "MIXTURE_OR_TASK_NAME"
-    assert len(data_gin.MACROS) == len(SHIPPED_MACROS)
+    shipped = SHIPPED_MACROS | MULTILINGUAL_MACROS
+    assert set(data_gin.MACROS) == shipped and data_gin.MACROS[0] == "MIXTURE_OR_TASK_NAME"
+    assert len(data_gin.MACROS) == len(shipped)
 
 
 def test_macros_follow_the_registry_and_names_are_checked(recorded):

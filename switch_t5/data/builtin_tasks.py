@@ -2,6 +2,13 @@
 
 - `embedded_span_corruption`: no macro needed.
 - `text_files_span_corruption`: TEXT_FILES, VOCABULARY_PATH; optional VALIDATION_FILES.
+  TEXT_FILES as a mapping `{language: glob}` makes it a mixture of one task per language
+  (`text_files_span_corruption.<language>`) sampled with p(L) ~ n(L)^MC4_ALPHA (default 0.3);
+  VALIDATION_FILES is then a mapping too (languages left out hold a fraction out).
+- `mc4_span_corruption` (the mixture of mC4's 107 language tasks) and
+  `mc4_span_corruption.<language>`: optional VOCABULARY_PATH (default mT5's mc4.250000.100extra),
+  MC4_ALPHA, MC4_LANGUAGES, TFDS_DATA_DIR, or the released JSON files: MC4_FILES,
+  MC4_VALIDATION_FILES, MC4_COUNTS (see `switch_t5.data.multilingual_tasks`).
 - `c4_span_corruption`, `c4_v220_span_corruption`: optional VOCABULARY_PATH (default T5's
   cc_all.32000) and TFDS_DATA_DIR.
 - GLUE / SuperGLUE tasks and mixtures (`glue_*`, `super_glue_*`, `dpr_*`): optional
@@ -20,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from switch_t5 import errors
-from switch_t5.data import registry
+from switch_t5.data import multilingual, registry
 from switch_t5.data import vocab as vocab_lib
 from switch_t5.data.registry import DataSettings, Macro
 
@@ -29,7 +36,16 @@ TEXT_FILES_TASK = "text_files_span_corruption"
 C4_TASK = "c4_span_corruption"
 C4_V220_TASK = "c4_v220_span_corruption"
 FILES_TEXT_TO_TEXT_TASK = "files_text_to_text"
+MC4_TASK = multilingual.MC4_TASK
 GLUE_PATTERNS = ("glue_*", "super_glue_*", "dpr_*")
+_ALPHA = Macro("MC4_ALPHA", multilingual.DEFAULT_ALPHA)
+_MC4_MACROS = (
+    Macro("VOCABULARY_PATH", multilingual.MC4_VOCABULARY_PATH),
+    Macro("TFDS_DATA_DIR", None),
+    _ALPHA,
+    *(Macro(name, None) for name in ("MC4_LANGUAGES", "MC4_FILES", "MC4_VALIDATION_FILES")),
+    Macro("MC4_COUNTS", None),
+)
 # Optional for the TFDS tasks: T5's cc_all.32000 model when unset.
 _TFDS_MACROS = (Macro("VOCABULARY_PATH", vocab_lib.DEFAULT_SPM_PATH), Macro("TFDS_DATA_DIR", None))
 # files_text_to_text's macros, each an argument of `user_tasks.register_files_text_to_text`
@@ -64,6 +80,15 @@ def build_embedded(name: str, macros: Mapping[str, Any], settings: DataSettings)
 
 
 def build_text_files(name: str, macros: Mapping[str, Any], settings: DataSettings) -> None:
+    """One task over TEXT_FILES (a glob or a list), or a language mixture (a mapping)."""
+    if isinstance(macros["TEXT_FILES"], Mapping):
+        return _build_multilingual_text_files(macros, settings)
+    if isinstance(macros["VALIDATION_FILES"], Mapping) or name != TEXT_FILES_TASK:
+        raise errors.UserError(
+            f"{name}: TEXT_FILES is one glob or list of files, so there is one task, "
+            f"{TEXT_FILES_TASK}, with VALIDATION_FILES a glob or list; for one task per language "
+            "set TEXT_FILES (and VALIDATION_FILES) to a mapping {language: glob}"
+        )
     from switch_t5.data import tasks
 
     tasks.register_text_files_task(
@@ -74,6 +99,39 @@ def build_text_files(name: str, macros: Mapping[str, Any], settings: DataSetting
         txt_documents=settings.txt_documents,
         cache_dir=settings.cache_dir,
         name=name,
+        shuffle_buffer_size=settings.shuffle_buffer_size,
+    )
+
+
+def _build_multilingual_text_files(macros: Mapping[str, Any], settings: DataSettings) -> None:
+    from switch_t5.data import multilingual_tasks
+
+    multilingual_tasks.register_multilingual_text_files(
+        TEXT_FILES_TASK,
+        macros["TEXT_FILES"],
+        vocabulary_path=settings.vocabulary_path(macros["VOCABULARY_PATH"]),
+        validation_files=macros["VALIDATION_FILES"],
+        alpha=macros["MC4_ALPHA"],
+        validation_fraction=settings.text_validation_fraction,
+        txt_documents=settings.txt_documents,
+        cache_dir=settings.cache_dir,
+        shuffle_buffer_size=settings.shuffle_buffer_size,
+    )
+
+
+def build_mc4(name: str, macros: Mapping[str, Any], settings: DataSettings) -> None:
+    """The mixture, or one language's task (`name`)."""
+    from switch_t5.data import multilingual_tasks
+
+    multilingual_tasks.register_mc4_tasks(
+        name,
+        vocabulary_path=settings.vocabulary_path(macros["VOCABULARY_PATH"]),
+        languages=macros["MC4_LANGUAGES"],
+        alpha=macros["MC4_ALPHA"],
+        files=macros["MC4_FILES"],
+        validation_files=macros["MC4_VALIDATION_FILES"],
+        counts=macros["MC4_COUNTS"],
+        tfds_data_dir=macros["TFDS_DATA_DIR"],
         shuffle_buffer_size=settings.shuffle_buffer_size,
     )
 
@@ -120,11 +178,18 @@ def build_files_text_to_text(name: str, macros: Mapping[str, Any], settings: Dat
 
 registry.register_task_builder(EMBEDDED_TASK, build_embedded)
 registry.register_task_builder(
-    TEXT_FILES_TASK,
+    (TEXT_FILES_TASK, f"{TEXT_FILES_TASK}.*"),
     build_text_files,
-    macros=("TEXT_FILES", "VOCABULARY_PATH", Macro("VALIDATION_FILES", None)),
+    macros=("TEXT_FILES", "VOCABULARY_PATH", Macro("VALIDATION_FILES", None), _ALPHA),
+    description=TEXT_FILES_TASK,
 )
 registry.register_task_builder((C4_TASK, C4_V220_TASK), build_c4, macros=_TFDS_MACROS)
+registry.register_task_builder(
+    (MC4_TASK, f"{MC4_TASK}.*"),
+    build_mc4,
+    macros=_MC4_MACROS,
+    description=f"{MC4_TASK} (or {MC4_TASK}.<language>)",
+)
 registry.register_task_builder(
     FILES_TEXT_TO_TEXT_TASK, build_files_text_to_text, macros=_FILES_MACROS
 )

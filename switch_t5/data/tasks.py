@@ -182,6 +182,8 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
 def _replace_task(name: str) -> None:
     if name in seqio.TaskRegistry.names():
         seqio.TaskRegistry.remove(name)
+    if name in seqio.MixtureRegistry.names():  # a multilingual mixture of that name
+        seqio.MixtureRegistry.remove(name)
 
 
 def register_span_corruption_task(
