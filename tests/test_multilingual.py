@@ -16,7 +16,7 @@ import seqio
 import tensorflow as tf
 from scipy import stats
 
-from switch_t5 import data_gin, gin_utils, plan
+from switch_t5 import data_gin, errors, gin_utils, plan
 from switch_t5.data import multilingual as ml
 from switch_t5.data import multilingual_tasks as mt
 from switch_t5.data import pipeline, tasks
@@ -244,6 +244,14 @@ def test_mc4_files_train_stream_resumes_exactly(corpus, clean_gin):
     assert 0 < len(held) < 30
 
 
+def test_count_command_writes_the_count_file(corpus, tmp_path, capsys):
+    out = tmp_path / "counts.json"
+    template = str(corpus["root"] / "c4-{lang}.tfrecord-*.json.gz")
+    ml.main(["--files", template, "--languages", "yo,haw", "--output", str(out)])
+    assert ml.read_counts(str(out)) == {"yo": 100, "haw": 10}
+    assert "110 documents in 2 languages" in capsys.readouterr().err
+
+
 def test_single_language_task_needs_no_counts(corpus, clean_gin):
     _register(
         "mc4_span_corruption.de",
@@ -303,6 +311,9 @@ def test_errors_name_the_setting_and_fix(corpus, clean_gin):
     assert "language 'fr': TEXT_FILES" in text and "matches no file" in text
     text = _error(corpus, TEXT_TASK, TEXT_FILES=files, MC4_ALPHA=-1)
     assert "MC4_ALPHA=-1 must be a number > 0" in text
+    gin.clear_config()
+    with pytest.raises(errors.UserError, match=r"TEXT_FILES maps the languages \['en',"):
+        _register(f"{TEXT_TASK}.fr", corpus["cache"], **_text_macros(corpus))
 
 
 def _raised(corpus, **macros) -> BaseException:
@@ -346,7 +357,13 @@ def test_mswitch_base_gin(clean_gin):
     assert not config.logits_via_embedding
     assert (config.num_experts, config.moe_layer_interval) == (128, 2)
     model_plan = plan.plan_model(config)
-    # T5.1.1-Base-sized mT5-Base (580M with the 250k vocabulary) plus 12 sparse layers of 127
-    # extra experts (3 * 768 * 2048 each) and their [768, 128] routers.
-    extra = 12 * (127 * 3 * 768 * 2048 + 768 * 128)
-    assert model_plan.total_params - model_plan.active_params_per_token == extra - 12 * 768 * 128
+    # 12 sparse layers of 127 extra gated-GELU experts (3 * 768 * 2048 each) and a [768, 128]
+    # router over the dense twin, mT5-Base (580M in arXiv 2010.11934 Table 1; 582.4M here).
+    dense = 582_401_280
+    assert model_plan.total_params == dense + 12 * (127 * 3 * 768 * 2048 + 768 * 128)
+    assert model_plan.active_params_per_token == dense + 12 * 768 * 128
+    assert abs(dense / 580e6 - 1) < 0.005
+    gin.clear_config()
+    twin = ("MODEL_DIR = '/tmp/mt5'", "NUM_EXPERTS = 0", "switch_t5.SwitchConfig.init_scale = 1.0")
+    gin_utils.parse_gin([MSWITCH], twin)
+    assert plan.plan_model(gin_utils.make_model_config()).total_params == dense

@@ -82,7 +82,7 @@ def build_embedded(name: str, macros: Mapping[str, Any], settings: DataSettings)
 def build_text_files(name: str, macros: Mapping[str, Any], settings: DataSettings) -> None:
     """One task over TEXT_FILES (a glob or a list), or a language mixture (a mapping)."""
     if isinstance(macros["TEXT_FILES"], Mapping):
-        return _build_multilingual_text_files(macros, settings)
+        return _build_multilingual_text_files(name, macros, settings)
     if isinstance(macros["VALIDATION_FILES"], Mapping) or name != TEXT_FILES_TASK:
         raise errors.UserError(
             f"{name}: TEXT_FILES is one glob or list of files, so there is one task, "
@@ -103,9 +103,18 @@ def build_text_files(name: str, macros: Mapping[str, Any], settings: DataSetting
     )
 
 
-def _build_multilingual_text_files(macros: Mapping[str, Any], settings: DataSettings) -> None:
+def _build_multilingual_text_files(
+    name: str, macros: Mapping[str, Any], settings: DataSettings
+) -> None:
     from switch_t5.data import multilingual_tasks
 
+    languages = macros["TEXT_FILES"]
+    tasks = {multilingual.language_task_name(TEXT_FILES_TASK, lang): lang for lang in languages}
+    if name != TEXT_FILES_TASK and name not in tasks:
+        raise errors.UserError(
+            f"MIXTURE_OR_TASK_NAME={name!r}: TEXT_FILES maps the languages {list(languages)}, "
+            f"so the tasks are {TEXT_FILES_TASK} (their mixture) and {', '.join(tasks)}"
+        )
     multilingual_tasks.register_multilingual_text_files(
         TEXT_FILES_TASK,
         macros["TEXT_FILES"],

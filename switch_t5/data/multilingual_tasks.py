@@ -54,6 +54,11 @@ class JsonLinesTextSource(seqio.FileDataSource):
 
     def __init__(self, split_files: Mapping[str, Sequence[str]], held_out_from: str | None = None):
         compressed = {f.endswith(".gz") for files in split_files.values() for f in files}
+        if len(compressed) > 1:
+            raise ml.MultilingualError(
+                f"files {sorted(f for v in split_files.values() for f in v)[:4]}...: a "
+                "language's files must be all gzip-compressed (.json.gz) or all plain (.json)"
+            )
         compression = "GZIP" if compressed == {True} else ""
 
         def read_file(path: tf.Tensor) -> tf.data.Dataset:
