@@ -76,7 +76,8 @@ class SwitchConfig:
       d_model: embedding width.
       num_heads: attention heads.
       head_dim: width of one head (query/key/value).
-      d_ff: hidden width of the feed-forward layers (dense and each expert).
+      d_ff: hidden width of the feed-forward layers (dense, and each expert unless
+        expert_d_ff is set).
       num_encoder_layers: encoder blocks.
       num_decoder_layers: decoder blocks.
       mlp_activations: ("relu",) for Switch "classic"; ("gelu", "linear") for gated GELU (T5.1.1,
@@ -133,6 +134,19 @@ class SwitchConfig:
       moe_dtype: compute dtype of the MoE layer's dispatch, experts and combine, hence of its
         all-to-alls; None = `dtype`. "bfloat16" with float32 activations is T5X's truncated MoE
         dtype (halves the all-to-all bytes); the router stays float32 either way.
+      num_shared_experts: DeepSeekMoE's shared experts (arXiv 2401.06066 sec. 3.2): each sparse
+        layer adds S experts of width `expert_d_ff` that every token passes through (no router,
+        no capacity), summed with the routed experts' output. They run as one dense MLP of width
+        S x expert_d_ff (the sum of S MLPs is that MLP), params `mlp/shared_experts/wi/kernel`
+        [embed, S x expert_d_ff] (`wi_0`, `wi_1` when gated) and `mlp/shared_experts/wo/kernel`,
+        dense (non-expert) weights with dropout_rate as the dense MLP. 0 = none.
+      expert_d_ff: hidden width of each routed and shared expert; None = d_ff. Fine-grained
+        experts (arXiv 2401.06066 sec. 3.1) are narrower (e.g. d_ff / 4) with more experts and
+        k > 1, so that k x expert_d_ff keeps the active width.
+      capacity_scales_with_k: expert capacity = cf x k x tokens / experts (k =
+        num_selected_experts), as fine-grained top-k routing needs; False = cf x tokens /
+        experts whatever k (Flaxformer's convention, which at k=4, cf 1.25 and 32 experts drops
+        about 70% of the choices).
       sparse_extra_mlp: ST-MoE (arXiv 2202.08906 sec. 3.1, Flaxformer `extra_mlp`): each sparse
         layer adds a dense MLP after the MoE, with its own pre-norm and residual (params
         `pre_extra_mlp_layer_norm`, `extra_mlp`).
@@ -183,6 +197,10 @@ class SwitchConfig:
     dropless_block_size: int = 32
     moe_dtype: str | None = None
     sparse_extra_mlp: bool = False
+    # Shared and fine-grained experts (DeepSeekMoE, arXiv 2401.06066).
+    num_shared_experts: int = 0
+    expert_d_ff: int | None = None
+    capacity_scales_with_k: bool = False
     # Memory and compilation at scale.
     scan_layers: bool = False
     remat_policy: RematPolicy = "none"
@@ -225,6 +243,7 @@ class SwitchConfig:
                     f"expert_capacity={self.expert_capacity!r} must be a positive integer "
                     "(transformers' per-sequence capacity) or None (capacity factors)"
                 )
+        problems.extend(self._expert_width_problems())
         if self.mlp_activations not in (
             ("relu",),
             ("gelu", "linear"),
@@ -285,6 +304,34 @@ class SwitchConfig:
                 f"'scatter' or 'einsum'"
             )
         return problems
+
+    def _expert_width_problems(self) -> list[str]:
+        """Shared experts and the expert width (arXiv 2401.06066)."""
+        problems = []
+        shared = self.num_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            problems.append(f"num_shared_experts={shared!r} must be an integer >= 0 (0 = none)")
+        elif shared and not self.num_experts:
+            problems.append(
+                f"num_shared_experts={shared} needs sparse layers (shared experts are part of "
+                "each MoE layer): set num_experts > 0 or num_shared_experts=0"
+            )
+        width = self.expert_d_ff
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int) or width < 1
+        ):
+            problems.append(f"expert_d_ff={width!r} must be a positive integer or None (= d_ff)")
+        return problems
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of each routed and shared expert (`expert_d_ff`, default d_ff)."""
+        return self.d_ff if self.expert_d_ff is None else self.expert_d_ff
+
+    @property
+    def shared_expert_width(self) -> int:
+        """Hidden width of a sparse layer's shared-experts MLP (0 = no shared experts)."""
+        return self.num_shared_experts * self.expert_width
 
     def _no_sparse_layer_problem(self) -> str:
         """The text for `num_experts > 0` with no sparse layer in either stack: such a model
