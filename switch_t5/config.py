@@ -101,6 +101,9 @@ class SwitchConfig:
       router_type: "switch" (top-1), "topk", "experts_choose" (expert-choice routing, arXiv
         2202.09368: each expert takes its top-capacity tokens of a group; encoder layers and
         capacity dispatches only) or a router added with `switch_t5.routing.register_router`.
+      decoder_router_type: the router of the decoder's sparse layers; None = router_type. E.g.
+        router_type="experts_choose" (not causal) with decoder_router_type="switch": expert
+        choice in the encoder, top-1 token choice in the decoder.
       num_selected_experts: k for the top-k router (1 for switch).
       batch_prioritized_routing: encoder layers give capacity to confident tokens first.
       train_capacity_factor: expert capacity factor during training.
@@ -181,6 +184,7 @@ class SwitchConfig:
     encoder_sparse_layers: tuple[int, ...] | None = None
     decoder_sparse_layers: tuple[int, ...] | None = None
     router_type: RouterType = "switch"
+    decoder_router_type: RouterType | None = None
     num_selected_experts: int = 1
     batch_prioritized_routing: bool = False
     train_capacity_factor: float = 1.25
@@ -226,8 +230,9 @@ class SwitchConfig:
                     f"num_selected_experts={self.num_selected_experts} must be in "
                     f"[1, num_experts={self.num_experts}]"
                 )
-            if self.router_type == "switch" and self.num_selected_experts != 1:
-                problems.append("router_type='switch' routes to exactly 1 expert; use 'topk'")
+            for name in ("router_type", "decoder_router_type"):
+                if getattr(self, name) == "switch" and self.num_selected_experts != 1:
+                    problems.append(f"{name}='switch' routes to exactly 1 expert; use 'topk'")
             if self.group_size <= 0:
                 problems.append(f"group_size={self.group_size} must be positive")
             if self.routing_groups not in ROUTING_GROUPS:
@@ -258,7 +263,7 @@ class SwitchConfig:
         from switch_t5 import moe
 
         problems.extend(moe.config_problems(self))
-        if self.num_experts and self.router_type == "experts_choose":
+        if self.num_experts and "experts_choose" in (self.router_type, self.decoder_router_type):
             problems.extend(self._expert_choice_problems(moe))
         if self.dropless_block_size <= 0:
             problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
@@ -288,11 +293,13 @@ class SwitchConfig:
         later positions included (not causal), and it needs a capacity per expert."""
         problems = []
         decoder = self.sparse_layers("decoder")
-        if decoder:
+        if decoder and (self.decoder_router_type or self.router_type) == "experts_choose":
+            name = "decoder_router_type" if self.decoder_router_type else "router_type"
             problems.append(
-                f"router_type='experts_choose' is not causal (each expert picks among all tokens "
+                f"{name}='experts_choose' is not causal (each expert picks among all tokens "
                 f"of a group, later ones included) but decoder layers {decoder} are sparse: set "
-                f"decoder_sparse_layers=() to keep the decoder dense, or use router_type='switch'"
+                f"decoder_router_type='switch' (expert choice in the encoder only), or "
+                f"decoder_sparse_layers=() to keep the decoder dense"
             )
         if (
             self.dispatch in moe.dispatch_names()
@@ -362,6 +369,14 @@ class SwitchConfig:
             f"num_experts={self.num_experts} but no layer is sparse: {self.num_encoder_layers} "
             f"encoder and {self.num_decoder_layers} decoder layers with {'; '.join(how)}; "
             + ", or ".join(fixes)
+        )
+
+    def stack_config(self, stack: Literal["encoder", "decoder"]) -> SwitchConfig:
+        """The config a stack's MoE layers run: `router_type` is that stack's router."""
+        if stack == "encoder" or self.decoder_router_type is None:
+            return self
+        return dataclasses.replace(
+            self, router_type=self.decoder_router_type, decoder_router_type=None
         )
 
     @property

@@ -906,9 +906,10 @@ def config_problems(config: SwitchConfig) -> list[str]:
     """Problems of the config's router type and dispatch (SwitchConfig validation reads the
     registries, so registered names pass)."""
     problems = []
-    router_problem = routing_lib.unknown_router_problem(config.router_type)
-    if router_problem:
-        problems.append(router_problem)
+    for router_type in (config.router_type, config.decoder_router_type):
+        router_problem = router_type and routing_lib.unknown_router_problem(router_type)
+        if router_problem:
+            problems.append(router_problem)
     if config.dispatch != "auto" and config.dispatch not in _DISPATCHES:
         problems.append(_unknown_dispatch(config.dispatch))
     return problems
@@ -970,7 +971,9 @@ class MoeLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = x.astype(dtype)
         impl = get_dispatch(cfg.dispatch)
-        router_fn = routing_lib.make_router(cfg)
+        router_fn = routing_lib.make_router(
+            cfg.stack_config("encoder" if self.is_encoder else "decoder")
+        )
         router = routing_lib.Router(
             cfg.num_experts,
             jitter_noise=cfg.router_jitter_noise,

@@ -372,6 +372,11 @@ def hf_config_from_ours(
             f"expert_d_ff={config.expert_d_ff} (d_ff={config.d_ff}) cannot be exported: HF "
             "SwitchTransformers experts have the dense layers' width d_ff"
         )
+    if config.decoder_router_type not in (None, "switch"):
+        raise UnsupportedFeatureError(
+            f"decoder_router_type={config.decoder_router_type!r} cannot be exported: HF "
+            "SwitchTransformers routes every token to its top-1 expert"
+        )
     if config.router_type != "switch" or config.num_selected_experts != 1:
         raise UnsupportedFeatureError(
             f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
