@@ -1,6 +1,7 @@
 """Switch vs dense quality at equal compute: eval loss vs step, and the steps-to-quality speedup.
 
     PYTHONPATH=. python scripts/bench_quality.py --quick        # at most ~10 min on 2 CPU cores
+                                                                # with --variants=none
     PYTHONPATH=. python scripts/bench_quality.py --out=/tmp/q   # longer runs, bigger model
 
 The paper's headline in miniature (arXiv 2101.03961 Figure 5: Switch-Base 64e reaches T5-Base's
@@ -38,6 +39,15 @@ dispatch), `--model KEY=VALUE` a size of every model, `--batch/--steps/--vocab` 
 `--switch_lrs` adds Switch learning rates as an extra figure, `--dense_variant KEY=VALUE` trains
 an extra dense model (e.g. d_ff=2048: do more feed-forward parameters help at this budget at
 all?), and `--reuse` loads populations already trained under identical settings from --out.
+
+Routing variants (`--variants`, all by default; `none` to skip): each is one row against the
+8-expert Switch model at the same steps, learning rate (the dense best) and seeds: expert choice
+in the encoder (decoder top-1), bias balancing with the load-balancing loss off (skipped with a
+note where SwitchConfig has no `router_bias_update_rate`), and 1 shared + 32 fine-grained experts
+of d_ff/4 with k=3 (`variant_fields`). The table gives the final eval cross-entropy (mean +- half
+range over seeds), the steps-speedup over the Switch model, the busiest expert's load over the
+mean, and the drop fractions (`variant_row`). The rows add three Switch-sized populations: with
+them (and --experts=8) --quick took 27 min on 2 CPU cores shared with other work (load ~10).
 """
 
 from __future__ import annotations
@@ -302,7 +312,8 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
             loss, eval_dropped = eval_loss(state)
             curves.append(loss)
             t_eval += time.perf_counter() - t1
-            usage = np.asarray(m["expert_usage"])
+            usage = np.asarray(m.get("expert_usage", np.zeros((0,))))
+            processed = np.asarray(m.get("tokens_per_expert", np.zeros((0,))))
             train_stats.append(
                 {
                     "step": i + 1,
@@ -315,6 +326,13 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
                     "max_expert_share": (
                         (usage.max(axis=-1).mean(axis=-1) * config.num_experts).tolist()
                         if usage.size
+                        else None
+                    ),
+                    # Per MoE layer (encoder first), the busiest expert's processed tokens (after
+                    # capacity) over the mean (expert-choice layers report no pre-capacity usage).
+                    "processed_share_by_layer": (
+                        (processed.max(-1) / np.maximum(processed.mean(-1), 1e-9)).tolist()
+                        if processed.size
                         else None
                     ),
                 }
@@ -334,6 +352,7 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     return {
         "label": label,
         "num_experts": config.num_experts,
+        "encoder_moe_layers": len(config.sparse_layers("encoder")),
         "params": n_params,
         "members": members,
         "steps": curve_steps,
@@ -414,7 +433,7 @@ def _parse_overrides(items: list[str], flag: str = "--switch") -> dict[str, Any]
         default, annotation = fields[key].default, str(fields[key].type)
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
+        elif isinstance(default, int) or annotation.startswith("int"):  # or int | None
             out[key] = int(value)
         elif isinstance(default, float) or annotation.startswith("float"):
             out[key] = float(value)
@@ -464,6 +483,124 @@ def speedup_by_horizon(dense_steps, dense_curve, switch_steps, switch_curve):
     return out
 
 
+# Routing variants, each a row against the 8-expert Switch baseline at the same steps, learning
+# rate and seeds (SwitchConfig fields on top of the baseline's). Nothing of them is tuned.
+BIAS_FIELD = "router_bias_update_rate"
+VARIANTS = ("expert_choice_encoder", "bias_balancing", "shared_fine_grained")
+
+
+def variant_fields(name: str, d_ff: int, bias_rate: float, fields) -> tuple[dict, str | None]:
+    """(SwitchConfig overrides of a variant row, None) or ({}, why the row is skipped).
+
+    expert_choice_encoder: expert choice (arXiv 2202.09368) in the encoder, top-1 in the decoder.
+    bias_balancing: auxiliary-loss-free balancing (a per-expert bias on the router logits, moved
+      by `bias_rate` per step; DeepSeek-V3's 1e-3 by default) with the load-balancing loss off.
+    shared_fine_grained: DeepSeekMoE (arXiv 2401.06066): 1 shared + 32 routed experts of d_ff/4,
+      top-3, capacity cf x k x tokens / experts: active width d_ff (1 + 3 quarters, as Switch's
+      one expert) and routed expert params those of 8 experts of d_ff.
+    """
+    if name == "expert_choice_encoder":
+        return {"router_type": "experts_choose", "decoder_router_type": "switch"}, None
+    if name == "bias_balancing":
+        if BIAS_FIELD not in fields:
+            return {}, f"skipped: this version's SwitchConfig has no {BIAS_FIELD} field"
+        return {BIAS_FIELD: bias_rate, "load_balancing_loss_weight": 0.0}, None
+    if name == "shared_fine_grained":
+        return {
+            "num_experts": 32,
+            "expert_d_ff": d_ff // 4,
+            "num_shared_experts": 1,
+            "router_type": "topk",
+            "num_selected_experts": 3,
+            "capacity_scales_with_k": True,
+        }, None
+    raise SystemExit(f"--variants: unknown variant {name!r}; use {', '.join(VARIANTS)}")
+
+
+def _spread(values) -> str:
+    import numpy as np
+
+    v = np.asarray(values, float)
+    return f"{v.mean():.4f} +- {(v.max() - v.min()) / 2:.4f}"
+
+
+def variant_row(base, res, lr: float, steps: int) -> dict[str, Any]:
+    """One table row: final eval cross-entropy per seed, the steps-speedup over the baseline
+    (baseline steps / steps to reach its final smoothed seed-mean loss; 0 = never), and the
+    routing statistics at `lr` averaged over the logged steps of the second half of training."""
+    import numpy as np
+
+    cols = [j for j, (m_lr, _) in enumerate(res["members"]) if m_lr == lr]
+    reach, speedup, _, _ = _speedup(base, res, lr, lr, steps)
+    late = [t for t in res["train_stats"] if t["step"] > steps // 2]
+
+    def stat(name, layers=slice(None)):
+        rows = [np.asarray(t[name])[cols][..., layers] for t in late if t.get(name) is not None]
+        return float(np.mean(rows)) if rows and np.size(rows) else float("nan")
+
+    n_enc = res.get("encoder_moe_layers", 0)
+
+    return {
+        "eval_ce": np.asarray(res["eval_loss"])[-1, cols].tolist(),
+        "steps_to_base_final": reach,
+        "speedup": speedup,
+        "busiest_routed": stat("max_expert_share"),
+        "busiest_processed_encoder": stat("processed_share_by_layer", slice(None, n_enc)),
+        "busiest_processed_decoder": stat("processed_share_by_layer", slice(n_enc, None)),
+        "dropped_train": stat("fraction_dropped"),
+        "dropped_eval": float(
+            np.mean(np.asarray(res["train_stats"][-1]["eval_fraction_dropped"])[cols])
+        ),
+    }
+
+
+def print_variant_table(rows: dict[str, dict[str, Any]], notes: dict[str, str]) -> None:
+    print(
+        "routing variants vs switch-8e (same steps, lr and seeds; eval CE mean +- half range over "
+        "seeds; busiest = busiest expert's load / mean load, routed before capacity (token-choice "
+        "layers) and processed after it (encoder / decoder MoE layers), mean over the second half "
+        "of training; "
+        "dropped: token choice (token, choice) pairs, expert choice tokens no expert took)"
+    )
+    print(
+        f"  {'row':<22} {'eval CE':>17} {'speedup':>8} {'busiest routed':>15} "
+        f"{'busiest processed enc/dec':>26} {'dropped train':>14} {'dropped eval':>13}"
+    )
+    for label, r in rows.items():
+        print(
+            f"  {label:<22} {_spread(r['eval_ce']):>17} {r['speedup']:>7.2f}x "
+            f"{r['busiest_routed']:>15.2f} "
+            f"{r['busiest_processed_encoder']:>18.2f} / {r['busiest_processed_decoder']:<5.2f} "
+            f"{r['dropped_train']:>14.3f} {r['dropped_eval']:>13.3f}"
+        )
+    for label, note in notes.items():
+        print(f"  {label:<22} {note}")
+
+
+def _run_variants(names, bias_rate, base_fields, results, lr, steps, population):
+    """Trains the variant rows (and the 8-expert baseline when the run has none) at `lr`;
+    prints the table. Returns (rows, notes of skipped rows, the variants' populations)."""
+    from switch_t5.config import SwitchConfig
+
+    fields = {f.name for f in dataclasses.fields(SwitchConfig)}
+    base_fields = {**base_fields, "num_experts": 8}
+    base = next((r for r in results if r["label"] == "switch-8e"), None)
+    if base is None:
+        base = population(SwitchConfig(**base_fields), (lr,), "switch-8e")
+    rows, notes, trained = {"switch-8e": variant_row(base, base, lr, steps)}, {}, []
+    for name in names:
+        overrides, note = variant_fields(name, base_fields["d_ff"], bias_rate, fields)
+        if note:
+            notes[name] = note
+            print(f"{name}: {note}", flush=True)
+            continue
+        res = population(SwitchConfig(**{**base_fields, **overrides}), (lr,), name)
+        rows[name] = variant_row(base, res, lr, steps)
+        trained.append(res)
+    print_variant_table(rows, notes)
+    return rows, notes, trained
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, <= ~10 min on 2 CPUs")
@@ -511,6 +648,18 @@ def main() -> None:
         help="also train a dense model with this SwitchConfig change at the dense best learning "
         "rate (a diagnostic, e.g. d_ff=1024: do more parameters help at this budget at all?)",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="routing variants to train as rows against the 8-expert Switch model at the dense "
+        f"best learning rate (comma-separated, 'none' for no rows): {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--bias_rate",
+        type=float,
+        default=1e-3,
+        help=f"SwitchConfig.{BIAS_FIELD} of the bias_balancing row (DeepSeek-V3's 1e-3)",
+    )
     parser.add_argument("--prepare_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -529,6 +678,10 @@ def main() -> None:
         prepare_data(args.out, s, source, args.heldout)
         return
     expert_counts = tuple(int(v) for v in args.experts.split(","))
+    variants = [v for v in args.variants.split(",") if v and v != "none"]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; use {', '.join(VARIANTS)} or none")
     s["model"] = {**s["model"], **_parse_overrides(args.model, "--model")}
     switch_overrides = _parse_overrides(args.switch)
 
@@ -698,9 +851,23 @@ def main() -> None:
                 f"reaches the dense final loss at step "
                 f"{reach_lr if reach_lr is None else round(reach_lr)} -> {speedup_lr:.2f}x"
             )
+    variant_rows, variant_notes = {}, {}
+    if variants:
+        variant_rows, variant_notes, trained = _run_variants(
+            variants,
+            args.bias_rate,
+            {**model_fields, **switch_overrides},
+            results,
+            best_lr,
+            s["steps"],
+            population,
+        )
+        results += trained
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(
             {
+                "variants": variant_rows,
+                "variant_notes": variant_notes,
                 "setting": s,
                 "switch_overrides": switch_overrides,
                 "data": meta,

@@ -218,6 +218,7 @@ RUNTIME_FIELDS = frozenset(
         "train_capacity_factor",
         "eval_capacity_factor",
         "min_expert_capacity",
+        "capacity_scales_with_k",
         "group_size",
         "routing_groups",
         "expert_capacity",
@@ -232,6 +233,18 @@ RUNTIME_FIELDS = frozenset(
 )
 
 
+def _default_model_config() -> dict[str, Any]:
+    """The JSON form of every SwitchConfig field's default (as `make_meta` records fields)."""
+    from switch_t5.config import SwitchConfig
+
+    fields = {
+        f.name: f.default
+        for f in dataclasses.fields(SwitchConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return json.loads(json.dumps(fields))
+
+
 def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raises CheckpointMismatchError naming every architecture field that differs.
 
@@ -241,6 +254,9 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
     """
     problems, changed = [], []
     s_cfg, c_cfg = saved.get("model_config", {}), current.get("model_config", {})
+    # A field the checkpoint's version of SwitchConfig did not have yet takes its default.
+    if s_cfg:
+        s_cfg = {**{k: v for k, v in _default_model_config().items() if k in c_cfg}, **s_cfg}
     for key in sorted(set(s_cfg) | set(c_cfg)):
         if s_cfg.get(key) == c_cfg.get(key):
             continue

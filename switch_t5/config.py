@@ -76,7 +76,8 @@ class SwitchConfig:
       d_model: embedding width.
       num_heads: attention heads.
       head_dim: width of one head (query/key/value).
-      d_ff: hidden width of the feed-forward layers (dense and each expert).
+      d_ff: hidden width of the feed-forward layers (dense, and each expert unless
+        expert_d_ff is set).
       num_encoder_layers: encoder blocks.
       num_decoder_layers: decoder blocks.
       mlp_activations: ("relu",) for Switch "classic"; ("gelu", "linear") for gated GELU (T5.1.1,
@@ -100,6 +101,9 @@ class SwitchConfig:
       router_type: "switch" (top-1), "topk", "experts_choose" (expert-choice routing, arXiv
         2202.09368: each expert takes its top-capacity tokens of a group; encoder layers and
         capacity dispatches only) or a router added with `switch_t5.routing.register_router`.
+      decoder_router_type: the router of the decoder's sparse layers; None = router_type. E.g.
+        router_type="experts_choose" (not causal) with decoder_router_type="switch": expert
+        choice in the encoder, top-1 token choice in the decoder.
       num_selected_experts: k for the top-k router (1 for switch).
       batch_prioritized_routing: encoder layers give capacity to confident tokens first.
       train_capacity_factor: expert capacity factor during training.
@@ -133,6 +137,19 @@ class SwitchConfig:
       moe_dtype: compute dtype of the MoE layer's dispatch, experts and combine, hence of its
         all-to-alls; None = `dtype`. "bfloat16" with float32 activations is T5X's truncated MoE
         dtype (halves the all-to-all bytes); the router stays float32 either way.
+      num_shared_experts: DeepSeekMoE's shared experts (arXiv 2401.06066 sec. 3.2): each sparse
+        layer adds S experts of width `expert_d_ff` that every token passes through (no router,
+        no capacity), summed with the routed experts' output. They run as one dense MLP of width
+        S x expert_d_ff (the sum of S MLPs is that MLP), params `mlp/shared_experts/wi/kernel`
+        [embed, S x expert_d_ff] (`wi_0`, `wi_1` when gated) and `mlp/shared_experts/wo/kernel`,
+        dense (non-expert) weights with dropout_rate as the dense MLP. 0 = none.
+      expert_d_ff: hidden width of each routed and shared expert; None = d_ff. Fine-grained
+        experts (arXiv 2401.06066 sec. 3.1) are narrower (e.g. d_ff / 4) with more experts and
+        k > 1, so that k x expert_d_ff keeps the active width.
+      capacity_scales_with_k: expert capacity = cf x k x tokens / experts (k =
+        num_selected_experts), as fine-grained top-k routing needs; False = cf x tokens /
+        experts whatever k (Flaxformer's convention, which at k=4, cf 1.25 and 32 experts drops
+        about 70% of the choices).
       sparse_extra_mlp: ST-MoE (arXiv 2202.08906 sec. 3.1, Flaxformer `extra_mlp`): each sparse
         layer adds a dense MLP after the MoE, with its own pre-norm and residual (params
         `pre_extra_mlp_layer_norm`, `extra_mlp`).
@@ -167,6 +184,7 @@ class SwitchConfig:
     encoder_sparse_layers: tuple[int, ...] | None = None
     decoder_sparse_layers: tuple[int, ...] | None = None
     router_type: RouterType = "switch"
+    decoder_router_type: RouterType | None = None
     num_selected_experts: int = 1
     batch_prioritized_routing: bool = False
     train_capacity_factor: float = 1.25
@@ -183,6 +201,10 @@ class SwitchConfig:
     dropless_block_size: int = 32
     moe_dtype: str | None = None
     sparse_extra_mlp: bool = False
+    # Shared and fine-grained experts (DeepSeekMoE, arXiv 2401.06066).
+    num_shared_experts: int = 0
+    expert_d_ff: int | None = None
+    capacity_scales_with_k: bool = False
     # Memory and compilation at scale.
     scan_layers: bool = False
     remat_policy: RematPolicy = "none"
@@ -208,8 +230,9 @@ class SwitchConfig:
                     f"num_selected_experts={self.num_selected_experts} must be in "
                     f"[1, num_experts={self.num_experts}]"
                 )
-            if self.router_type == "switch" and self.num_selected_experts != 1:
-                problems.append("router_type='switch' routes to exactly 1 expert; use 'topk'")
+            for name in ("router_type", "decoder_router_type"):
+                if getattr(self, name) == "switch" and self.num_selected_experts != 1:
+                    problems.append(f"{name}='switch' routes to exactly 1 expert; use 'topk'")
             if self.group_size <= 0:
                 problems.append(f"group_size={self.group_size} must be positive")
             if self.routing_groups not in ROUTING_GROUPS:
@@ -225,6 +248,7 @@ class SwitchConfig:
                     f"expert_capacity={self.expert_capacity!r} must be a positive integer "
                     "(transformers' per-sequence capacity) or None (capacity factors)"
                 )
+        problems.extend(self._expert_width_problems())
         if self.mlp_activations not in (
             ("relu",),
             ("gelu", "linear"),
@@ -239,7 +263,7 @@ class SwitchConfig:
         from switch_t5 import moe
 
         problems.extend(moe.config_problems(self))
-        if self.num_experts and self.router_type == "experts_choose":
+        if self.num_experts and "experts_choose" in (self.router_type, self.decoder_router_type):
             problems.extend(self._expert_choice_problems(moe))
         if self.dropless_block_size <= 0:
             problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
@@ -269,11 +293,13 @@ class SwitchConfig:
         later positions included (not causal), and it needs a capacity per expert."""
         problems = []
         decoder = self.sparse_layers("decoder")
-        if decoder:
+        if decoder and (self.decoder_router_type or self.router_type) == "experts_choose":
+            name = "decoder_router_type" if self.decoder_router_type else "router_type"
             problems.append(
-                f"router_type='experts_choose' is not causal (each expert picks among all tokens "
+                f"{name}='experts_choose' is not causal (each expert picks among all tokens "
                 f"of a group, later ones included) but decoder layers {decoder} are sparse: set "
-                f"decoder_sparse_layers=() to keep the decoder dense, or use router_type='switch'"
+                f"decoder_router_type='switch' (expert choice in the encoder only), or "
+                f"decoder_sparse_layers=() to keep the decoder dense"
             )
         if (
             self.dispatch in moe.dispatch_names()
@@ -285,6 +311,34 @@ class SwitchConfig:
                 f"'scatter' or 'einsum'"
             )
         return problems
+
+    def _expert_width_problems(self) -> list[str]:
+        """Shared experts and the expert width (arXiv 2401.06066)."""
+        problems = []
+        shared = self.num_shared_experts
+        if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+            problems.append(f"num_shared_experts={shared!r} must be an integer >= 0 (0 = none)")
+        elif shared and not self.num_experts:
+            problems.append(
+                f"num_shared_experts={shared} needs sparse layers (shared experts are part of "
+                "each MoE layer): set num_experts > 0 or num_shared_experts=0"
+            )
+        width = self.expert_d_ff
+        if width is not None and (
+            isinstance(width, bool) or not isinstance(width, int) or width < 1
+        ):
+            problems.append(f"expert_d_ff={width!r} must be a positive integer or None (= d_ff)")
+        return problems
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of each routed and shared expert (`expert_d_ff`, default d_ff)."""
+        return self.d_ff if self.expert_d_ff is None else self.expert_d_ff
+
+    @property
+    def shared_expert_width(self) -> int:
+        """Hidden width of a sparse layer's shared-experts MLP (0 = no shared experts)."""
+        return self.num_shared_experts * self.expert_width
 
     def _no_sparse_layer_problem(self) -> str:
         """The text for `num_experts > 0` with no sparse layer in either stack: such a model
@@ -315,6 +369,14 @@ class SwitchConfig:
             f"num_experts={self.num_experts} but no layer is sparse: {self.num_encoder_layers} "
             f"encoder and {self.num_decoder_layers} decoder layers with {'; '.join(how)}; "
             + ", or ".join(fixes)
+        )
+
+    def stack_config(self, stack: Literal["encoder", "decoder"]) -> SwitchConfig:
+        """The config a stack's MoE layers run: `router_type` is that stack's router."""
+        if stack == "encoder" or self.decoder_router_type is None:
+            return self
+        return dataclasses.replace(
+            self, router_type=self.decoder_router_type, decoder_router_type=None
         )
 
     @property

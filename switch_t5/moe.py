@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from switch_t5 import errors, moe_metrics
+from switch_t5 import errors, layers, moe_metrics
 from switch_t5 import grouped_matmul as gmm_lib
 from switch_t5 import routing as routing_lib
 from switch_t5.config import SwitchConfig
@@ -175,13 +175,17 @@ def capacity_rule(config: SwitchConfig, tokens_per_group: int, training: bool) -
     - per-sequence groups: the capacity factor applied to each sequence's real tokens, so its
       padding length does not change which of its tokens are dropped;
     - groups of `group_size` tokens: the factor applied to the group size (Flaxformer's rule).
-    The factor is `train_capacity_factor` in training, else `eval_capacity_factor`.
+    The factor is `train_capacity_factor` in training, else `eval_capacity_factor`, times
+    `num_selected_experts` with `config.capacity_scales_with_k` (capacity = cf x k x tokens /
+    experts: the slots fine-grained top-k routing needs).
     """
     if config.expert_capacity is not None:
         return CapacityRule(
             min(config.expert_capacity, tokens_per_group), padding_takes_capacity=True
         )
     cf = config.train_capacity_factor if training else config.eval_capacity_factor
+    if config.capacity_scales_with_k:
+        cf = cf * config.num_selected_experts
     capacity = routing_lib.expert_capacity(
         tokens_per_group, config.num_experts, cf, config.min_expert_capacity
     )
@@ -257,7 +261,7 @@ class Experts(nn.Module):
     "embed"). No biases (T5).
 
     Attributes:
-      config: the network config (d_model, d_ff, num_experts, mlp_activations, dtype,
+      config: the network config (d_model, expert_width, num_experts, mlp_activations, dtype,
         param_dtype, init_scale, expert_dropout).
     """
 
@@ -265,7 +269,7 @@ class Experts(nn.Module):
 
     def setup(self):
         cfg = self.config
-        e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
+        e, d, f = cfg.num_experts, cfg.d_model, cfg.expert_width
         pdt = jnp.dtype(cfg.param_dtype)
         names = (
             ["wi"]
@@ -741,7 +745,7 @@ class CapacityDispatch(Dispatch):
             expert_in,
             enable_dropout=enable_dropout,
             group_axis=expert_group_axis,
-            loop=loop_experts(self, num_groups * rule.capacity, cfg.d_model, cfg.d_ff),
+            loop=loop_experts(self, num_groups * rule.capacity, cfg.d_model, cfg.expert_width),
         )
         expert_out = _constrain(expert_out, ("expert", expert_group_axis, "capacity", "embed"))
         # And back: the second all-to-all returns each expert output to its group's shard.
@@ -902,9 +906,10 @@ def config_problems(config: SwitchConfig) -> list[str]:
     """Problems of the config's router type and dispatch (SwitchConfig validation reads the
     registries, so registered names pass)."""
     problems = []
-    router_problem = routing_lib.unknown_router_problem(config.router_type)
-    if router_problem:
-        problems.append(router_problem)
+    for router_type in (config.router_type, config.decoder_router_type):
+        router_problem = router_type and routing_lib.unknown_router_problem(router_type)
+        if router_problem:
+            problems.append(router_problem)
     if config.dispatch != "auto" and config.dispatch not in _DISPATCHES:
         problems.append(_unknown_dispatch(config.dispatch))
     return problems
@@ -918,7 +923,10 @@ class MoeLayer(nn.Module):
     """Sparse (Switch) feed-forward layer: a drop-in replacement for the dense T5 MLP.
 
     Params: `router/w/kernel` <f32>[embed, experts]; `expert/wi[_i]/kernel` [experts, embed, mlp],
-    `expert/wo/kernel` [experts, mlp, embed] (see `Experts`).
+    `expert/wo/kernel` [experts, mlp, embed] (see `Experts`; mlp = `config.expert_width`); with
+    `config.num_shared_experts` S > 0, `shared_experts/wi[_i]/kernel` [embed, S x expert_width]
+    and `shared_experts/wo/kernel`, a dense MLP (`layers.MlpBlock`) that every token passes
+    through, added to the routed output (DeepSeekMoE, arXiv 2401.06066).
 
     Rng streams (only with enable_dropout): "jitter" (router input noise), "dropout" (experts).
     Capacity factor: `train_capacity_factor` with enable_dropout, else `eval_capacity_factor`
@@ -963,7 +971,9 @@ class MoeLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x = x.astype(dtype)
         impl = get_dispatch(cfg.dispatch)
-        router_fn = routing_lib.make_router(cfg)
+        router_fn = routing_lib.make_router(
+            cfg.stack_config("encoder" if self.is_encoder else "decoder")
+        )
         router = routing_lib.Router(
             cfg.num_experts,
             jitter_noise=cfg.router_jitter_noise,
@@ -987,7 +997,15 @@ class MoeLayer(nn.Module):
             is_encoder=self.is_encoder,
             enable_dropout=enable_dropout,
         )
-        return _constrain(out.astype(dtype), ("batch", "length", "embed"))
+        out = out.astype(dtype)
+        if cfg.num_shared_experts:
+            # Shared experts (DeepSeekMoE, arXiv 2401.06066 sec. 3.2): S MLPs of width
+            # expert_width that every token passes through, run as the one dense MLP of width
+            # S x expert_width that their sum is.
+            shared_cfg = dataclasses.replace(cfg, d_ff=cfg.shared_expert_width)
+            shared = layers.MlpBlock(shared_cfg, name="shared_experts")
+            out = out + shared(x, enable_dropout=enable_dropout)
+        return _constrain(out, ("batch", "length", "embed"))
 
 
 def _check_inputs(cfg: SwitchConfig, x: jax.Array, padding_mask: jax.Array | None) -> jax.Array:

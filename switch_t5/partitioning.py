@@ -67,6 +67,8 @@ def non_expert_params(config) -> int:
         n += sparse * d * config.num_experts
         if config.num_experts and config.sparse_extra_mlp:
             n += sparse * n_mlp
+        # Shared experts (`SwitchConfig.num_shared_experts`) are dense weights.
+        n += sparse * (len(config.mlp_activations) + 1) * d * config.shared_expert_width
     return n
 
 
@@ -200,8 +202,8 @@ def _axes_problems(config, data: int, expert: int, model: int) -> list[str]:
     if not config.num_experts and expert > 1:
         problems.append(f"expert axis {expert} > 1 but the model is dense; use expert:1")
     if model > 1:
-        for name in ("num_heads", "d_ff", "vocab_size"):
-            if getattr(config, name) % model:
+        for name in ("num_heads", "d_ff", "vocab_size", "expert_d_ff"):
+            if (getattr(config, name) or 0) % model:  # expert_d_ff None = d_ff
                 problems.append(
                     f"the model axis ({model}) does not divide {name}={getattr(config, name)}; "
                     f"use a divisor of {getattr(config, name)}"

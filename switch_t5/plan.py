@@ -56,9 +56,11 @@ class ModelPlan:
 
     Attributes:
       total_params: every parameter.
-      active_params_per_token: what one token touches (all non-expert params, embeddings and
-        routers included, plus `num_selected_experts` experts per sparse layer).
-      expert_params: parameters inside the experts, all layers and experts together.
+      active_params_per_token: what one token touches (all non-expert params, embeddings,
+        routers and shared experts included, plus `num_selected_experts` routed experts of width
+        `expert_width` per sparse layer).
+      expert_params: parameters inside the routed experts, all layers and experts together
+        (shared experts, which every token uses, are not among them).
       embedding_params: the token embedding (and the untied output projection).
       encoder_sparse_layers: sparse encoder layer indices.
       decoder_sparse_layers: sparse decoder layer indices.
@@ -99,6 +101,15 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _expert_shape(c: SwitchConfig) -> str:
+    """ ", top-3 of width 64, 1 shared": what differs from Switch's top-1 experts of width d_ff."""
+    if not c.num_experts:
+        return ""
+    text = f", top-{c.num_selected_experts}" if c.num_selected_experts != 1 else ""
+    text += f" of width {c.expert_width}" if c.expert_width != c.d_ff else ""
+    return text + (f", {c.num_shared_experts} shared" if c.num_shared_experts else "")
+
+
 def format_model_plan(config: SwitchConfig, plan: ModelPlan) -> list[str]:
     """`key: value` lines; exact integers first so that scripts can parse them."""
     c = config
@@ -114,8 +125,9 @@ def format_model_plan(config: SwitchConfig, plan: ModelPlan) -> list[str]:
         f"{c.d_model}, heads {c.num_heads} x {c.head_dim}, d_ff {c.d_ff}, "
         f"activations {'-'.join(c.mlp_activations)}, vocab {c.vocab_size}, "
         f"logits {'tied' if c.logits_via_embedding else 'untied'}",
-        f"experts: {c.num_experts}; sparse encoder layers {list(plan.encoder_sparse_layers)}, "
-        f"sparse decoder layers {list(plan.decoder_sparse_layers)}",
+        f"experts: {c.num_experts}{_expert_shape(c)}; sparse encoder layers "
+        f"{list(plan.encoder_sparse_layers)}, sparse decoder layers "
+        f"{list(plan.decoder_sparse_layers)}",
     ]
 
 
@@ -395,7 +407,7 @@ def count_expert_kernel_gathers(
     """
     if not config.num_experts:
         return 0
-    e, d, f = config.num_experts, config.d_model, config.d_ff
+    e, d, f = config.num_experts, config.d_model, config.expert_width
     e_local, f_local = e // mesh["expert"], f // mesh["model"]
     count = 0
     gather_re = r"=\s*\(?[a-z0-9]+\[([\d,]*)\][^\n]*?\sall-gather(?:-start)?\("

@@ -88,9 +88,11 @@ def expert_capacity(
 ) -> int:
     """Slots per expert and group: max(round(cf * tokens / experts), min_expert_capacity).
 
-    As Flaxformer, the capacity does not scale with k for top-k routing. It is capped at the
-    group's token count: an expert can never receive more tokens than a group holds (each token
-    picks an expert at most once), so the cap drops nothing and saves work when decoding.
+    As Flaxformer, the capacity does not scale with k for top-k routing unless the caller folds
+    k into the factor (`SwitchConfig.capacity_scales_with_k`, `moe.capacity_rule`). It is capped
+    at the group's token count: an expert can never receive more tokens than a group holds
+    (each token picks an expert at most once), so the cap drops nothing and saves work when
+    decoding.
     """
     capacity = max(round(capacity_factor * tokens_per_group / num_experts), min_expert_capacity)
     return min(capacity, tokens_per_group)

@@ -1,4 +1,5 @@
-"""Pure functions of scripts/bench_quality.py: smoothing, steps-to-reach, the speedup, overrides.
+"""Pure functions of scripts/bench_quality.py: smoothing, steps-to-reach, the speedup, overrides,
+the routing-variant rows.
 
 No training and no TensorFlow: the script imports both only inside its functions.
 """
@@ -111,3 +112,58 @@ def test_speedup_by_horizon_reads_every_shorter_budget():
     np.testing.assert_allclose([s for _, _, s in got], [1.0, 2.0, 1.5, 40.0 / 30.0], rtol=1e-12)
     # A dense loss the Switch curve never reaches gives (T, None, None).
     assert bq.speedup_by_horizon([10], [2.0], switch_steps, switch) == [(10, None, None)]
+
+
+def test_variant_rows_are_configs_of_the_same_budget_or_a_skip_note():
+    import dataclasses
+
+    from switch_t5.config import SwitchConfig
+
+    fields = {f.name for f in dataclasses.fields(SwitchConfig)}
+    base = dict(d_model=64, num_heads=4, head_dim=16, d_ff=256, num_experts=8)
+    fine, note = bq.variant_fields("shared_fine_grained", 256, 1e-3, fields)
+    assert note is None
+    c = SwitchConfig(**{**base, **fine})
+    # Active width d_ff (1 shared + 3 routed quarters); routed params those of 8 full experts.
+    assert (c.num_shared_experts + c.num_selected_experts) * c.expert_width == 256
+    assert c.num_experts * c.expert_width == 8 * 256
+    ec, _ = bq.variant_fields("expert_choice_encoder", 256, 1e-3, fields)
+    c = SwitchConfig(**{**base, **ec})
+    assert c.stack_config("decoder").router_type == "switch"
+    # The bias row needs SwitchConfig.router_bias_update_rate; without it, a note, no config.
+    got, note = bq.variant_fields("bias_balancing", 256, 1e-3, fields - {bq.BIAS_FIELD})
+    assert got == {} and bq.BIAS_FIELD in note
+    got, note = bq.variant_fields("bias_balancing", 256, 1e-3, fields | {bq.BIAS_FIELD})
+    assert got == {bq.BIAS_FIELD: 1e-3, "load_balancing_loss_weight": 0.0} and note is None
+    # Optional int fields (default None) parse as ints.
+    assert bq._parse_overrides(["expert_d_ff=64"]) == {"expert_d_ff": 64}
+
+
+def test_variant_row_reads_the_seeds_and_the_second_half_of_training():
+    def pop(curves, share, processed):
+        stats = [
+            {
+                "step": s,
+                "max_expert_share": share,
+                "processed_share_by_layer": processed,
+                "fraction_dropped": [0.1, 0.3],
+                "eval_fraction_dropped": [0.05, 0.07],
+            }
+            for s in (10, 20, 30, 40)
+        ]
+        members = [(0.3, 0), (0.3, 1)]
+        return {**_population(members, curves), "train_stats": stats, "encoder_moe_layers": 1}
+
+    base = pop([[5, 5], [4, 4], [3, 3], [2.5, 2.7]], [1.5, 1.7], [[1.2, 1.4], [1.4, 1.6]])
+    ec = pop([[5, 5], [3, 3], [2.5, 2.5], [2.4, 2.4]], [2.0, 2.0], [[1.0, 3.0], [1.0, 3.0]])
+    row = bq.variant_row(base, ec, 0.3, 40)
+    assert row["eval_ce"] == [2.4, 2.4]
+    # Base final (smoothed mean, raw end) 2.6; the variant's smoothed mean [5, 3.5, 7.9 / 3, 2.4]
+    # crosses it between steps 30 and 40.
+    reach = 30 + 10 * (7.9 / 3 - 2.6) / (7.9 / 3 - 2.4)
+    assert row["steps_to_base_final"] == pytest.approx(reach, rel=1e-9)
+    assert row["speedup"] == pytest.approx(40 / reach, rel=1e-9)
+    assert row["busiest_processed_encoder"] == pytest.approx(1.0)
+    assert row["busiest_processed_decoder"] == pytest.approx(3.0)
+    assert row["dropped_train"] == pytest.approx(0.2) and row["dropped_eval"] == pytest.approx(0.06)
+    assert bq.variant_row(base, base, 0.3, 40)["speedup"] == pytest.approx(1.0)

@@ -137,6 +137,32 @@ def test_decoder_sparse_layer_and_dropless_dispatch_are_refused_naming_the_fix()
     assert ec_config().sparse_layers("encoder") == (1,)
 
 
+def test_expert_choice_in_the_encoder_with_a_switch_decoder():
+    # decoder_router_type: the decoder's sparse layers route top-1, the encoder's by expert choice.
+    c = ec_config(decoder_sparse_layers=None, decoder_router_type="switch")
+    assert c.sparse_layers("decoder") == (1,)
+    assert c.stack_config("decoder").router_type == "switch"
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8), jnp.float32)
+    sown = {}
+    for stack, is_encoder in (("encoder", True), ("decoder", False)):
+        layer = moe.MoeLayer(c, is_encoder=is_encoder)
+        v = jax.jit(layer.init)(jax.random.key(2), x)
+        _, state = jax.jit(lambda v, x, layer=layer: layer.apply(v, x, mutable=["intermediates"]))(
+            v, x
+        )
+        sown[stack] = set(state["intermediates"])
+    assert (
+        "fraction_multi_routed" in sown["encoder"] and "load_balancing_loss" not in sown["encoder"]
+    )
+    assert (
+        "load_balancing_loss" in sown["decoder"] and "fraction_multi_routed" not in sown["decoder"]
+    )
+    with pytest.raises(
+        errors.UserError, match="decoder_router_type='experts_choose' is not causal"
+    ):
+        tiny_config(decoder_router_type=EC)
+
+
 def test_inference_routing_of_a_sequence_ignores_its_batch_mates():
     """`for_inference` makes each sequence its own group: an expert picks among that sequence's
     real tokens only, whatever the other rows (or its padding length) are."""

@@ -353,14 +353,29 @@ def hf_config_from_ours(
 
     Raises:
       UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
-        experts (switch_xxl's gated GELU), top-k routing, or sparse layouts other than HF's
-        `i % sparse_step == 1`.
+        experts (switch_xxl's gated GELU), shared experts, experts narrower or wider than d_ff,
+        top-k routing, or sparse layouts other than HF's `i % sparse_step == 1`.
     """
     if config.gated:
         raise UnsupportedFeatureError(
             f"gated feed-forward layers (mlp_activations={config.mlp_activations}, as in "
             "Switch-XXL's gated GELU) cannot be exported: HF SwitchTransformers experts have a "
             "single wi"
+        )
+    if config.num_shared_experts:
+        raise UnsupportedFeatureError(
+            f"num_shared_experts={config.num_shared_experts} cannot be exported: HF "
+            "SwitchTransformers sparse layers have routed experts only (no shared experts)"
+        )
+    if config.expert_width != config.d_ff:
+        raise UnsupportedFeatureError(
+            f"expert_d_ff={config.expert_d_ff} (d_ff={config.d_ff}) cannot be exported: HF "
+            "SwitchTransformers experts have the dense layers' width d_ff"
+        )
+    if config.decoder_router_type not in (None, "switch"):
+        raise UnsupportedFeatureError(
+            f"decoder_router_type={config.decoder_router_type!r} cannot be exported: HF "
+            "SwitchTransformers routes every token to its top-1 expert"
         )
     if config.router_type != "switch" or config.num_selected_experts != 1:
         raise UnsupportedFeatureError(

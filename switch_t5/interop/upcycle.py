@@ -58,6 +58,12 @@ def upcycle_plan(
         raise errors.UserError(
             "the target config has no sparse layers (num_experts=0?); nothing to do"
         )
+    if config.num_shared_experts or config.expert_width != config.d_ff:
+        raise errors.UserError(
+            f"num_shared_experts={config.num_shared_experts}, expert_d_ff={config.expert_d_ff}: "
+            "upcycling starts every expert as a copy of the dense MLP; set num_shared_experts=0 "
+            "and expert_d_ff=None (= d_ff)"
+        )
     targets = hf._our_targets(config)
     rng = np.random.default_rng(seed)
     pieces: list[streaming.Piece] = []
