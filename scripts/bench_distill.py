@@ -78,7 +78,8 @@ def train(model_dir: str, gin_file: str, steps: int, seed: int, args, *extra: st
     t0 = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     ce = final_eval(model_dir, steps)
-    print(f"  {os.path.basename(model_dir)}: eval CE {ce:.4f} ({time.perf_counter() - t0:.0f} s)")
+    seconds = time.perf_counter() - t0
+    print(f"  {os.path.basename(model_dir)}: eval CE {ce:.4f} ({seconds:.0f} s)", flush=True)
     return ce
 
 
@@ -103,7 +104,7 @@ def run_all(args) -> dict:
         d = os.path.join(out, f"dense_s{s}")
         ce["dense"].append(train(d, QUICKSTART, args.steps, s, args, "--gin.NUM_EXPERTS=0"))
     print(f"students: {args.steps} steps")
-    for alpha, init in itertools.product(args.alphas, args.inits):
+    for init, alpha in itertools.product(args.inits, args.alphas):
         key = f"alpha={alpha} init={init}"
         ce["student"][key] = []
         for s, teacher in zip(seeds, teacher_dirs):

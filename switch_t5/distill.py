@@ -158,11 +158,11 @@ def resolve_teacher(
     path = settings.teacher_checkpoint_path
     ref = init_checkpoint.find_checkpoint(path, settings.teacher_step)
     if ref is None or not ref.meta.get("model_config"):
-        what = "no complete checkpoint" if ref is None else "no recorded model config in"
+        what = "holds no complete checkpoint" if ref is None else "records no model config"
         raise DistillationError(
-            f"TEACHER_CHECKPOINT_PATH={path!r}: {what} the teacher checkpoint; give the MODEL_DIR "
-            "of a run of switch_t5.train (or a converted checkpoint), its checkpoints/ folder or "
-            "one step's folder"
+            f"the teacher TEACHER_CHECKPOINT_PATH={path!r} {what}; give the MODEL_DIR of a run "
+            "of switch_t5.train (or a converted checkpoint), its checkpoints/ folder or one "
+            "step's folder"
         )
     config = init_checkpoint.model_config_from_checkpoint(ref, {})
     saved = ref.meta.get("vocabulary") or {}
