@@ -104,7 +104,7 @@ def run_all(args) -> dict:
         d = os.path.join(out, f"dense_s{s}")
         ce["dense"].append(train(d, QUICKSTART, args.steps, s, args, "--gin.NUM_EXPERTS=0"))
     print(f"students: {args.steps} steps")
-    for init, alpha in itertools.product(args.inits, args.alphas):
+    for alpha, init in itertools.product(args.alphas, args.inits):
         key = f"alpha={alpha} init={init}"
         ce["student"][key] = []
         for s, teacher in zip(seeds, teacher_dirs):
@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=600)
     parser.add_argument("--teacher_experts", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    # The paper's alpha first: a run cut short still has it for every initialisation.
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.0, 0.5])
     parser.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS))
     parser.add_argument("--eval_steps", type=int, default=16)
     parser.add_argument("--reuse", action="store_true", help="keep finished runs under --out")
