@@ -197,6 +197,8 @@ class StepPlan:
         "reduce-scatter" counts XLA:CPU's all-reduce + dynamic-slice pairs (it emits no
         reduce-scatter), which are then left out of "all-reduce".
       setup_seconds, lower_seconds, xla_compile_seconds: the split of the wall time.
+      teacher_param_bytes: distillation's frozen teacher on one device (an input of the step,
+        counted in argument_bytes and the total); 0 without a teacher.
     """
 
     mesh: dict[str, int]
@@ -218,6 +220,7 @@ class StepPlan:
     setup_seconds: float = 0.0
     lower_seconds: float = 0.0
     xla_compile_seconds: float = 0.0
+    teacher_param_bytes: int = 0
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -491,17 +494,20 @@ def _sharded_bytes(tree: Any) -> int:
     return total
 
 
-def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec: StepSpec):
+def compile_train_step(
+    config: SwitchConfig, mesh_sizes: Mapping[str, int], spec: StepSpec, teacher: Any = None
+):
     """Compiles the real train step for `mesh_sizes` on this process's devices (abstractly).
 
     Needs `prod(mesh_sizes)` devices: run it where XLA_FLAGS simulates them (`main` does so in a
-    subprocess). Returns a StepPlan.
+    subprocess). `teacher`: distillation's `distill.TeacherSpec` (its params are inputs of the
+    step). Returns a StepPlan.
     """
     import time
 
     import jax
 
-    from switch_t5 import optim, partitioning, run_builder, trainer
+    from switch_t5 import distill, optim, partitioning, run_builder, trainer
 
     n = math.prod(mesh_sizes.values())
     if jax.device_count() < n:
@@ -521,6 +527,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         lambda specs: optim.make_optimizer(optimizer, logical_specs=specs),
         trainer.LossConfig().for_model(config),
         num_microbatches=spec.num_microbatches,
+        teacher=distill.abstract_teacher(teacher, mesh) if teacher is not None else None,
     )
     setup = run.setup
     lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
@@ -529,7 +536,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
     t1 = time.perf_counter()
     print(f"plan: setup {t1 - t0:.1f} s; lowering", file=sys.stderr, flush=True)
     with jax.set_mesh(mesh), partitioning.axis_rules():
-        lowered = step.jitted.lower(setup.abstract_state, batch)
+        lowered = step.jitted.lower(*run.abstract_step_inputs(batch))
         t2 = time.perf_counter()
         print(f"plan: lowering {t2 - t1:.1f} s; XLA compiling", file=sys.stderr, flush=True)
         # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
@@ -567,6 +574,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         setup_seconds=round(t1 - t0, 1),
         lower_seconds=round(t2 - t1, 1),
         xla_compile_seconds=round(t3 - t2, 1),
+        teacher_param_bytes=_sharded_bytes(run.teacher.abstract_params) if run.teacher else 0,
     )
 
 
@@ -576,11 +584,19 @@ def _worker(request_json: str) -> None:
     try:
         gin_utils.parse_gin(request["gin_files"], request["gin_bindings"])
         config = dataclasses.replace(gin_utils.make_model_config(), **request["overrides"])
-        result = compile_train_step(config, request["mesh"], StepSpec(**request["spec"]))
+        teacher = _teacher_from_gin(config)
+        result = compile_train_step(config, request["mesh"], StepSpec(**request["spec"]), teacher)
     except (PlanError, ValueError) as e:
         print(_ERROR_TAG + json.dumps(str(e)), flush=True)
         sys.exit(2)
     print(_WORKER_TAG + json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+def _teacher_from_gin(config: SwitchConfig):
+    """Distillation's teacher (`train.teacher_checkpoint_path`) when the gin config sets one."""
+    from switch_t5 import distill, train
+
+    return distill.resolve_teacher(train.distillation_from_gin(), config)
 
 
 def compile_in_subprocess(
@@ -732,6 +748,8 @@ def format_step_plan(
 ) -> list[str]:
     m = step.mesh
     tokens = spec.batch * (spec.inputs_length + spec.targets_length)
+    teacher = step.teacher_param_bytes
+    batch = step.argument_bytes - step.param_bytes - step.optimizer_bytes - teacher
     return [
         f"mesh: data:{m['data']},expert:{m['expert']},model:{m['model']}"
         + (" (recommended)" if recommended else ""),
@@ -752,14 +770,15 @@ def format_step_plan(
         f"per_device_temp_bytes: {step.temp_bytes}",
         f"per_device_total_bytes: {step.total_bytes}",
         f"per_device_gib: {_gib(step.total_bytes)}  (an estimate by XLA's CPU compiler: "
-        f"params {_gib(step.param_bytes)} + optimizer {_gib(step.optimizer_bytes)} + batch "
-        f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)} + temporaries "
+        f"params {_gib(step.param_bytes)} + optimizer {_gib(step.optimizer_bytes)} + "
+        + (f"distillation teacher {_gib(teacher)} + " if teacher else "")
+        + f"batch {_gib(batch)} + temporaries "
         f"{_gib(step.temp_bytes)} GiB; TPU/GPU compilers schedule differently)",
         f"per_device_breakdown_gib: params {_gib(step.param_bytes)}, optimizer state "
         f"{_gib(step.optimizer_bytes)}, gradients {_gib(step.gradient_bytes)} (in the "
         f"temporaries), activations and other temporaries "
-        f"{_gib(max(step.temp_bytes - step.gradient_bytes, 0))}, batch "
-        f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)}",
+        f"{_gib(max(step.temp_bytes - step.gradient_bytes, 0))}, batch {_gib(batch)}"
+        + (f", distillation teacher {_gib(teacher)}" if teacher else ""),
         f"fsdp: {'on' if step.fsdp else 'off'}  (non-expert weights, gradients and optimizer "
         f"state {'sharded over data x expert' if step.fsdp else 'replicated over data x expert'}"
         f"; {partitioning_non_expert(config)} non-expert params)",

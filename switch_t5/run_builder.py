@@ -25,6 +25,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from switch_t5 import (
+    distill,
     init_checkpoint,
     network,
     optim,
@@ -56,6 +57,7 @@ class Run:
       losses: the loss weights.
       batch_shardings: {feature: NamedSharding} of a global batch.
       num_microbatches: gradient-accumulation microbatches per step.
+      teacher: distillation's frozen teacher (`distill.Teacher`), or None.
     """
 
     config: SwitchConfig
@@ -65,11 +67,15 @@ class Run:
     losses: trainer.LossConfig
     batch_shardings: dict[str, Any]
     num_microbatches: int
+    teacher: distill.Teacher | None = None
 
     @functools.cached_property
     def train_step(self):
-        """The jitted train step (`trainer.make_train_step`; the state is donated). Built on
-        first use, so a run refused at restore (a checkpoint of another model) builds none."""
+        """The jitted train step (`trainer.make_train_step`, or `distill.make_train_step` with a
+        teacher; the state is donated). Built on first use, so a run refused at restore (a
+        checkpoint of another model) builds none."""
+        if self.teacher is not None:
+            return distill.make_train_step(self, self.teacher)
         return trainer.make_train_step(
             self.module,
             self.setup.optimizer,
@@ -96,6 +102,12 @@ class Run:
             for key, sharding in self.batch_shardings.items()
         }
 
+    def abstract_step_inputs(self, batch: Mapping[str, Any]) -> tuple[Any, ...]:
+        """What `train_step.jitted` is lowered with: the abstract state, `batch` (from
+        `abstract_batch`) and, with a teacher, its abstract params."""
+        teacher = () if self.teacher is None else (self.teacher.abstract_params,)
+        return (self.setup.abstract_state, batch, *teacher)
+
     def moe_layer_names(self, batch_size: int, lengths: Mapping[str, int]) -> list[str]:
         """The MoE layers' names, in the order the train step reports their metrics."""
         shapes = {
@@ -114,6 +126,7 @@ def build_run(
     seed: int = 0,
     num_microbatches: int = 1,
     batch_keys: Sequence[str] = features.FEATURE_KEYS,
+    teacher: distill.Teacher | None = None,
 ) -> Run:
     """Builds the model, the abstract train state and the jitted train step on `mesh`.
 
@@ -126,6 +139,8 @@ def build_run(
       seed: RANDOM_SEED of the parameter init.
       num_microbatches: gradient accumulation per step.
       batch_keys: the batch's features (default: all the input pipeline yields).
+      teacher: distill into this model from a frozen teacher (`distill.load_teacher`; abstract
+        from `distill.abstract_teacher` for planning).
     """
     losses.check_resolved()
     setup = train_state.setup_train_state(
@@ -133,7 +148,7 @@ def build_run(
     )
     module = network.EncoderDecoder(config)
     b_shardings = trainer.batch_shardings(dict.fromkeys(batch_keys), mesh)
-    return Run(config, mesh, module, setup, losses, b_shardings, num_microbatches)
+    return Run(config, mesh, module, setup, losses, b_shardings, num_microbatches, teacher)
 
 
 def decoding_model(config: SwitchConfig) -> tuple[network.EncoderDecoder, Callable[[Any], Any]]:

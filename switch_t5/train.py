@@ -30,6 +30,7 @@ import gin
 import jax
 
 from switch_t5 import (
+    distill,
     errors,
     gin_utils,
     init_checkpoint,
@@ -47,7 +48,7 @@ from switch_t5.training_config import REQUIRED, TrainConfigError, TrainingConfig
 log = logging.getLogger(__name__)
 
 # Macros a run gin file may leave as %gin.REQUIRED; checked before anything runs.
-REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS")
+REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS", "TEACHER_CHECKPOINT_PATH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +69,8 @@ def _flat_names() -> dict[str, tuple[type, str]]:
         out[to_flat.get(f.name, f.name)] = (optim.OptimizerConfig, f.name)
     out.update({k: (partitioning.MeshConfig, v) for k, v in _MESH_NAMES.items()})
     out["z_loss"] = (LossConfig, "z_loss")
+    for f in dataclasses.fields(distill.DistillationConfig):
+        out[f.name] = (distill.DistillationConfig, f.name)
     return out
 
 
@@ -102,6 +105,7 @@ def _settings(values: dict[str, Any]) -> training.RunSettings:
         losses=built[LossConfig],
         mesh=built[partitioning.MeshConfig],
         initial_checkpoint=values["initial_checkpoint"],
+        distillation=built[distill.DistillationConfig],
     )
 
 
@@ -111,12 +115,16 @@ def train(**kwargs: Any) -> TrainResult:
     of `optim.OptimizerConfig` (`optimizer` and `optimizer_state_dtype` are its `name` and
     `state_dtype`; AdamW's b1/b2/eps, Adafactor's decay_rate, clipping_threshold, ...), of
     `partitioning.MeshConfig` (mesh_data, mesh_expert, mesh_model), `z_loss`
-    (`trainer.LossConfig`), `initial_checkpoint` (an `init_checkpoint.
+    (`trainer.LossConfig`), of `distill.DistillationConfig` (teacher_checkpoint_path,
+    distillation_alpha, distillation_temperature, student_mlp_init, teacher_step),
+    `initial_checkpoint` (an `init_checkpoint.
     InitialCheckpoint`: fine-tuning) or `model_config` (a SwitchConfig; None = from gin, or from
     the initial checkpoint when its meta records one)."""
     values = {**_flat_defaults(), **kwargs}
     settings = _settings(values)
     ref = _initial_checkpoint_ref(settings.initial_checkpoint)
+    if ref is None and settings.distillation.enabled:
+        _default_vocabulary_from(_teacher_ref(settings.distillation), "the teacher")
     from switch_t5 import data_gin
 
     data_gin.register_tasks(settings.training.mixture_or_task_name)
@@ -221,15 +229,47 @@ def _initial_checkpoint_ref(initial_checkpoint) -> init_checkpoint.CheckpointRef
             "checkpoints/ folder or one step's folder (.../checkpoints/N), or set "
             "fallback_to_scratch=True"
         )
+    _default_vocabulary_from(ref, "the initial checkpoint")
+    return ref
+
+
+def _default_vocabulary_from(ref: init_checkpoint.CheckpointRef | None, what: str) -> None:
+    """Binds VOCABULARY_PATH to the vocabulary `ref` records, when gin does not set it."""
+    if ref is None:
+        return
     try:
         gin.query_parameter("VOCABULARY_PATH/macro.value")
     except ValueError:
         path = init_checkpoint.recorded_vocabulary_path(ref)
         if path is not None:
-            log.info("VOCABULARY_PATH from the initial checkpoint: %s", path)
+            log.info("VOCABULARY_PATH from %s: %s", what, path)
             with gin.unlock_config():
                 gin.bind_parameter("VOCABULARY_PATH/macro.value", path)
-    return ref
+
+
+def _teacher_ref(settings: distill.DistillationConfig) -> init_checkpoint.CheckpointRef | None:
+    return init_checkpoint.find_checkpoint(settings.teacher_checkpoint_path, settings.teacher_step)
+
+
+def distillation_from_gin() -> distill.DistillationConfig:
+    """The `train.*` distillation bindings of the parsed gin config (`switch_t5.plan` counts the
+    teacher in its memory figure); no teacher when none is bound."""
+    bindings = gin.get_bindings("switch_t5.train")
+    kwargs = {}
+    for f in dataclasses.fields(distill.DistillationConfig):
+        if f.name in bindings:
+            value = bindings[f.name]
+            for _ in range(16):  # a macro (or a macro of a macro) -> its value
+                if not isinstance(value, gin.config.ConfigurableReference):
+                    break
+                value = value.scoped_configurable_fn()
+            if value is gin.REQUIRED:
+                raise gin_utils.GinConfigError(
+                    f"train.{f.name} is required but not set (e.g. "
+                    "--gin.TEACHER_CHECKPOINT_PATH=...)"
+                )
+            kwargs[f.name] = value
+    return distill.DistillationConfig(**kwargs)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

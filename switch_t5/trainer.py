@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,6 +45,9 @@ Batch = Mapping[str, jax.Array]
 # The metric of the pure token cross-entropy (no z-loss, no router losses): the number that
 # compares models whose auxiliary losses differ (dense vs Switch).
 CROSS_ENTROPY = "cross_entropy"
+# The aux key under which an objective returns further sums over target tokens ({name: sum});
+# the train step reports each as the metric `name`, divided by the batch's token weight.
+PER_TOKEN_SUMS = "per_token_sums"
 # Model inputs among the T5X EncDec features (the rest, e.g. decoder_loss_weights, feed the loss).
 MODEL_FEATURES = features_lib.MODEL_FEATURES
 
@@ -245,15 +248,20 @@ def train_step(
     optimizer: optim.Optimizer,
     loss_config: LossConfig,
     num_microbatches: int = 1,
+    objective: Callable[..., tuple[jax.Array, dict[str, Any]]] = _objective,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `batch` (pure; jit it with `make_train_step`).
+
+    `objective(params, batch, rng, total_weight, num_microbatches, module, loss_config)` gives
+    one microbatch's share of the loss and its sums (`_objective`; distillation's adds the
+    teacher's soft targets, `switch_t5.distill`).
 
     Returns:
       The new state and metrics (<float32>[] scalars; expert_usage <float32>[L, e]).
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     total_weight = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
-    grad_fn = jax.value_and_grad(_objective, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     objective_args = (total_weight, num_microbatches, module, loss_config)
 
     if num_microbatches == 1:
@@ -297,6 +305,7 @@ def train_step(
         "z_loss": aux["z_loss_sum"] / total_weight,
         # Percent, the unit of every accuracy the project reports (T5's metrics included).
         "accuracy": 100.0 * aux["correct_sum"] / total_weight,
+        **{k: v / total_weight for k, v in aux.get(PER_TOKEN_SUMS, {}).items()},
         **{m.name: aux[m.name] for m in moe_metrics.present(aux, "train")},
         "learning_rate": optimizer.schedule(state.step),
         "grad_norm": optax.global_norm(grads),

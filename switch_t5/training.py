@@ -26,6 +26,7 @@ import numpy as np
 
 from switch_t5 import (
     checkpoints,
+    distill,
     fileio,
     init_checkpoint,
     metrics_logging,
@@ -60,6 +61,7 @@ class RunSettings:
       mesh: the (data, expert, model) axis sizes.
       initial_checkpoint: fine-tuning: where the params start from (a checkpoint already in
         MODEL_DIR wins: the run resumes).
+      distillation: the teacher the model learns from (`switch_t5.distill`), if any.
     """
 
     training: TrainingConfig
@@ -67,6 +69,9 @@ class RunSettings:
     losses: trainer.LossConfig = dataclasses.field(default_factory=trainer.LossConfig)
     mesh: partitioning.MeshConfig = dataclasses.field(default_factory=partitioning.MeshConfig)
     initial_checkpoint: init_checkpoint.InitialCheckpoint | None = None
+    distillation: distill.DistillationConfig = dataclasses.field(
+        default_factory=distill.DistillationConfig
+    )
 
 
 @dataclasses.dataclass
@@ -107,12 +112,14 @@ class TrainResult:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """What `prepare` checked: the model config, the feature lengths, the checkpoint meta."""
+    """What `prepare` checked: the model config, the feature lengths, the checkpoint meta, and
+    the distillation teacher (None: none)."""
 
     config: SwitchConfig
     lengths: dict[str, int]
     vocabulary: dict[str, Any]
     meta: dict[str, Any]
+    teacher: distill.TeacherSpec | None = None
 
 
 def prepare(
@@ -120,12 +127,14 @@ def prepare(
     model_config: SwitchConfig,
     vocab_size_from_task: bool,
     task_macros: Mapping[str, Any],
+    distillation: distill.DistillationConfig | None = None,
 ) -> Prepared:
     """Vocabulary, lengths and meta of a registered task (see `switch_t5.data_gin`).
 
     `vocab_size_from_task`: the embedding gets `pad_vocab_size(task vocabulary size)` rows;
     otherwise the model's vocab_size must equal that, or one error names both sizes.
     `task_macros`: the data macros the task was built from (recorded with the checkpoints).
+    `distillation`: its teacher checkpoint is found and checked against the student here.
     """
     from switch_t5 import data_gin
     from switch_t5.data import vocab as vocab_lib
@@ -141,17 +150,27 @@ def prepare(
     record = vocab_lib.vocabulary_record(vocabulary)
     task_record = {"name": task, "data": dict(task_macros)}
     meta = checkpoints.make_meta(config, record, lengths, task_record)
-    return Prepared(config, lengths, record, meta)
+    teacher = distill.resolve_teacher(distillation, config, record) if distillation else None
+    return Prepared(config, lengths, record, meta, teacher)
 
 
-def make_mesh(settings: RunSettings, config: SwitchConfig, lengths) -> jax.sharding.Mesh:
+def make_mesh(
+    settings: RunSettings, config: SwitchConfig, lengths, teacher: SwitchConfig | None = None
+) -> jax.sharding.Mesh:
     """The job's mesh (several slices/nodes: expert and model axes inside each), checked by the
-    one mesh-fit rule (`partitioning.mesh_problems`) against the model and the batch."""
+    one mesh-fit rule (`partitioning.mesh_problems`) against the model and the batch, and
+    against the distillation teacher, which runs on the same mesh (a dense student keeps the
+    expert axis at 1: the teacher's expert weights are then not split over it)."""
     t, m = settings.training, settings.mesh
+    models = [config] if teacher is None else [config, teacher]
     mesh = multihost.make_mesh_for_job(m.data, m.expert, m.model, num_experts=config.num_experts)
-    problems = partitioning.mesh_problems(
-        config, dict(mesh.shape), t.batch_size, t.num_microbatches, lengths
-    )
+    problems = [
+        p
+        for c in models
+        for p in partitioning.mesh_problems(
+            c, dict(mesh.shape), t.batch_size, t.num_microbatches, lengths
+        )
+    ]
     if problems:
         raise partitioning.MeshConfigError(
             f"mesh {dict(mesh.shape)} does not fit this run: " + "; ".join(problems)
@@ -189,8 +208,11 @@ def run_training(
     t = settings.training
     checkpoints.check_model_dir(t.model_dir)
     cache_dir = run_builder.configure_compilation_cache(t.compilation_cache_dir)
-    prepared = prepare(t, model_config, vocab_size_from_task, task_macros or {})
-    mesh = make_mesh(settings, prepared.config, prepared.lengths)
+    prepared = prepare(
+        t, model_config, vocab_size_from_task, task_macros or {}, settings.distillation
+    )
+    teacher_config = prepared.teacher.config if prepared.teacher else None
+    mesh = make_mesh(settings, prepared.config, prepared.lengths, teacher_config)
     is_main = jax.process_index() == 0
     lock = checkpoints.ModelDirLock(t.model_dir) if is_main else None
     if lock is not None:
@@ -233,6 +255,7 @@ def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -
     if is_main:
         fileio.makedirs(t.model_dir)
     loop_lib.progress_line("initializing the model and the data pipeline ...")
+    teacher = distill.load_teacher(prepared.teacher, mesh) if prepared.teacher else None
     run = run_builder.build_run(
         config,
         mesh,
@@ -240,13 +263,14 @@ def _train(settings: RunSettings, prepared: Prepared, mesh, session: _Session) -
         settings.losses.for_model(config),
         seed=t.random_seed,
         num_microbatches=t.num_microbatches,
+        teacher=teacher,
     )
     train_pipe = _pipeline(t, prepared.lengths, "train")
     session.checkpointer = checkpoints.Checkpointer(
         t.model_dir, t.keep_checkpoints, t.async_checkpointing, t.checkpoint_checksums
     )
     state, resumed, init_message = starting_state(
-        session.checkpointer, run.setup, prepared, train_pipe, settings
+        session.checkpointer, run.setup, prepared, train_pipe, settings, teacher
     )
     start_step = int(jax.device_get(state.step))  # the restored checkpoint's step, or 0
     if is_main:
@@ -305,6 +329,7 @@ def _first_line(run, start_step, train_steps, resumed, init_message, cache_dir) 
         f"{train_steps}"
         + (f", resumed from checkpoint {start_step}" if resumed is not None else "")
         + init_message
+        + (distill.describe(run.teacher) if run.teacher is not None else "")
         + (f", compilation cache {cache_dir}" if cache_dir else "")
     )
 
@@ -314,16 +339,22 @@ def _first_line(run, start_step, train_steps, resumed, init_message, cache_dir) 
 # ---------------------------------------------------------------------------------------------
 
 
-def starting_state(ckpt, setup, prepared: Prepared, train_pipe, settings: RunSettings):
+def starting_state(
+    ckpt, setup, prepared: Prepared, train_pipe, settings: RunSettings, teacher=None
+):
     """(state, restored step or None, log text): the newest readable checkpoint in MODEL_DIR
     (damaged newer ones are moved aside with a warning; the data position is restored too), else
-    the fine-tuning initial checkpoint, else a fresh initialisation."""
+    the fine-tuning initial checkpoint, else, distilling, the student initialised from the
+    `teacher` (`distill.init_student`), else a fresh initialisation."""
     restored = ckpt.restore_latest(setup.abstract_state, expected_meta=prepared.meta)
     if restored is not None:
         restart = settings.training.restart_data_stream
         message = _resume_data_stream(train_pipe, restored, ckpt, restart)
         return restored.state, restored.step, message
     initial = settings.initial_checkpoint
+    if initial is None and teacher is not None:
+        state = distill.init_student(setup, prepared.config, teacher)
+        return state, None, ", " + distill.student_init_text(teacher)
     if initial is None:
         return setup.init_fn(), None, ""
     state, loaded = init_checkpoint.initial_train_state(
@@ -388,6 +419,8 @@ def write_config(operative: str, settings: RunSettings, config: SwitchConfig) ->
         lines += [f"#   {name}.{k} = {v!r}" for k, v in dataclasses.asdict(value).items()]
     lines.append(f"#   {settings.optimizer!r}")
     lines.append(f"#   {settings.mesh!r}")
+    if settings.distillation.enabled:
+        lines.append(f"#   {settings.distillation!r}")
     fileio.write_text(settings.training.folder.config_file, "\n".join(lines) + "\n")
 
 

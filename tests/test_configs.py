@@ -215,6 +215,9 @@ REQUIRED_BINDINGS = {
     "runs/eval.gin": ("MODEL_DIR = '/tmp/rte'", "MIXTURE_OR_TASK_NAME = 'glue_rte_v002'"),
     "runs/infer.gin": (),
     "experiments/quickstart.gin": (),
+    "experiments/distill_quickstart.gin": (
+        "TEACHER_CHECKPOINT_PATH = '/tmp/switch_t5_quickstart'",
+    ),
     "experiments/finetune_glue.gin": ("MODEL_DIR = '/tmp/glue'", "INITIAL_CHECKPOINT_PATH = '/c'"),
     "experiments/finetune_superglue.gin": (
         "MODEL_DIR = '/tmp/superglue'",
