@@ -15,6 +15,7 @@ parse with the command's own parser, the gin files it names exist, and its gin f
 """
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -42,6 +43,7 @@ FLOWS = (
     "finetune_tsv",
     "infer",
     "sweep",
+    "distill",
 )
 PYTHON = r"python[0-9.]*"
 _MARKER = re.compile(r"<!--\s*flow:\s*(\w+)\s*-->")
@@ -397,6 +399,15 @@ def test_infer(runner, pretrained, finetuned):
 def test_sweep(runner):
     result = runner.run_flow("sweep")[-1]  # README and training.md: the same command
     assert os.path.exists(os.path.join(runner.tmp, "sweep", "comparison.md")), result.stdout
+
+
+@pytest.mark.slow
+def test_distill(runner, pretrained):
+    """The quick start's run is the teacher of its dense twin."""
+    runner.run_flow("distill")
+    with open(os.path.join(runner.tmp, "distilled", "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if r.get("split") == "train"]
+    assert train and "distillation_cross_entropy" in train[-1], train[-1:]
 
 
 @pytest.mark.slow
