@@ -226,10 +226,30 @@ RUNTIME_FIELDS = frozenset(
         "router_jitter_noise",
         "load_balancing_loss_weight",
         "router_z_loss_weight",
+        # Auxiliary-loss-free balancing may start on resume (the biases start at 0); stopping
+        # it is refused by the array check (the checkpoint's biases would be dropped).
+        "router_bias_update_rate",
+        "sequence_balance_loss_weight",
         "init_scale",
         "router_init_stddev",
     }
 )
+
+
+def _added_field_defaults(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The SwitchConfig defaults (as JSON) of the fields `current` has and `saved` lacks."""
+    from switch_t5.config import SwitchConfig
+
+    if not saved:
+        return {}
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(SwitchConfig)
+        if f.default is not dataclasses.MISSING
+    }
+    return json.loads(
+        json.dumps({k: defaults[k] for k in current if k not in saved and k in defaults})
+    )
 
 
 def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
@@ -241,6 +261,8 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
     """
     problems, changed = [], []
     s_cfg, c_cfg = saved.get("model_config", {}), current.get("model_config", {})
+    # A field the saved config lacks was added later: the checkpoint had its default.
+    s_cfg = {**_added_field_defaults(s_cfg, c_cfg), **s_cfg}
     for key in sorted(set(s_cfg) | set(c_cfg)):
         if s_cfg.get(key) == c_cfg.get(key):
             continue
@@ -295,6 +317,24 @@ class Restored:
     state: Any
     data_state: Any
     meta: dict[str, Any]
+
+
+def _without_missing_bias(abstract_state: Any, saved_tree: Any) -> tuple[Any, Any]:
+    """A checkpoint written without choice biases (auxiliary-loss-free balancing off, or before
+    it existed) restores into a state that has them with every bias 0: (the abstract state to
+    read, state -> state with the biases filled in)."""
+    wanted = getattr(abstract_state, "router_bias", None)
+    if wanted is None or not isinstance(saved_tree, dict) or "router_bias" in saved_tree:
+        return abstract_state, lambda state: state
+    log.info("the checkpoint has no router biases: they start at 0")
+
+    def fill(state):
+        zeros = jax.tree.map(
+            lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), wanted
+        )
+        return state.replace(router_bias=zeros)
+
+    return abstract_state.replace(router_bias=None), fill
 
 
 def _key_name(key: Any) -> str:
@@ -517,6 +557,7 @@ class Checkpointer:
             raise _DamagedError(f"state metadata unreadable: {str(e)[:300]}") from e
         if not saved:
             raise _DamagedError("state metadata lists no arrays")
+        abstract_state, fill = _without_missing_bias(abstract_state, saved_tree)
         wanted = _array_signature(abstract_state)
         # Shapes must match; dtypes may differ (bfloat16 <-> float32 params or optimizer state):
         # orbax casts each array to the dtype `abstract_state` asks for while reading it.
@@ -545,7 +586,7 @@ class Checkpointer:
             )
         except Exception as e:
             raise _DamagedError(f"arrays unreadable: {str(e)[:400]}") from e
-        return Restored(step=step, state=out["state"], data_state=out["data"], meta=meta)
+        return Restored(step=step, state=fill(out["state"]), data_state=out["data"], meta=meta)
 
     def restore(
         self,

@@ -83,8 +83,14 @@ class Run:
     @functools.cached_property
     def eval_step(self):
         """The jitted eval step (no dropout, eval capacity factor)."""
+        shardings = self.setup.shardings
         return trainer.make_eval_step(
-            self.module, self.losses, self.setup.shardings.params, self.batch_shardings, self.mesh
+            self.module,
+            self.losses,
+            shardings.params,
+            self.batch_shardings,
+            self.mesh,
+            shardings.router_bias,
         )
 
     def abstract_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, Any]:

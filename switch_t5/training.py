@@ -416,9 +416,15 @@ def make_actions(
     if t.eval_period:
         eval_pipe = _pipeline(t, prepared.lengths, "validation")
 
-        def evaluate(params):
+        def evaluate(state):
             return loop_lib.evaluate_batches(
-                run.eval_step, params, eval_pipe, run.batch_shardings, run.losses, t.eval_steps
+                run.eval_step,
+                state.params,
+                eval_pipe,
+                run.batch_shardings,
+                run.losses,
+                t.eval_steps,
+                state.router_bias,
             )
 
         actions.append(loop_lib.Evaluate(t.eval_period, evaluate, logger))

@@ -353,8 +353,8 @@ def hf_config_from_ours(
 
     Raises:
       UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
-        experts (switch_xxl's gated GELU), top-k routing, or sparse layouts other than HF's
-        `i % sparse_step == 1`.
+        experts (switch_xxl's gated GELU), top-k routing, router choice biases or sigmoid
+        scores, or sparse layouts other than HF's `i % sparse_step == 1`.
     """
     if config.gated:
         raise UnsupportedFeatureError(
@@ -366,6 +366,13 @@ def hf_config_from_ours(
         raise UnsupportedFeatureError(
             f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
             "cannot be exported: HF SwitchTransformers routes every token to its top-1 expert"
+        )
+    if config.router_bias_update_rate > 0 or config.router_score != "softmax":
+        raise UnsupportedFeatureError(
+            f"auxiliary-loss-free balancing (router_bias_update_rate="
+            f"{config.router_bias_update_rate}: per-expert router choice biases) and "
+            f"router_score={config.router_score!r} cannot be exported: HF SwitchTransformers "
+            "routes by the softmax of its router logits alone"
         )
     act = {("relu",): "relu", ("gelu",): "gelu_new"}.get(tuple(config.mlp_activations))
     if act is None:
