@@ -101,6 +101,7 @@ _BUILTIN = (
     MoeMetric(
         "sequence_balance_loss",
         loss_weight="sequence_balance_loss_weight",
+        splits=("train",),
         description="DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437 eq. 17); "
         "1 = uniform; only with SwitchConfig.sequence_balance_loss_weight > 0",
     ),

@@ -8,7 +8,7 @@ table (`partitioning.LOGICAL_AXIS_RULES`), the optimizer state's are derived fro
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -90,10 +90,23 @@ class StateSetup:
 
 
 def model_variables(params: Any, router_bias: Any = None) -> dict[str, Any]:
-    """{"params": params}, plus the "router_bias" collection when there is one."""
+    """{"params": params}, plus the "router_bias" collection when there is one: `router_bias`,
+    or the one `params` carries (`with_router_bias`)."""
+    if router_bias is None and isinstance(params, Mapping) and BIAS_FIELD in params:
+        params = dict(params)
+        router_bias = params.pop(BIAS_FIELD)
     if router_bias is None:
         return {"params": params}
     return {"params": params, BIAS_FIELD: router_bias}
+
+
+def with_router_bias(params: Any, router_bias: Any) -> Any:
+    """The params of a decoding model with the state's choice biases riding along under
+    `BIAS_FIELD` (no module of the network has that name), so that decoding, which takes one
+    params tree, routes as training did; `model_variables` splits them off again."""
+    if router_bias is None:
+        return params
+    return {**params, BIAS_FIELD: router_bias}
 
 
 def setup_train_state(

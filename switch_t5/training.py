@@ -445,7 +445,9 @@ def _infer_eval_action(t: TrainingConfig, run, prepared: Prepared, logger, train
 
     def evaluate(state, at: int) -> dict[str, float]:
         out = evaluator.evaluate(
-            to_decoding(state.params), step=at, output_dir=str(t.folder.eval_dir(at))
+            to_decoding(state.params, state.router_bias),
+            step=at,
+            output_dir=str(t.folder.eval_dir(at)),
         )
         improved = best.update(at, out, state, train_pipe.get_state(), prepared.meta)
         logger.message(
@@ -474,7 +476,11 @@ def finish(settings: RunSettings, run, prepared: Prepared, loop, ckpt) -> TrainR
     if t.num_samples and not preempted:
         module, to_decoding = run_builder.decoding_model(run.config)
         samples = decode_samples(
-            module, to_decoding(loop.state.params), t, prepared.lengths, run.mesh
+            module,
+            to_decoding(loop.state.params, loop.state.router_bias),
+            t,
+            prepared.lengths,
+            run.mesh,
         )
     return TrainResult(
         step=loop.step,

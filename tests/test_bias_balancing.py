@@ -13,7 +13,18 @@ import numpy as np
 import pytest
 from tiny import tiny_config, tiny_train_step
 
-from switch_t5 import checkpoints, convert, errors, partitioning, routing, train_state
+from switch_t5 import (
+    checkpoints,
+    convert,
+    decoding,
+    errors,
+    init_checkpoint,
+    network,
+    partitioning,
+    routing,
+    run_builder,
+    train_state,
+)
 from switch_t5.interop import hf
 
 U = 0.1
@@ -221,6 +232,7 @@ def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_z
     ckpt = checkpoints.Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(3, state, {}, meta)
     ckpt.wait()
+    saved_bias = jax.device_get(state.router_bias)
     restored = ckpt.restore(run.setup.abstract_state, expected_meta=meta).state
     assert _bitwise(restored.router_bias, state.router_bias)
     assert _bitwise(restored.params, state.params)
@@ -234,6 +246,7 @@ def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_z
     with pytest.raises(errors.UserError, match=f"router_bias_update_rate={U}"):
         convert.main(["orbax-to-hf", f"--src={tmp_path / 'run'}", f"--dst={tmp_path / 'hf'}"])
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    _check_decoding_routes_with_the_checkpoints_biases(str(tmp_path / "run"), saved_bias)
 
     # A checkpoint without biases (balancing off) resumes with balancing on: biases start at 0.
     plain_run, _ = tiny_train_step(SKEWED, mesh, _batch())
@@ -246,6 +259,44 @@ def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_z
     assert all(np.all(v == 0) for v in _flat(resumed.router_bias).values())
     assert sorted(_flat(resumed.router_bias)) == sorted(LAYERS)
     old.close()
+
+
+def _check_decoding_routes_with_the_checkpoints_biases(model_dir, saved_bias):
+    """What eval and infer load (`run_builder.load_model`) carries the biases, and decoding
+    routes with them: a bias far above the logits on expert 3 sends every encoder token there
+    (half of them dropped by the eval capacity, cf 2 x 16 tokens / 4 experts = 8 slots)."""
+    ref = init_checkpoint.find_checkpoint(model_dir)
+    model, params, _, mesh = run_builder.load_model(ref)
+    assert _bitwise(params[train_state.BIAS_FIELD], saved_bias)
+    decode = jax.jit(
+        lambda p, b: decoding.decode_batch(model, p, b, max_decode_length=4).fraction_dropped
+    )
+    tokens = {"encoder_input_tokens": _batch()["encoder_input_tokens"]}
+    onto_3 = jax.tree.map(
+        lambda b: b + jnp.array([0.0, 0.0, 0.0, 1e3]), params[train_state.BIAS_FIELD]
+    )
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        dropped = float(decode(params, tokens))
+        forced = float(decode({**params, train_state.BIAS_FIELD: onto_3}, tokens))
+    assert forced == 0.5 and dropped < 0.5, (forced, dropped)
+
+
+def test_scanned_biases_convert_to_the_unscanned_decoding_layout():
+    scanned = dataclasses.replace(
+        BIASED, num_encoder_layers=4, moe_layer_interval=2, scan_layers=True
+    )
+    flat = network.init_abstract(scanned)[train_state.BIAS_FIELD]
+    bias = jax.tree.map(
+        lambda a: jnp.arange(np.prod(a.shape), dtype=a.dtype).reshape(a.shape), flat
+    )
+    out = run_builder.unscanned_router_bias(bias, scanned)
+    unscanned = dataclasses.replace(scanned, scan_layers=False)
+    want = network.init_abstract(unscanned)[train_state.BIAS_FIELD]
+    assert jax.tree.structure(out) == jax.tree.structure(want)
+    # Encoder blocks 0 and 1 of subblock 1 are layers 1 and 3.
+    enc = bias["encoder"]["layers"]["subblock_1"]["mlp"]["expert_bias"]
+    np.testing.assert_array_equal(out["encoder"]["layers_3"]["mlp"]["expert_bias"], enc[1])
+    np.testing.assert_array_equal(out["encoder"]["layers_1"]["mlp"]["expert_bias"], enc[0])
 
 
 def test_hf_export_refuses_a_model_with_router_biases():
