@@ -108,7 +108,8 @@ class Run:
             k: jax.ShapeDtypeStruct((batch_size, feature_length(k, lengths)), np.int32)
             for k in self.batch_shardings
         }
-        return trainer.moe_layer_names(self.module, self.setup.abstract_state.params, shapes)
+        state = self.setup.abstract_state
+        return trainer.moe_layer_names(self.module, state.params, shapes, state.router_bias)
 
 
 def build_run(

@@ -191,21 +191,26 @@ def apply_model(
     return logits, moe
 
 
-def moe_layer_names(module: nn.Module, abstract_params: Any, batch: Batch) -> list[str]:
+def moe_layer_names(
+    module: nn.Module, abstract_params: Any, batch: Batch, router_bias: Any = None
+) -> list[str]:
     """Names of the MoE layers in the order of `expert_usage` rows (traced, never run)."""
     names: list[str] = []
 
-    def run(params, batch):
+    def run(params, batch, router_bias):
         features = {k: batch[k] for k in MODEL_FEATURES if k in batch}
         _, variables = module.apply(
-            {"params": params}, **features, enable_dropout=False, mutable=["intermediates"]
+            train_state.model_variables(params, router_bias),
+            **features,
+            enable_dropout=False,
+            mutable=["intermediates"],
         )
         names.extend(
             moe_lib.collect_moe_intermediates(variables.get("intermediates", {}))["layer_names"]
         )
         return 0
 
-    jax.eval_shape(run, abstract_params, batch)
+    jax.eval_shape(run, abstract_params, batch, router_bias)
     return names
 
 

@@ -259,6 +259,12 @@ def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_z
     assert all(np.all(v == 0) for v in _flat(resumed.router_bias).values())
     assert sorted(_flat(resumed.router_bias)) == sorted(LAYERS)
     old.close()
+    # Fine-tuning from it (INITIAL_CHECKPOINT_PATH) starts the biases at 0 too, and trains.
+    tuned, _ = init_checkpoint.initial_train_state(run.setup, str(tmp_path / "old"), seed=0)
+    assert _bitwise(tuned.params, plain.params)
+    assert all(np.all(v == 0) for v in _flat(tuned.router_bias).values())
+    tuned, _ = run.train_step(tuned, batch)
+    assert any(np.any(v != 0) for v in _flat(tuned.router_bias).values())
 
 
 def _check_decoding_routes_with_the_checkpoints_biases(model_dir, saved_bias):
@@ -306,3 +312,43 @@ def test_hf_export_refuses_a_model_with_router_biases():
     assert isinstance(e.value, errors.UserError)
     with pytest.raises(hf.UnsupportedFeatureError, match="router_score='sigmoid'"):
         hf.hf_config_from_ours(dataclasses.replace(SKEWED, router_score="sigmoid"))
+
+
+def test_a_checkpoint_written_before_the_new_fields_resumes():
+    meta = checkpoints.make_meta(BIASED)
+    old = {**meta, "model_config": dict(meta["model_config"])}
+    for name in ("router_bias_update_rate", "router_score", "router_renormalize_gates"):
+        del old["model_config"][name]
+    old["model_config"]["sequence_balance_loss_weight"] = 0.0
+    # The missing fields had their defaults; turning balancing on is a runtime change.
+    checkpoints.check_meta(old, meta, "old")
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="router_score"):
+        checkpoints.check_meta(
+            old, checkpoints.make_meta(dataclasses.replace(BIASED, router_score="sigmoid")), "old"
+        )
+
+
+def test_training_run_with_balancing_evaluates_decodes_and_plots(tmp_path):
+    """`switch_t5.train.train` with the bias on, on the (2, 2, 2) mesh: eval, decoded samples
+    and plots all run with the biases, and the checkpoint holds them."""
+    import gin
+    import orbax.checkpoint as ocp
+    from test_router_control import RUN, RUN_MODEL
+
+    from switch_t5 import train as train_lib
+    from switch_t5.config import SwitchConfig
+
+    gin.clear_config()
+    d = tmp_path / "model"
+    result = train_lib.train(
+        model_dir=str(d),
+        train_steps=2,
+        model_config=SwitchConfig(**RUN_MODEL, router_bias_update_rate=U),
+        **{**RUN, "eval_period": 2, "num_samples": 2, "make_plots": True},
+    )
+    assert result.step == 2 and len(result.samples) == 2 and result.eval_losses
+    assert result.plots
+    ref = init_checkpoint.find_checkpoint(str(d))
+    metadata = ocp.PyTreeCheckpointer().metadata(ref.step_dir / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    assert train_state.BIAS_FIELD in getattr(tree, "tree", tree)
