@@ -29,6 +29,14 @@ router's per-slot picks). "experts_choose" is expert-choice routing (arXiv 2202.
 `expert_choice_router`): each expert takes its top-capacity tokens of a group, so a token gets
 any number of experts; it is not causal and runs in encoder layers only.
 
+Auxiliary-loss-free balancing (after DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2;
+`SwitchConfig.router_bias_update_rate`): the token-choice router adds a per-expert bias of its
+layer (`RouteCall.choice_bias`) to the scores that choose the experts, never to the gates:
+to the softmax router's logits here (DeepSeek-V3 adds it to sigmoid affinities, which
+`router_score="sigmoid"` gives). The router returns each expert's pre-capacity load
+(`RouterOutput.load`); the train step moves the bias by u * sign(mean load - load)
+(`update_choice_bias`) outside the optimizer.
+
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
 [tokens, experts] tensor). They are equal by construction of the priority order, so the
@@ -357,7 +365,10 @@ def route(
     else:
         biased = (router_logits if score == "softmax" else router_probs) + choice_bias
         _, expert_index = top_k(biased, num_selected_experts)
-        gate = jnp.take_along_axis(router_probs, expert_index, axis=-1)
+        # [g, t, k] -> [g, t, k, e] -> [g, t, k]: the unbiased score of each choice (a one-hot
+        # sum, as `top_k`, so that the partitioner keeps it on each group shard).
+        chosen = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.bool_)
+        gate = jnp.sum(jnp.where(chosen, router_probs[..., None, :], 0.0), axis=-1)
     if renormalize_gates:
         gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
     order = _priority_order(router_probs, batch_prioritized)
