@@ -328,6 +328,7 @@ def test_a_checkpoint_written_before_the_new_fields_resumes():
         )
 
 
+@pytest.mark.slow
 def test_training_run_with_balancing_evaluates_decodes_and_plots(tmp_path):
     """`switch_t5.train.train` with the bias on, on the (2, 2, 2) mesh: eval, decoded samples
     and plots all run with the biases, and the checkpoint holds them."""
