@@ -367,12 +367,18 @@ def hf_config_from_ours(
             f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
             "cannot be exported: HF SwitchTransformers routes every token to its top-1 expert"
         )
-    if config.router_bias_update_rate > 0 or config.router_score != "softmax":
-        raise UnsupportedFeatureError(
+    routing = []
+    if config.router_bias_update_rate > 0:
+        routing.append(
             f"auxiliary-loss-free balancing (router_bias_update_rate="
-            f"{config.router_bias_update_rate}: per-expert router choice biases) and "
-            f"router_score={config.router_score!r} cannot be exported: HF SwitchTransformers "
-            "routes by the softmax of its router logits alone"
+            f"{config.router_bias_update_rate}: per-expert router choice biases)"
+        )
+    if config.router_score != "softmax":
+        routing.append(f"router_score={config.router_score!r}")
+    if routing:
+        raise UnsupportedFeatureError(
+            f"{' and '.join(routing)} cannot be exported: HF SwitchTransformers routes by the "
+            "softmax of its router logits alone"
         )
     act = {("relu",): "relu", ("gelu",): "gelu_new"}.get(tuple(config.mlp_activations))
     if act is None:
