@@ -227,6 +227,10 @@ RUNTIME_FIELDS = frozenset(
         "router_jitter_noise",
         "load_balancing_loss_weight",
         "router_z_loss_weight",
+        # Auxiliary-loss-free balancing may start on resume (the biases start at 0); stopping
+        # it is refused by the array check (the checkpoint's biases would be dropped).
+        "router_bias_update_rate",
+        "sequence_balance_loss_weight",
         "init_scale",
         "router_init_stddev",
     }
@@ -311,6 +315,24 @@ class Restored:
     state: Any
     data_state: Any
     meta: dict[str, Any]
+
+
+def _without_missing_bias(abstract_state: Any, saved_tree: Any) -> tuple[Any, Any]:
+    """A checkpoint written without choice biases (auxiliary-loss-free balancing off, or before
+    it existed) restores into a state that has them with every bias 0: (the abstract state to
+    read, state -> state with the biases filled in)."""
+    wanted = getattr(abstract_state, "router_bias", None)
+    if wanted is None or not isinstance(saved_tree, dict) or "router_bias" in saved_tree:
+        return abstract_state, lambda state: state
+    log.info("the checkpoint has no router biases: they start at 0")
+
+    def fill(state):
+        zeros = jax.tree.map(
+            lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), wanted
+        )
+        return state.replace(router_bias=zeros)
+
+    return abstract_state.replace(router_bias=None), fill
 
 
 def _key_name(key: Any) -> str:
@@ -533,6 +555,7 @@ class Checkpointer:
             raise _DamagedError(f"state metadata unreadable: {str(e)[:300]}") from e
         if not saved:
             raise _DamagedError("state metadata lists no arrays")
+        abstract_state, fill = _without_missing_bias(abstract_state, saved_tree)
         wanted = _array_signature(abstract_state)
         # Shapes must match; dtypes may differ (bfloat16 <-> float32 params or optimizer state):
         # orbax casts each array to the dtype `abstract_state` asks for while reading it.
@@ -561,7 +584,7 @@ class Checkpointer:
             )
         except Exception as e:
             raise _DamagedError(f"arrays unreadable: {str(e)[:400]}") from e
-        return Restored(step=step, state=out["state"], data_state=out["data"], meta=meta)
+        return Restored(step=step, state=fill(out["state"]), data_state=out["data"], meta=meta)
 
     def restore(
         self,

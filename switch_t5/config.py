@@ -128,6 +128,21 @@ class SwitchConfig:
       router_init_stddev: router kernel init normal(0, stddev).
       load_balancing_loss_weight: alpha of the load-balancing loss.
       router_z_loss_weight: beta of the router z-loss (ST-MoE).
+      router_bias_update_rate: u of auxiliary-loss-free load balancing (after DeepSeek-V3, arXiv
+        2412.19437 sec. 2.1.2); 0 = off. A per-expert, per-layer bias (the "router_bias"
+        variable collection, not a param) is added to the router scores for the choice of
+        experts only, never to the gates: to the logits under softmax scoring (DeepSeek-V3 adds
+        it to sigmoid affinities, as router_score="sigmoid" does). After each train step it
+        moves by u * sign(mean load - load), the load being each expert's pre-capacity token
+        count over the global batch. Token-choice routers ("switch", "topk") only.
+      router_score: "softmax" (Switch) or "sigmoid" (DeepSeek-V3 affinities: each expert's
+        score is sigmoid(logit); the losses use the scores normalised to sum 1). Token-choice
+        routers only.
+      router_renormalize_gates: divide the gates of a token's k chosen experts by their sum
+        (DeepSeek-V3, Mixtral); needs num_selected_experts > 1 (a single gate would be 1 and the
+        router would get no gradient from the task).
+      sequence_balance_loss_weight: alpha of DeepSeek-V3's sequence-wise balance loss (eq. 17-20:
+        E / (k T) sum_i count_i P_i per batch row, averaged over rows; 1 = uniform); 0 = off.
       dispatch: "einsum" (masked one-hot), "scatter" (index based), "dropless" (no drops:
         block-sparse grouped matmul, `switch_t5.grouped_matmul`), "ragged" (no drops through
         `jax.lax.ragged_dot`, for backends that implement it well), "auto" (picked per
@@ -197,6 +212,10 @@ class SwitchConfig:
     router_init_stddev: float = 2e-2
     load_balancing_loss_weight: float = 1e-2
     router_z_loss_weight: float = 0.0
+    router_bias_update_rate: float = 0.0
+    router_score: str = "softmax"
+    router_renormalize_gates: bool = False
+    sequence_balance_loss_weight: float = 0.0
     dispatch: DispatchImpl = "auto"
     dropless_block_size: int = 32
     moe_dtype: str | None = None
@@ -260,11 +279,12 @@ class SwitchConfig:
             )
         # Routers and dispatches are registries (`routing.register_router`,
         # `moe.register_dispatch`): any registered name passes.
-        from switch_t5 import moe
+        from switch_t5 import moe, routing
 
         problems.extend(moe.config_problems(self))
         if self.num_experts and "experts_choose" in (self.router_type, self.decoder_router_type):
             problems.extend(self._expert_choice_problems(moe))
+        problems.extend(routing.balancing_problems(self))
         if self.dropless_block_size <= 0:
             problems.append(f"dropless_block_size={self.dropless_block_size} must be positive")
         if self.remat_policy not in REMAT_POLICIES:

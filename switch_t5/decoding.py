@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
-from switch_t5 import errors, moe
+from switch_t5 import errors, moe, train_state
 
 PyTree = Any
 
@@ -674,7 +674,7 @@ def _model_cache(
     def cache_of(params, encoded, encoder_tokens):
         # The first decode=True call on full-length inputs creates the "cache" collection.
         _, variables = model.apply(
-            {"params": params},
+            train_state.model_variables(params),
             encoded,
             encoder_tokens,
             jnp.zeros((rows, length), jnp.int32),
@@ -791,7 +791,7 @@ def _encode(
     """
     # [b, inputs_length] -> [b, inputs_length, embed]
     encoded, sown = model.apply(
-        {"params": params},
+        train_state.model_variables(params),
         encoder_tokens,
         enable_dropout=False,
         method="encode",
@@ -819,7 +819,7 @@ def _decoder_step_fn(
     def tokens_to_logits(state: DecodingState) -> tuple[jax.Array, PyTree]:
         # [rows] -> [rows, 1] decoder input -> [rows, 1, vocab] logits -> [rows, vocab]
         logits, variables = model.apply(
-            {"params": params, "cache": state.cache},
+            {**train_state.model_variables(params), "cache": state.cache},
             encoded,
             encoder_tokens,
             state.cur_token[:, None],

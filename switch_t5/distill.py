@@ -247,6 +247,7 @@ def objective(
     num_microbatches: int,
     module: nn.Module,
     loss_config: trainer.LossConfig,
+    router_bias: Any = None,
     *,
     teacher_module: nn.Module,
     teacher_params: Any,
@@ -257,7 +258,9 @@ def objective(
     teacher_logits, _ = trainer.apply_model(
         teacher_module, teacher_params, batch, enable_dropout=False
     )
-    logits, moe = trainer.apply_model(module, params, batch, enable_dropout=True, rng=rng)
+    logits, moe = trainer.apply_model(
+        module, params, batch, enable_dropout=True, rng=rng, router_bias=router_bias
+    )
     targets, weights = batch["decoder_target_tokens"], trainer.loss_weights(batch)
     sums = trainer.token_losses(logits, targets, weights, loss_config.z_loss)
     temperature, alpha = settings.distillation_temperature, settings.distillation_alpha

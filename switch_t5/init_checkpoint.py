@@ -678,6 +678,10 @@ def initial_train_state(
             params=params,
             opt_state=setup.optimizer.tx.init(params),
             rng=rng,
+            # Auxiliary-loss-free balancing's choice biases start at 0 when fine-tuning.
+            router_bias=jax.tree.map(
+                lambda a: jnp.zeros(a.shape, a.dtype), setup.abstract_state.router_bias
+            ),
         )
 
     mesh = _mesh_of(setup)

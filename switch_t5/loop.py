@@ -235,14 +235,14 @@ class SaveAndStop(Action):
 
 @dataclasses.dataclass
 class Evaluate(Action):
-    """Teacher-forced eval metrics (split "eval"); `evaluate(params) -> {"loss": ..., ...}`."""
+    """Teacher-forced eval metrics (split "eval"); `evaluate(state) -> {"loss": ..., ...}`."""
 
     period: int
     evaluate: Callable[[Any], dict[str, float]]
     logger: Any
 
     def __call__(self, loop: LoopState) -> None:
-        result = self.evaluate(loop.state.params)
+        result = self.evaluate(loop.state)
         loop.eval_losses.append((loop.step, result["loss"]))
         self.logger.write(loop.step, "eval", result)
         self.logger.progress(loop.step, result, split="eval")
@@ -376,14 +376,18 @@ def batches(pipeline, shardings: Mapping[str, Any]) -> Iterator[tuple[dict, int]
         )
 
 
-def evaluate_batches(eval_step, params, pipeline, shardings, losses, eval_steps: int | None):
-    """Eval metrics over the first `eval_steps` batches of a pipeline (all if None)."""
+def evaluate_batches(
+    eval_step, params, pipeline, shardings, losses, eval_steps: int | None, router_bias=None
+):
+    """Eval metrics over the first `eval_steps` batches of a pipeline (all if None);
+    `router_bias`: the state's choice biases (auxiliary-loss-free balancing), or None."""
     acc = trainer.EvalAccumulator(losses)
     pipeline.reset()
     for i, local in enumerate(pipeline):
         if eval_steps is not None and i >= eval_steps:
             break
-        acc.add(eval_step(params, global_batch(local, shardings, pipeline.global_batch_size)))
+        batch = global_batch(local, shardings, pipeline.global_batch_size)
+        acc.add(eval_step(params, batch, router_bias))
         faults.maybe_kill("during_eval", faults.current_step())
     return acc.result()
 

@@ -943,6 +943,32 @@ class MoeLayer(nn.Module):
     config: SwitchConfig
     is_encoder: bool = True
 
+    def _choice_bias(self) -> jax.Array | None:
+        """<float32>[experts] the choice bias of auxiliary-loss-free balancing (a variable of
+        `routing.BIAS_COLLECTION`, zeros at init), or None when it is off."""
+        if not self.config.router_bias_update_rate > 0:
+            return None
+        e = self.config.num_experts
+        name, collection = routing_lib.BIAS_NAME, routing_lib.BIAS_COLLECTION
+        if not (self.has_variable(collection, name) or self.is_mutable_collection(collection)):
+            raise errors.UserError(
+                f"router_bias_update_rate={self.config.router_bias_update_rate} but the model "
+                f"was applied without its {collection!r} variables (the train state's "
+                "router_bias): pass train_state.model_variables(params, router_bias)"
+            )
+        return self.variable(routing_lib.BIAS_COLLECTION, name, jnp.zeros, (e,), jnp.float32).value
+
+    def _sow_load(self, load: jax.Array) -> None:
+        # Summed over the calls of one apply; the train step sums it over microbatches too, so
+        # the bias moves by the load of the global batch (`routing.update_choice_bias`).
+        self.sow(
+            routing_lib.LOAD_COLLECTION,
+            routing_lib.BIAS_NAME,
+            load,
+            init_fn=lambda: jnp.zeros_like(load),
+            reduce_fn=jnp.add,
+        )
+
     def _sow(self, out: routing_lib.RouterOutput) -> None:
         # Losses first, then metrics; every name must be declared in moe_metrics.
         for name, value in {**out.losses, **out.metrics}.items():
@@ -982,10 +1008,14 @@ class MoeLayer(nn.Module):
             name="router",
         )
         experts = Experts(cfg, name="expert")
+        bias = self._choice_bias()
 
         def route(tokens, valid, call):
+            call = dataclasses.replace(call, choice_bias=bias, sequence_length=x.shape[1])
             out = router_fn(router(tokens, apply_jitter=enable_dropout), valid, call)
             self._sow(out)
+            if bias is not None:
+                self._sow_load(out.load)
             return out.plan
 
         out = impl.apply(

@@ -99,6 +99,13 @@ _BUILTIN = (
         description="ST-MoE router z-loss, mean logsumexp(router logits)^2 (arXiv 2202.08906)",
     ),
     MoeMetric(
+        "sequence_balance_loss",
+        loss_weight="sequence_balance_loss_weight",
+        splits=("train",),
+        description="DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437 eq. 17); "
+        "1 = uniform; only with SwitchConfig.sequence_balance_loss_weight > 0",
+    ),
+    MoeMetric(
         "fraction_dropped",
         description="dropped (token, choice) pairs / real pairs (expert choice: real tokens no "
         "expert took)",
@@ -118,6 +125,13 @@ _BUILTIN = (
         plot_title="fraction of tokens routed (step {step}; balanced = {balanced:.3f})",
         summary=(("expert_load_imbalance", _load_imbalance),),
         description="fraction of real (token, choice) pairs routed to each expert, before capacity",
+    ),
+    MoeMetric(
+        "max_load_over_mean",
+        over_layers="stack",
+        empty=(0,),
+        description="per MoE layer: the busiest expert's pre-capacity load over the mean load "
+        "(1 = balanced; token-choice routers)",
     ),
     MoeMetric(
         "tokens_per_expert",

@@ -256,7 +256,7 @@ def _scanned(config: SwitchConfig, stack: str, num_args: int):
     block_cls = _maybe_remat(LayerBlock, config, prevent_cse=False)
     return nn.scan(
         block_cls,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "router_bias": 0, "router_load": 0},
         split_rngs={"params": True, "dropout": True, "jitter": True},
         in_axes=(nn.broadcast,) * num_args,
         length=n_blocks,

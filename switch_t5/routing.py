@@ -29,6 +29,14 @@ router's per-slot picks). "experts_choose" is expert-choice routing (arXiv 2202.
 `expert_choice_router`): each expert takes its top-capacity tokens of a group, so a token gets
 any number of experts; it is not causal and runs in encoder layers only.
 
+Auxiliary-loss-free balancing (after DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2;
+`SwitchConfig.router_bias_update_rate`): the token-choice router adds a per-expert bias of its
+layer (`RouteCall.choice_bias`) to the scores that choose the experts, never to the gates:
+to the softmax router's logits here (DeepSeek-V3 adds it to sigmoid affinities, which
+`router_score="sigmoid"` gives). The router returns each expert's pre-capacity load
+(`RouterOutput.load`); the train step moves the bias by u * sign(mean load - load)
+(`update_choice_bias`) outside the optimizer.
+
 Two implementations compute the same slots: `positions_by_cumsum` (a cumulative sum over a
 [tokens, experts] one-hot, as Mesh-TF) and `positions_by_sort` (a stable sort of expert ids, no
 [tokens, experts] tensor). They are equal by construction of the priority order, so the
@@ -240,6 +248,79 @@ def top_k(router_probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(gates, axis=-1), jnp.stack(indices, axis=-1)
 
 
+ROUTER_SCORES = ("softmax", "sigmoid")
+# The routers that take the options of auxiliary-loss-free balancing (`balancing_problems`).
+TOKEN_CHOICE_ROUTERS = ("switch", "topk")
+# Flax variable collections of auxiliary-loss-free balancing: the per-expert choice bias of each
+# MoE layer (train state, not a param: no optimizer, weight decay or freezing touches it) and the
+# layer's pre-capacity load, sown by the train step under the same names (`update_choice_bias`).
+BIAS_COLLECTION = "router_bias"
+LOAD_COLLECTION = "router_load"
+BIAS_NAME = "expert_bias"
+
+
+def router_scores(router_logits: jax.Array, score: str = "softmax") -> jax.Array:
+    """<float32>[..., experts] scores: softmax over the experts (Switch) or an independent
+    sigmoid per expert (DeepSeek-V3 affinities, arXiv 2412.19437 eq. 15)."""
+    if score == "sigmoid":
+        return jax.nn.sigmoid(router_logits)
+    return jax.nn.softmax(router_logits, axis=-1)
+
+
+def update_choice_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+    """Auxiliary-loss-free balancing's step (arXiv 2412.19437 sec. 2.1.2), outside the optimizer.
+
+    Each expert's bias moves by rate * sign(mean load - load): an overloaded expert's goes
+    down, an underloaded one's up, an expert at exactly the mean load keeps its bias.
+
+    Args:
+      bias: <float32>[..., experts] the choice bias of one layer (leading axes: stacked layers).
+      load: <float32>[..., experts] its pre-capacity token counts over the global batch.
+      rate: u.
+
+    Returns:
+      <float32>[..., experts] the new bias.
+    """
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return bias + jnp.float32(rate) * jnp.sign(mean - load).astype(jnp.float32)
+
+
+def balancing_problems(config: Any) -> list[str]:
+    """Config problems of auxiliary-loss-free balancing and the DeepSeek-V3 routing options."""
+    problems = []
+    u, alpha = config.router_bias_update_rate, config.sequence_balance_loss_weight
+    for name, value in (("router_bias_update_rate", u), ("sequence_balance_loss_weight", alpha)):
+        if not errors.is_number(value) or value < 0:
+            problems.append(f"{name}={value!r} must be a number >= 0 (0 = off)")
+    if config.router_score not in ROUTER_SCORES:
+        problems.append(f"router_score={config.router_score!r}: use {choices(ROUTER_SCORES)}")
+    if problems or not config.num_experts:
+        return problems
+    used = [
+        f"{name}={value!r}"
+        for name, value, off in (
+            ("router_bias_update_rate", u, 0),
+            ("router_score", config.router_score, "softmax"),
+            ("router_renormalize_gates", config.router_renormalize_gates, False),
+            ("sequence_balance_loss_weight", alpha, 0),
+        )
+        if value != off
+    ]
+    if used and config.router_type not in TOKEN_CHOICE_ROUTERS:
+        why = " (it balances load by construction)" if config.router_type == EXPERTS_CHOOSE else ""
+        problems.append(
+            f"{', '.join(used)} apply to token-choice routing only, not to "
+            f"router_type={config.router_type!r}{why}: use router_type='switch' or 'topk', "
+            "or leave them at their defaults"
+        )
+    if config.router_renormalize_gates and config.num_selected_experts < 2:
+        problems.append(
+            "router_renormalize_gates=True needs num_selected_experts > 1: one renormalised gate "
+            "is always 1 and the router would get no gradient from the task"
+        )
+    return problems
+
+
 def route(
     router_logits: jax.Array,
     valid: jax.Array,
@@ -250,6 +331,9 @@ def route(
     slot_impl: str = "cumsum",
     slot_limit: jax.Array | None = None,
     padding_takes_capacity: bool = False,
+    choice_bias: jax.Array | None = None,
+    score: str = "softmax",
+    renormalize_gates: bool = False,
 ) -> Routing:
     """Top-k token-choice routing with expert capacity.
 
@@ -264,6 +348,11 @@ def route(
         <= capacity); None = capacity.
       padding_takes_capacity: padding claims slots like real tokens (transformers' router); it
         is still no real token for the losses and metrics.
+      choice_bias: <float32>[experts] added to the scores that choose the experts (to the logits
+        under softmax scoring, to the affinities under sigmoid), never to the gates
+        (auxiliary-loss-free balancing, arXiv 2412.19437 sec. 2.1.2); None = no bias.
+      score: "softmax" or "sigmoid" (`router_scores`).
+      renormalize_gates: divide the k gates of each token by their sum.
 
     Returns:
       The `Routing` of every (token, choice).
@@ -272,8 +361,18 @@ def route(
         raise ValueError(f"slot_impl={slot_impl!r}: use 'cumsum' or 'sort'")
     router_logits = router_logits.astype(jnp.float32)
     num_experts = router_logits.shape[-1]
-    router_probs = jax.nn.softmax(router_logits, axis=-1)
-    gate, expert_index = top_k(router_probs, num_selected_experts)
+    router_probs = router_scores(router_logits, score)
+    if choice_bias is None:
+        gate, expert_index = top_k(router_probs, num_selected_experts)
+    else:
+        biased = (router_logits if score == "softmax" else router_probs) + choice_bias
+        _, expert_index = top_k(biased, num_selected_experts)
+        # [g, t, k] -> [g, t, k, e] -> [g, t, k]: the unbiased score of each choice (a one-hot
+        # sum, as `top_k`, so that the partitioner keeps it on each group shard).
+        chosen = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.bool_)
+        gate = jnp.sum(jnp.where(chosen, router_probs[..., None, :], 0.0), axis=-1)
+    if renormalize_gates:
+        gate = gate / jnp.maximum(jnp.sum(gate, axis=-1, keepdims=True), 1e-9)
     order = _priority_order(router_probs, batch_prioritized)
     positions = positions_by_cumsum if slot_impl == "cumsum" else positions_by_sort
     # Tokens that compete for slots: the real ones, or all of them under transformers' rule.
@@ -310,11 +409,55 @@ def expert_fractions(expert_index: jax.Array, valid: jax.Array, num_experts: int
       <float32>[experts], summing to 1 (0 when every token is padding).
     """
     k = expert_index.shape[-1]
+    return expert_counts(expert_index, valid, num_experts) / (_num_real(valid) * k)
+
+
+def expert_counts(expert_index: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
+    """<float32>[experts] real (token, choice) pairs sent to each expert, before capacity.
+
+    Args:
+      expert_index: <int32>[..., tokens, k].
+      valid: <bool>[..., tokens].
+    """
     # [..., t, k] -> [..., t, k, e]
     onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)
     onehot = onehot * valid[..., None, None].astype(jnp.float32)
-    counts = jnp.sum(onehot.reshape(-1, num_experts), axis=0)
-    return counts / (_num_real(valid) * k)
+    return jnp.sum(onehot.reshape(-1, num_experts), axis=0)
+
+
+def sequence_balance_loss(
+    router_probs: jax.Array, expert_index: jax.Array, valid: jax.Array, sequence_length: int
+) -> jax.Array:
+    """DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437 eq. 17-20), unweighted.
+
+    Per sequence (a batch row of `sequence_length` tokens: packed examples share a row):
+    sum_i f_i P_i with f_i = E / (k T) x (real choices of expert i) and P_i the mean over its T
+    real tokens of the scores normalised to sum 1; averaged over the rows with a real token.
+    1 under uniform routing, as the Switch loss. Gradient only through P.
+
+    Args:
+      router_probs: <float32>[groups, tokens, experts] router scores (softmax or sigmoid).
+      expert_index: <int32>[groups, tokens, k].
+      valid: <bool>[groups, tokens]; the groups are consecutive tokens of [batch, length].
+      sequence_length: tokens per batch row.
+
+    Returns:
+      <float32>[] the loss.
+    """
+    e, k = router_probs.shape[-1], expert_index.shape[-1]
+    # [g, t, ...] -> [rows, length, ...]: groups hold consecutive tokens of the batch rows.
+    probs = router_probs.reshape(-1, sequence_length, e)
+    index = expert_index.reshape(-1, sequence_length, k)
+    real = valid.reshape(-1, sequence_length).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(real, axis=1), 1.0)
+    # [rows, length, k] -> [rows, e]
+    counts = jnp.sum(jax.nn.one_hot(index, e) * real[..., None, None], axis=(1, 2))
+    f = jax.lax.stop_gradient(counts * e / (k * n[:, None]))
+    normalised = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
+    p = jnp.sum(normalised * real[..., None], axis=1) / n[:, None]
+    rows = jnp.sum(real, axis=1) > 0
+    per_row = jnp.sum(f * p, axis=-1)
+    return jnp.sum(jnp.where(rows, per_row, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
 
 
 def load_balancing_loss(
@@ -365,6 +508,8 @@ def routing_metrics(routing: Routing) -> dict[str, jax.Array]:
       router_confidence: <float32>[] mean top-1 router probability.
       expert_usage: <float32>[experts] f_i of the load-balancing loss (sums to 1).
       tokens_per_expert: <float32>[experts] tokens each expert actually processes (all groups).
+      max_load_over_mean: <float32>[] the busiest expert's pre-capacity load over the mean load
+        (1 = balanced, E = collapse onto one expert).
     """
     num_experts = routing.router_probs.shape[-1]
     k = routing.expert_index.shape[-1]
@@ -374,11 +519,13 @@ def routing_metrics(routing: Routing) -> dict[str, jax.Array]:
     top1 = jnp.sum(jnp.where(routing.valid, routing.gate[..., 0], 0.0)) / n
     onehot = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)
     processed = jnp.sum((onehot * routing.kept[..., None]).reshape(-1, num_experts), axis=0)
+    usage = expert_fractions(routing.expert_index, routing.valid, num_experts)
     return {
         "fraction_dropped": dropped,
         "router_confidence": top1,
-        "expert_usage": expert_fractions(routing.expert_index, routing.valid, num_experts),
+        "expert_usage": usage,
         "tokens_per_expert": processed,
+        "max_load_over_mean": jnp.max(usage) * num_experts,
     }
 
 
@@ -473,6 +620,10 @@ class RouteCall:
       batch_prioritized: hand out slots by router confidence (BPR, encoder layers only).
       padding_takes_capacity: padding claims slots like real tokens (transformers' rule).
       slot_impl: "cumsum" or "sort": the slot computation the dispatch prefers (same slots).
+      choice_bias: <float32>[experts] the layer's choice bias (auxiliary-loss-free balancing,
+        `route`), or None.
+      sequence_length: tokens per batch row (the groups are consecutive tokens of the rows),
+        for per-sequence losses; None = unknown.
     """
 
     capacity: int
@@ -480,6 +631,8 @@ class RouteCall:
     batch_prioritized: bool = False
     padding_takes_capacity: bool = False
     slot_impl: str = "sort"
+    choice_bias: jax.Array | None = None
+    sequence_length: int | None = None
 
 
 @flax.struct.dataclass
@@ -493,11 +646,15 @@ class RouterOutput:
       metrics: load metrics by name; every name (loss or metric) is declared in `moe_metrics`.
         Decoding reads `fraction_dropped` (infer's drop report): a router that can drop tokens
         returns it.
+      load: <float32>[experts] real (token, choice) pairs that chose each expert before
+        capacity, all groups: what auxiliary-loss-free balancing evens out (None: the router
+        does not report it).
     """
 
     plan: DispatchPlan
     losses: dict[str, jax.Array]
     metrics: dict[str, jax.Array]
+    load: jax.Array | None = None
 
 
 # router(router_logits <float32>[groups, tokens, experts], valid <bool>[groups, tokens], call).
@@ -557,8 +714,11 @@ def make_router(config: Any) -> RouterFn:
 
 def token_choice_router(config: Any) -> RouterFn:
     """Top-k token-choice routing (`route`; "switch" is k = 1), with the Switch load-balancing
-    loss, the router z-loss and `routing_metrics`."""
+    loss, the router z-loss, DeepSeek-V3's sequence-wise loss when its weight is set, and
+    `routing_metrics`. The call's `choice_bias` (auxiliary-loss-free balancing) steers the choice;
+    `config.router_score` and `config.router_renormalize_gates` shape the scores and gates."""
     k = config.num_selected_experts
+    score = config.router_score
 
     def run(router_logits: jax.Array, valid: jax.Array, call: RouteCall) -> RouterOutput:
         r = route(
@@ -570,13 +730,26 @@ def token_choice_router(config: Any) -> RouterFn:
             slot_impl=call.slot_impl,
             slot_limit=call.slot_limit,
             padding_takes_capacity=call.padding_takes_capacity,
+            choice_bias=call.choice_bias,
+            score=score,
+            renormalize_gates=config.router_renormalize_gates,
         )
         metrics = routing_metrics(r)
+        probs = r.router_probs
+        if score != "softmax":
+            # The Switch loss compares fractions with probabilities: scores normalised to sum 1.
+            probs = probs / jnp.maximum(jnp.sum(probs, axis=-1, keepdims=True), 1e-9)
         losses = {
-            "load_balancing_loss": load_balancing_loss(r.router_probs, r.expert_index, r.valid),
+            "load_balancing_loss": load_balancing_loss(probs, r.expert_index, r.valid),
             "router_z_loss": router_z_loss(r.router_logits, r.valid),
         }
-        return RouterOutput(plan_from_routing(r), losses, metrics)
+        if config.sequence_balance_loss_weight > 0:
+            length = call.sequence_length or r.valid.shape[1]
+            losses["sequence_balance_loss"] = sequence_balance_loss(
+                r.router_probs, r.expert_index, r.valid, length
+            )
+        load = expert_counts(r.expert_index, r.valid, probs.shape[-1])
+        return RouterOutput(plan_from_routing(r), losses, metrics, load)
 
     return run
 

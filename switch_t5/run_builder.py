@@ -89,8 +89,14 @@ class Run:
     @functools.cached_property
     def eval_step(self):
         """The jitted eval step (no dropout, eval capacity factor)."""
+        shardings = self.setup.shardings
         return trainer.make_eval_step(
-            self.module, self.losses, self.setup.shardings.params, self.batch_shardings, self.mesh
+            self.module,
+            self.losses,
+            shardings.params,
+            self.batch_shardings,
+            self.mesh,
+            shardings.router_bias,
         )
 
     def abstract_batch(self, batch_size: int, lengths: Mapping[str, int]) -> dict[str, Any]:
@@ -114,7 +120,8 @@ class Run:
             k: jax.ShapeDtypeStruct((batch_size, feature_length(k, lengths)), np.int32)
             for k in self.batch_shardings
         }
-        return trainer.moe_layer_names(self.module, self.setup.abstract_state.params, shapes)
+        state = self.setup.abstract_state
+        return trainer.moe_layer_names(self.module, state.params, shapes, state.router_bias)
 
 
 def build_run(
@@ -151,14 +158,36 @@ def build_run(
     return Run(config, mesh, module, setup, losses, b_shardings, num_microbatches, teacher)
 
 
-def decoding_model(config: SwitchConfig) -> tuple[network.EncoderDecoder, Callable[[Any], Any]]:
-    """(module, params converter) for decoding: the model as inference runs it
+def decoding_model(config: SwitchConfig) -> tuple[network.EncoderDecoder, Callable[..., Any]]:
+    """(module, converter) for decoding: the model as inference runs it
     (`SwitchConfig.for_inference`: each sequence its own routing group). The KV cache is per
-    layer, so a scanned model decodes as its unscanned twin with converted params (a copy)."""
+    layer, so a scanned model decodes as its unscanned twin with converted params (a copy).
+    `converter(params, router_bias=None)` gives the decoding params, carrying the train state's
+    choice biases when there are some (`train_state.with_router_bias`)."""
     decoder = network.EncoderDecoder(dataclasses.replace(config.for_inference(), scan_layers=False))
-    if not config.scan_layers:
-        return decoder, lambda params: params
-    return decoder, lambda params: scan_utils.unscan_params(params, config)
+
+    def convert(params, router_bias=None):
+        if config.scan_layers:
+            params = scan_utils.unscan_params(params, config)
+            if router_bias is not None:
+                router_bias = unscanned_router_bias(router_bias, config)
+        return train_state.with_router_bias(params, router_bias)
+
+    return decoder, convert
+
+
+def unscanned_router_bias(router_bias: Mapping[str, Any], config: SwitchConfig) -> dict:
+    """The "router_bias" collection of a scanned model in the unscanned layout:
+    `stack/layers/subblock_j/...` [blocks, experts] -> `stack/layers_{b * period + j}/...`."""
+    out: dict[str, Any] = {}
+    for stack, tree in router_bias.items():
+        period, layers = config.scan_period(stack), {}
+        for sub, block in tree["layers"].items():
+            j = int(sub.removeprefix("subblock_"))
+            for b in range(jax.tree.leaves(block)[0].shape[0]):
+                layers[f"layers_{b * period + j}"] = jax.tree.map(lambda x, b=b: x[b], block)
+        out[stack] = layers
+    return out
 
 
 def input_pipeline(task, split, lengths, batch_size, seed, *, shuffle, pack, repeat):
@@ -229,4 +258,40 @@ def load_model(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
     )
     loaded = init_checkpoint.load_initial_params(str(ref.step_dir), abstract, strict=True)
-    return network.EncoderDecoder(config), loaded.params, config, mesh
+    params = loaded.params
+    if config.router_bias_update_rate > 0:
+        saved_config = checkpoint_io.config_from_dict(dict(saved))
+        bias = _read_router_bias(ref, saved_config, mesh)
+        if saved_config.scan_layers:
+            bias = unscanned_router_bias(bias, saved_config)
+        params = train_state.with_router_bias(params, bias)
+    return network.EncoderDecoder(config), params, config, mesh
+
+
+def _read_router_bias(
+    ref: init_checkpoint.CheckpointRef, saved_config: SwitchConfig, mesh: Mesh
+) -> dict[str, Any]:
+    """The checkpoint's choice biases (replicated on `mesh`), in its own layout; zeros when it
+    has none (written with balancing off: the biases start at 0, as on resume)."""
+    import orbax.checkpoint as ocp
+
+    replicated = partitioning.replicated(mesh)
+    wanted = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        nn.unbox(network.init_abstract(saved_config)[train_state.BIAS_FIELD]),
+    )
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(ref.step_dir / "state")
+    saved = getattr(saved, "item_metadata", saved)
+    saved = getattr(saved, "tree", saved)
+    if train_state.BIAS_FIELD not in saved:
+        return jax.tree.map(
+            lambda a: jax.device_put(np.zeros(a.shape, a.dtype), replicated), wanted
+        )
+    item = {train_state.BIAS_FIELD: wanted}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+    out = checkpointer.restore(
+        ref.step_dir / "state",
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
+    return out[train_state.BIAS_FIELD]

@@ -8,10 +8,9 @@ table (`partitioning.LOGICAL_AXIS_RULES`), the optimizer state's are derived fro
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,22 +19,50 @@ from jax.sharding import Mesh
 
 from switch_t5 import optim, partitioning
 
+_FIELDS = ("step", "params", "opt_state", "rng")
+BIAS_FIELD = "router_bias"
 
-@flax.struct.dataclass
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything a training run needs to continue exactly.
+
+    A pytree keyed by attribute name (as a flax struct). `router_bias` is a node of the tree only
+    when set, so a state without it has exactly the tree of the checkpoints written before it
+    existed, and those restore unchanged.
 
     Attributes:
       step: <int32>[] optimizer steps taken.
       params: the model parameters (unboxed), float32.
       opt_state: the optimizer state.
       rng: <uint32>[2] base key; step s uses fold_in(rng, s), so it never has to advance.
+      router_bias: the "router_bias" variable collection (auxiliary-loss-free balancing: each
+        MoE layer's <float32>[experts] choice bias, moved by the train step outside the
+        optimizer, `routing.update_choice_bias`); None when the model has none.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    router_bias: Any = None
+
+    def replace(self, **changes: Any) -> TrainState:
+        return dataclasses.replace(self, **changes)
+
+    def tree_flatten_with_keys(self):
+        names = _FIELDS + ((BIAS_FIELD,) if self.router_bias is not None else ())
+        children = [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in names]
+        return children, self.router_bias is not None
+
+    @classmethod
+    def tree_unflatten(cls, has_bias: bool, children) -> TrainState:
+        return cls(*children) if has_bias else cls(*children, router_bias=None)
+
+    def variables(self) -> dict[str, Any]:
+        """The model's flax variables: {"params": ...} and the choice biases when set."""
+        return model_variables(self.params, self.router_bias)
 
     def apply_gradients(self, grads: Any, tx: optax.GradientTransformation) -> TrainState:
         updates, opt_state = tx.update(grads, self.opt_state, self.params)
@@ -60,6 +87,26 @@ class StateSetup:
     logical_specs: Any
     optimizer: optim.Optimizer
     init_fn: Callable[[], TrainState]
+
+
+def model_variables(params: Any, router_bias: Any = None) -> dict[str, Any]:
+    """{"params": params}, plus the "router_bias" collection when there is one: `router_bias`,
+    or the one `params` carries (`with_router_bias`)."""
+    if router_bias is None and isinstance(params, Mapping) and BIAS_FIELD in params:
+        params = dict(params)
+        router_bias = params.pop(BIAS_FIELD)
+    if router_bias is None:
+        return {"params": params}
+    return {"params": params, BIAS_FIELD: router_bias}
+
+
+def with_router_bias(params: Any, router_bias: Any) -> Any:
+    """The params of a decoding model with the state's choice biases riding along under
+    `BIAS_FIELD` (no module of the network has that name), so that decoding, which takes one
+    params tree, routes as training did; `model_variables` splits them off again."""
+    if router_bias is None:
+        return params
+    return {**params, BIAS_FIELD: router_bias}
 
 
 def setup_train_state(
@@ -94,15 +141,19 @@ def setup_train_state(
         params=param_shardings,
         opt_state=optimizer.state_shardings(param_shardings, abstract_params),
         rng=replicated,
+        # The biases are [experts] vectors (or [layers, experts] when scanned): replicated.
+        router_bias=jax.tree.map(lambda _: replicated, abstract_vars.get(BIAS_FIELD)),
     )
 
     def init() -> TrainState:
-        params = nn.unbox(init_variables(init_key)["params"])
+        variables = init_variables(init_key)
+        params = nn.unbox(variables["params"])
         return TrainState(
             step=jnp.zeros([], jnp.int32),
             params=params,
             opt_state=optimizer.tx.init(params),
             rng=train_key,
+            router_bias=nn.unbox(variables.get(BIAS_FIELD)),
         )
 
     with jax.set_mesh(mesh), partitioning.axis_rules():

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from switch_t5 import errors, moe_metrics, optim, partitioning
+from switch_t5 import errors, moe_metrics, optim, partitioning, routing, train_state
 from switch_t5 import moe as moe_lib
 from switch_t5.data import features as features_lib
 from switch_t5.train_state import TrainState
@@ -65,11 +65,15 @@ class LossConfig:
         None = SwitchConfig.load_balancing_loss_weight.
       router_z_loss_weight: beta of the router z-loss (ST-MoE, arXiv 2202.08906 eq. 5); None =
         SwitchConfig.router_z_loss_weight.
+      sequence_balance_loss_weight: alpha of DeepSeek-V3's sequence-wise balance loss; None =
+        SwitchConfig.sequence_balance_loss_weight (the model computes the loss only when that
+        is > 0).
     """
 
     z_loss: float = 1e-4
     load_balancing_loss_weight: float | None = None
     router_z_loss_weight: float | None = None
+    sequence_balance_loss_weight: float | None = None
 
     def __post_init__(self):
         problems = []
@@ -90,6 +94,7 @@ class LossConfig:
                 self.load_balancing_loss_weight, config.load_balancing_loss_weight
             ),
             router_z_loss_weight=_first_set(self.router_z_loss_weight, config.router_z_loss_weight),
+            sequence_balance_loss_weight=_sequence_balance_weight(self, config),
         )
 
     def check_resolved(self) -> None:
@@ -99,6 +104,17 @@ class LossConfig:
 
 def _first_set(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _sequence_balance_weight(losses: LossConfig, config: Any) -> float:
+    model_weight = getattr(config, "sequence_balance_loss_weight", 0.0)
+    weight = _first_set(losses.sequence_balance_loss_weight, model_weight)
+    if weight > 0 and not model_weight > 0:
+        raise errors.UserError(
+            f"sequence_balance_loss_weight={weight} but the model computes no sequence-wise "
+            "balance loss: set switch_t5.SwitchConfig.sequence_balance_loss_weight > 0 instead"
+        )
+    return weight
 
 
 def loss_weights(batch: Batch) -> jax.Array:
@@ -145,6 +161,7 @@ def apply_model(
     *,
     enable_dropout: bool,
     rng: jax.Array | None = None,
+    router_bias: Any = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """Runs the model; returns (<float32>[b, l, v] logits, MoE losses/metrics).
 
@@ -154,39 +171,49 @@ def apply_model(
       batch: T5X EncDec features.
       enable_dropout: training mode (dropout, router jitter, train capacity factor).
       rng: key for the "dropout" and "jitter" streams (training only).
+      router_bias: the "router_bias" collection (auxiliary-loss-free balancing), or None. In
+        training the MoE layers' pre-capacity loads come back under `routing.LOAD_COLLECTION`.
     """
     features = {k: batch[k] for k in MODEL_FEATURES if k in batch}
     rngs = None
     if enable_dropout:
         dropout_rng, jitter_rng = jax.random.split(rng)
         rngs = {"dropout": dropout_rng, "jitter": jitter_rng}
+    sow_load = enable_dropout and router_bias is not None
     logits, variables = module.apply(
-        {"params": params},
+        train_state.model_variables(params, router_bias),
         **features,
         enable_dropout=enable_dropout,
         rngs=rngs,
-        mutable=["intermediates"],
+        mutable=["intermediates", routing.LOAD_COLLECTION] if sow_load else ["intermediates"],
     )
     moe = moe_lib.collect_moe_intermediates(variables.get("intermediates", {}))
     moe.pop("layer_names")
+    if sow_load:
+        moe[routing.LOAD_COLLECTION] = variables[routing.LOAD_COLLECTION]
     return logits, moe
 
 
-def moe_layer_names(module: nn.Module, abstract_params: Any, batch: Batch) -> list[str]:
+def moe_layer_names(
+    module: nn.Module, abstract_params: Any, batch: Batch, router_bias: Any = None
+) -> list[str]:
     """Names of the MoE layers in the order of `expert_usage` rows (traced, never run)."""
     names: list[str] = []
 
-    def run(params, batch):
+    def run(params, batch, router_bias):
         features = {k: batch[k] for k in MODEL_FEATURES if k in batch}
         _, variables = module.apply(
-            {"params": params}, **features, enable_dropout=False, mutable=["intermediates"]
+            train_state.model_variables(params, router_bias),
+            **features,
+            enable_dropout=False,
+            mutable=["intermediates"],
         )
         names.extend(
             moe_lib.collect_moe_intermediates(variables.get("intermediates", {}))["layer_names"]
         )
         return 0
 
-    jax.eval_shape(run, abstract_params, batch)
+    jax.eval_shape(run, abstract_params, batch, router_bias)
     return names
 
 
@@ -198,9 +225,12 @@ def _objective(
     num_microbatches: int,
     module: nn.Module,
     loss_config: LossConfig,
+    router_bias: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One microbatch's share of the full-batch loss, and its metric sums."""
-    logits, moe = apply_model(module, params, batch, enable_dropout=True, rng=rng)
+    logits, moe = apply_model(
+        module, params, batch, enable_dropout=True, rng=rng, router_bias=router_bias
+    )
     sums = token_losses(
         logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
     )
@@ -223,7 +253,10 @@ def moe_aux_loss(moe: Mapping[str, Any], loss_config: LossConfig, batches: int =
     terms = []
     for m in moe_metrics.present(moe):
         if m.loss_weight is not None:
-            term = getattr(loss_config, m.loss_weight) * moe[m.name]
+            weight = getattr(loss_config, m.loss_weight)
+            if weight is None:
+                raise ValueError(f"LossConfig.{m.loss_weight} unset; use loss_config.for_model")
+            term = weight * moe[m.name]
             terms.append(term / batches if batches != 1 and m.over_steps == "mean" else term)
     return functools.reduce(operator.add, terms) if terms else 0.0
 
@@ -252,9 +285,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `batch` (pure; jit it with `make_train_step`).
 
-    `objective(params, batch, rng, total_weight, num_microbatches, module, loss_config)` gives
-    one microbatch's share of the loss and its sums (`_objective`; distillation's adds the
-    teacher's soft targets, `switch_t5.distill`).
+    `objective(params, batch, rng, total_weight, num_microbatches, module, loss_config,
+    router_bias)` gives one microbatch's share of the loss and its sums (`_objective`;
+    distillation's adds the teacher's soft targets, `switch_t5.distill`).
 
     Returns:
       The new state and metrics (<float32>[] scalars; expert_usage <float32>[L, e]).
@@ -262,7 +295,7 @@ def train_step(
     step_rng = jax.random.fold_in(state.rng, state.step)
     total_weight = jnp.maximum(jnp.sum(loss_weights(batch)), 1.0)
     grad_fn = jax.value_and_grad(objective, has_aux=True)
-    objective_args = (total_weight, num_microbatches, module, loss_config)
+    objective_args = (total_weight, num_microbatches, module, loss_config, state.router_bias)
 
     if num_microbatches == 1:
         (loss, aux), grads = grad_fn(state.params, batch, step_rng, *objective_args)
@@ -296,6 +329,16 @@ def train_step(
             aux[metric.name] = moe_metrics.reduce_steps(metric, aux[metric.name], num_microbatches)
 
     new_state = state.apply_gradients(grads, optimizer.tx)
+    if state.router_bias is not None:
+        # Auxiliary-loss-free balancing: the biases move outside the optimizer, by the load of
+        # the global batch (summed over the microbatches).
+        rate = module.config.router_bias_update_rate
+        new_bias = jax.tree.map(
+            lambda b, load: routing.update_choice_bias(b, load, rate),
+            state.router_bias,
+            aux[routing.LOAD_COLLECTION],
+        )
+        new_state = new_state.replace(router_bias=new_bias)
     params_finite = jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)])
     )
@@ -316,10 +359,16 @@ def train_step(
 
 
 def eval_step(
-    params: Any, batch: Batch, *, module: nn.Module, loss_config: LossConfig
+    params: Any,
+    batch: Batch,
+    router_bias: Any = None,
+    *,
+    module: nn.Module,
+    loss_config: LossConfig,
 ) -> dict[str, jax.Array]:
-    """Metric sums of one eval batch (no dropout, eval capacity factor); see `EvalAccumulator`."""
-    logits, moe = apply_model(module, params, batch, enable_dropout=False)
+    """Metric sums of one eval batch (no dropout, eval capacity factor); see `EvalAccumulator`.
+    `router_bias`: the state's choice biases (auxiliary-loss-free balancing), or None."""
+    logits, moe = apply_model(module, params, batch, enable_dropout=False, router_bias=router_bias)
     sums = token_losses(
         logits, batch["decoder_target_tokens"], loss_weights(batch), loss_config.z_loss
     )
@@ -408,19 +457,21 @@ def make_eval_step(
     param_shardings: Any,
     batch_shardings: Mapping[str, Any],
     mesh: jax.sharding.Mesh,
+    bias_shardings: Any = None,
 ):
-    """The jitted eval step with explicit in/out shardings."""
+    """The jitted eval step with explicit in/out shardings: `step(params, batch, router_bias)`
+    (router_bias laid out by `bias_shardings`; None for a model without choice biases)."""
     loss_config.check_resolved()
     fn = functools.partial(eval_step, module=module, loss_config=loss_config)
     jitted = jax.jit(
         fn,
-        in_shardings=(param_shardings, dict(batch_shardings)),
+        in_shardings=(param_shardings, dict(batch_shardings), bias_shardings),
         out_shardings=partitioning.replicated(mesh),
     )
 
-    def step(params, batch):
+    def step(params, batch, router_bias=None):
         with jax.set_mesh(mesh), partitioning.axis_rules():
-            return jitted(params, batch)
+            return jitted(params, batch, router_bias)
 
     step.jitted = jitted
     return step

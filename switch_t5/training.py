@@ -449,9 +449,15 @@ def make_actions(
     if t.eval_period:
         eval_pipe = _pipeline(t, prepared.lengths, "validation")
 
-        def evaluate(params):
+        def evaluate(state):
             return loop_lib.evaluate_batches(
-                run.eval_step, params, eval_pipe, run.batch_shardings, run.losses, t.eval_steps
+                run.eval_step,
+                state.params,
+                eval_pipe,
+                run.batch_shardings,
+                run.losses,
+                t.eval_steps,
+                state.router_bias,
             )
 
         actions.append(loop_lib.Evaluate(t.eval_period, evaluate, logger))
@@ -472,7 +478,9 @@ def _infer_eval_action(t: TrainingConfig, run, prepared: Prepared, logger, train
 
     def evaluate(state, at: int) -> dict[str, float]:
         out = evaluator.evaluate(
-            to_decoding(state.params), step=at, output_dir=str(t.folder.eval_dir(at))
+            to_decoding(state.params, state.router_bias),
+            step=at,
+            output_dir=str(t.folder.eval_dir(at)),
         )
         improved = best.update(at, out, state, train_pipe.get_state(), prepared.meta)
         logger.message(
@@ -501,7 +509,11 @@ def finish(settings: RunSettings, run, prepared: Prepared, loop, ckpt) -> TrainR
     if t.num_samples and not preempted:
         module, to_decoding = run_builder.decoding_model(run.config)
         samples = decode_samples(
-            module, to_decoding(loop.state.params), t, prepared.lengths, run.mesh
+            module,
+            to_decoding(loop.state.params, loop.state.router_bias),
+            t,
+            prepared.lengths,
+            run.mesh,
         )
     return TrainResult(
         step=loop.step,

@@ -354,7 +354,8 @@ def hf_config_from_ours(
     Raises:
       UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
         experts (switch_xxl's gated GELU), shared experts, experts narrower or wider than d_ff,
-        top-k routing, or sparse layouts other than HF's `i % sparse_step == 1`.
+        top-k routing, router choice biases or sigmoid scores, or sparse layouts other than
+        HF's `i % sparse_step == 1`.
     """
     if config.gated:
         raise UnsupportedFeatureError(
@@ -381,6 +382,19 @@ def hf_config_from_ours(
         raise UnsupportedFeatureError(
             f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
             "cannot be exported: HF SwitchTransformers routes every token to its top-1 expert"
+        )
+    routing = []
+    if config.router_bias_update_rate > 0:
+        routing.append(
+            f"auxiliary-loss-free balancing (router_bias_update_rate="
+            f"{config.router_bias_update_rate}: per-expert router choice biases)"
+        )
+    if config.router_score != "softmax":
+        routing.append(f"router_score={config.router_score!r}")
+    if routing:
+        raise UnsupportedFeatureError(
+            f"{' and '.join(routing)} cannot be exported: HF SwitchTransformers routes by the "
+            "softmax of its router logits alone"
         )
     act = {("relu",): "relu", ("gelu",): "gelu_new"}.get(tuple(config.mlp_activations))
     if act is None:
