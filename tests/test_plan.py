@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -129,6 +130,55 @@ def test_collective_bytes_count_all_reduce_plus_slice_as_reduce_scatter():
         "all-gather": 5 * 8 * 3 * 4,
         "all-reduce": 4 * 2,
     }
+    counts, _ = plan.count_collectives(RS_HLO)
+    assert (counts["reduce-scatter"], counts["all-reduce"]) == (5, 1)
+
+
+# The forms a scanned FSDP step compiles to (tests/test_fsdp.py's step, abridged): the slice
+# inside a fusion, combined all-reduces read through get-tuple-element, groups of 4 devices.
+FUSED_RS_HLO = """HloModule m
+
+%fused_slice (param_0.1: f32[8,3], param_1.2: s32[]) -> f32[2,3] {
+  %param_0.1 = f32[8,3]{1,0} parameter(0)
+  %param_1.2 = s32[] parameter(1)
+  ROOT %dynamic-slice.7 = f32[2,3]{1,0} dynamic-slice(%param_0.1, %param_1.2, %c), \
+dynamic_slice_sizes={2,3}
+}
+
+%fused_whole (param_0.3: f32[1,8,8]) -> f32[1,1,8,8] {
+  %param_0.3 = f32[1,8,8]{2,1,0} parameter(0)
+  ROOT %bitcast.9 = f32[1,1,8,8]{3,2,1,0} bitcast(%param_0.3)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %ar.1 = f32[8,3]{1,0} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %f.1 = f32[2,3]{1,0} fusion(%ar.1, %i), kind=kLoop, calls=%fused_slice
+  %ar.2 = (f32[1,8,8]{2,1,0}, f32[8,3]{1,0}) all-reduce(%y, %z), channel_id=2, \
+replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %gte.0 = f32[1,8,8]{2,1,0} get-tuple-element(%ar.2), index=0
+  %gte.1 = f32[8,3]{1,0} get-tuple-element(%ar.2), index=1
+  %f.2 = f32[1,1,8,8]{3,2,1,0} fusion(%gte.0), kind=kLoop, calls=%fused_whole
+  %f.3 = f32[2,3]{1,0} fusion(%gte.1, %i), kind=kLoop, calls=%fused_slice
+  %ar.3 = f32[8,3]{1,0} all-reduce(%w), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%add
+  %f.4 = f32[2,3]{1,0} fusion(%ar.3, %i), kind=kLoop, calls=%fused_slice
+}
+"""
+
+
+def test_reduce_scatter_found_through_fusions_and_combined_all_reduces():
+    computations, entry = plan.split_computations(FUSED_RS_HLO)
+    # ar.3's groups are 2 devices but each keeps 1/4: not a reduce-scatter.
+    assert plan.scattered_all_reduces(computations[entry], computations) == {
+        "ar.1": {0},
+        "ar.2": {1},
+    }
+    assert plan.collective_bytes(FUSED_RS_HLO) == {
+        "reduce-scatter": 2 * 8 * 3 * 4,
+        "all-reduce": 8 * 8 * 4 + 8 * 3 * 4,
+    }
+    counts, _ = plan.count_collectives(FUSED_RS_HLO)
+    # ar.2 moves more bytes unscattered (256 vs 96): it counts as an all-reduce.
+    assert (counts["reduce-scatter"], counts["all-reduce"]) == (1, 2)
 
 
 def test_a_mesh_that_does_not_fit_exits_before_compiling():
@@ -224,3 +274,47 @@ def test_bfloat16_optimizer_state_halves_its_bytes_and_tracks_float32():
     assert out["bfloat16"][0] == 4 + 2 * (4 * 128 + 4 * 136 + 1)
     # The first update reads zero moments, so it is the same; bfloat16 storage is only rounding.
     np.testing.assert_allclose(out["bfloat16"][1], out["float32"][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_planner_breakdown_with_fsdp_counts_reduce_scatters():
+    """The same tiny step with FSDP: the breakdown's fields, smaller params, reduce-scatters."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "switch_t5.plan",
+        "--gin_file=configs/models/tiny.gin",
+        *TINY_BINDINGS,
+        "--gin.switch_t5.SwitchConfig.fsdp=True",
+        "--mesh=data:2,expert:2,model:2",
+        "--batch=16",
+        "--inputs_length=16",
+        "--targets_length=8",
+        "--scan=on",
+    ]
+    env = {**os.environ, "PYTHONPATH": gin_utils.REPO_ROOT}
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=gin_utils.REPO_ROOT, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert out["fsdp"].startswith("on  (non-expert weights, gradients and optimizer state sharded")
+    # 4080 float32 values per device without FSDP (see the test above); the embedding, attention,
+    # dense MLP and router weights now split 4 ways more: 1024 + 1152 + 512 + 4 x 32 -> / 4.
+    assert int(out["per_device_param_bytes"]) == (4080 - (1024 + 1152 + 512 + 128) * 3 // 4) * 4
+    n = r"\d+\.\d\d"
+    assert re.fullmatch(
+        rf"params {n}, optimizer state {n}, gradients {n} \(in the temporaries\), "
+        rf"activations and other temporaries {n}, batch {n}",
+        out["per_device_breakdown_gib"],
+    ), out["per_device_breakdown_gib"]
+    assert "reduce-scatter" in out["collective_bytes_per_step"]
+    assert (
+        "(reduce-scatter = XLA:CPU's all-reduce + dynamic-slice)"
+        in (out["collective_bytes_per_step"])
+    )
+    counts = dict(
+        kv.rsplit(" ", 1) for kv in out["collectives_per_step"].split(" (")[0].split(", ")
+    )
+    assert int(counts["reduce-scatter"]) > 0 and int(counts["all-gather"]) > 0
+    assert out["compile_wall_seconds"].startswith("setup ")
