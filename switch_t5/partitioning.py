@@ -52,8 +52,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-# FSDP turns itself on from this many non-expert parameters (`SwitchConfig.fsdp=None`).
+# FSDP turns itself on (`SwitchConfig.fsdp=None`) from this many non-expert parameters, or on
+# meshes of at least FSDP_AUTO_MIN_SHARDS batch shards (data x expert) from
+# FSDP_AUTO_LARGE_MESH_MIN_PARAMS: there each device's share of the experts is small and the
+# replicated weights, their gradients and optimizer state are a large part of its memory.
 FSDP_AUTO_MIN_PARAMS = 500_000_000
+FSDP_AUTO_MIN_SHARDS = 256
+FSDP_AUTO_LARGE_MESH_MIN_PARAMS = 100_000_000
 
 
 def non_expert_params(config) -> int:
@@ -72,11 +77,23 @@ def non_expert_params(config) -> int:
     return n
 
 
-def fsdp_enabled(config) -> bool:
-    """`config.fsdp`, or (None) whether the non-expert params reach FSDP_AUTO_MIN_PARAMS."""
+def fsdp_enabled(config, mesh_sizes: Mapping[str, int] | None = None) -> bool:
+    """`config.fsdp`, or (None) whether the non-expert params reach FSDP_AUTO_MIN_PARAMS, or
+    FSDP_AUTO_LARGE_MESH_MIN_PARAMS on a mesh of FSDP_AUTO_MIN_SHARDS batch shards or more."""
     if config.fsdp is not None:
         return bool(config.fsdp)
-    return non_expert_params(config) >= FSDP_AUTO_MIN_PARAMS
+    n = non_expert_params(config)
+    shards = math.prod(mesh_sizes[a] for a in FSDP_AXES) if mesh_sizes else 1
+    if shards >= FSDP_AUTO_MIN_SHARDS:
+        return n >= FSDP_AUTO_LARGE_MESH_MIN_PARAMS
+    return n >= FSDP_AUTO_MIN_PARAMS
+
+
+def resolve_fsdp(config, mesh: Mesh):
+    """`config` with `fsdp` decided for `mesh` (the model picks its param names from it)."""
+    if config.fsdp is not None:
+        return config
+    return dataclasses.replace(config, fsdp=fsdp_enabled(config, dict(mesh.shape)))
 
 
 def weight_embed_axis(config) -> str:

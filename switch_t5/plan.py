@@ -268,11 +268,16 @@ def estimate_state_bytes(
 ) -> int:
     """A quick per-device estimate of params + optimizer state, used to rank meshes.
 
-    Experts split over expert x model, everything else over model (embed stays whole); Adafactor
-    keeps ~1/d_model of a matrix, AdamW two float32 moments.
+    Experts split over expert x model, everything else over model (embed stays whole), and with
+    FSDP over data x expert too (as if every weight split evenly); Adafactor keeps ~1/d_model of a
+    matrix, AdamW two float32 moments.
     """
+    from switch_t5 import partitioning
+
     itemsize = np.dtype(config.param_dtype).itemsize
     dense = model_plan.total_params - model_plan.expert_params
+    if partitioning.fsdp_enabled(config, mesh):
+        dense /= mesh["data"] * mesh["expert"]
     per_device = dense / mesh["model"] + model_plan.expert_params / (mesh["expert"] * mesh["model"])
     state = per_device * (8 if optimizer == "adamw" else 4 / min(config.d_model, config.d_ff) * 2)
     return int(per_device * itemsize + state)
@@ -706,7 +711,7 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         expert_kernel_all_gathers=count_expert_kernel_gathers(hlo_text, config, mesh_sizes),
         compile_seconds=round(seconds, 1),
         gradient_bytes=_sharded_bytes(setup.abstract_state.params),
-        fsdp=partitioning.fsdp_enabled(config),
+        fsdp=run.config.fsdp,
         collective_bytes=collective_bytes(hlo_text),
         setup_seconds=round(t1 - t0, 1),
         lower_seconds=round(t2 - t1, 1),

@@ -128,6 +128,7 @@ def build_run(
       batch_keys: the batch's features (default: all the input pipeline yields).
     """
     losses.check_resolved()
+    config = partitioning.resolve_fsdp(config, mesh)
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
     )

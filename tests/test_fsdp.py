@@ -197,3 +197,19 @@ def test_fsdp_state_builds_when_d_model_does_not_split_over_the_batch_shards(mes
     run, _ = tiny_train_step(cfg, mesh_222, _batch())
     q = run.setup.abstract_state.params["encoder"]["layers"]["subblock_0"]["attention"]
     assert q["query"]["kernel"].sharding.spec == PartitionSpec(None, "data", "model")
+
+
+def test_fsdp_turns_itself_on_for_large_models_or_large_meshes():
+    base = tiny_config(  # Switch-Base sizes: 0.17B non-expert params
+        vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072,
+        num_encoder_layers=12, num_decoder_layers=12, num_experts=128,
+    )  # fmt: skip
+    assert 0.1e9 < partitioning.non_expert_params(base) < 0.5e9
+    on_128 = {"data": 1, "expert": 128, "model": 1}
+    on_256 = {"data": 2, "expert": 128, "model": 2}
+    assert not partitioning.fsdp_enabled(base) and not partitioning.fsdp_enabled(base, on_128)
+    assert partitioning.fsdp_enabled(base, on_256)
+    assert not partitioning.fsdp_enabled(dataclasses.replace(base, fsdp=False), on_256)
+    assert not partitioning.fsdp_enabled(CFG, on_256)  # tiny models never
+    large = dataclasses.replace(base, d_model=2048, num_heads=32)
+    assert partitioning.non_expert_params(large) >= 0.5e9 and partitioning.fsdp_enabled(large)
