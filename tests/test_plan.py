@@ -318,3 +318,36 @@ def test_planner_breakdown_with_fsdp_counts_reduce_scatters():
     )
     assert int(counts["reduce-scatter"]) > 0 and int(counts["all-gather"]) > 0
     assert out["compile_wall_seconds"].startswith("setup ")
+
+
+_LIVE_RANGE = """HloLiveRange (max 9):
+  Live ranges at 7 (peak):
+    param.1{}: 2048 bytes (cumulative: 2048 bytes)
+    square_fusion.3{}: 4096 bytes (cumulative: 6144 bytes)
+    tuple.4{1}: 1024 bytes (cumulative: 7168 bytes)
+  Stack trace breakdown for peak usage: 7 168 bytes
+"""
+_PEAK_HLO = """ENTRY %main (param.1: bf16[32,32]) -> f32[32,32] {
+  %param.1 = bf16[32,32]{1,0} parameter(0), metadata={op_name="state"}
+  %square_fusion.3 = f32[32,32]{1,0} fusion(%param.1), kind=kLoop, calls=%f, \
+metadata={op_name="jit(train_step)/square"}
+  %tuple.4 = (f32[2]{0}, f32[16,16]{1,0}) while(%t), condition=%c, body=%b, \
+metadata={op_name="jit(train_step)/transpose(jvp(EncoderDecoder))/EncoderDecoder.decode/decoder/while"}
+}
+"""
+
+
+def test_peak_buffers_groups_the_peak_by_the_op_that_made_each_buffer():
+    import importlib.util
+
+    path = os.path.join(gin_utils.REPO_ROOT, "scripts", "peak_buffers.py")
+    spec = importlib.util.spec_from_file_location("peak_buffers", path)
+    peak_buffers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak_buffers)
+    total, groups = peak_buffers.peak_groups(_LIVE_RANGE, _PEAK_HLO)
+    assert total == 7168
+    assert groups == [
+        ("square (fusion)", 4096, 1, [("f32[32,32]", 1)]),
+        ("entry parameters (train state, batch)", 2048, 1, [("bf16[32,32]", 1)]),
+        ("transpose(jvp(EncoderDecoder))/decoder/while (while)", 1024, 1, [("f32[16,16]", 1)]),
+    ]
