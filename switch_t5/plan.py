@@ -470,30 +470,83 @@ def _operands(line: str) -> list[str]:
 def _keeps_part(
     user: str, operand: str, ops: Mapping, computations: Mapping, keep: Callable[[int], bool]
 ) -> bool:
-    """Whether `user` only takes a dynamic-slice of `operand` (directly, or inside its fusion)
-    whose element count `keep` accepts."""
+    """Whether `user` only takes a dynamic-slice of `operand` (directly, or inside its fusion,
+    behind converts) whose element count `keep` accepts."""
     shape, opcode, line = ops[user]
     if opcode == "dynamic-slice":
         return _operands(line)[:1] == [operand] and keep(_elements(shape))
-    if opcode != "fusion":
-        return False
     callee = re.search(r"calls=%?([\w.\-]+)", line)
-    body = computations.get(callee.group(1), []) if callee else []
+    if opcode != "fusion" or not callee:
+        return False
+    fused, fused_users = _index(computations.get(callee.group(1), []))
     params = {
-        int(m.group(2)): m.group(1)
-        for m in (re.search(r"%([\w.\-]+) = \S+ parameter\((\d+)\)", x) for x in body)
-        if m
+        int(m.group(1)): name
+        for name, (_, op, text) in fused.items()
+        if op == "parameter" and (m := re.search(r"parameter\((\d+)\)", text))
     }
     names = [params.get(i) for i, o in enumerate(_operands(line)) if o == operand]
-    uses = [
-        x
-        for x in body
-        for n in names
-        if n and " = " in x and re.search(rf"%{re.escape(n)}\b", x.split(" = ", 1)[1])
-    ]
-    return bool(uses) and all(
-        " dynamic-slice(" in x and keep(_elements(x.split(" = ", 1)[1].strip())) for x in uses
+    return bool(names) and all(
+        n and _uses_keep_part(n, fused, fused_users, computations, keep, inside=True) for n in names
     )
+
+
+_PASS_THROUGH = frozenset({"parameter", "convert", "bitcast", "copy"})
+
+
+def _passes_through(user: str, operand: str, ops: Mapping, computations: Mapping) -> bool:
+    """Whether `user` only re-types or re-lays `operand` (a convert, bitcast or copy, or a
+    fusion of those): the dtype converts XLA:CPU puts around its float32 collectives."""
+    _, opcode, line = ops[user]
+    if opcode in ("convert", "bitcast", "copy"):
+        return True
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    if opcode != "fusion" or _operands(line) != [operand] or not callee:
+        return False
+    body = "\n".join(computations.get(callee.group(1), []))
+    return set(re.findall(r"= \S+ ([a-z\-]+)\(", body)) <= _PASS_THROUGH
+
+
+def _uses_keep_part(
+    name: str,
+    ops: Mapping,
+    users: Mapping,
+    computations: Mapping,
+    keep,
+    depth: int = 0,
+    inside: bool = False,
+) -> bool:
+    """Whether every use of `name` keeps one device's part of it (`_keeps_part`), looking
+    through converts and bitcasts (`inside` a fusion: through its converts, bitcasts and
+    copies to a dynamic-slice)."""
+    uses = users.get(name, [])
+    if not uses or depth > 6:
+        return False
+    for user in uses:
+        _, opcode, line = ops[user]
+        if inside and opcode == "dynamic-slice":
+            if _operands(line)[:1] != [name] or not keep(_elements(ops[user][0])):
+                return False
+        elif (inside and opcode in ("convert", "bitcast", "copy")) or (
+            not inside and _passes_through(user, name, ops, computations)
+        ):
+            if not _uses_keep_part(user, ops, users, computations, keep, depth + 1, inside):
+                return False
+        elif inside or not _keeps_part(user, name, ops, computations, keep):
+            return False
+    return True
+
+
+def _index(lines: Sequence[str]) -> tuple[dict, dict]:
+    """({name: (shape, opcode, line)}, {name: [users]}) of one computation's instructions."""
+    defined = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+)\s+([\w\-]+)\(")
+    ops, users = {}, {}
+    for line in lines:
+        m = defined.match(line)
+        if m:
+            ops[m.group(1)] = (m.group(2), m.group(3), line)
+            for operand in set(_operands(line)):
+                users.setdefault(operand, []).append(m.group(1))
+    return ops, users
 
 
 def scattered_all_reduces(lines: Sequence[str], computations: Mapping[str, list[str]]) -> dict:
@@ -503,16 +556,10 @@ def scattered_all_reduces(lines: Sequence[str], computations: Mapping[str, list[
     XLA:CPU never emits reduce-scatter: a gradient reduced onto sharded weights (FSDP) becomes
     an all-reduce whose every use keeps one device's part: a dynamic-slice, directly or inside
     a fusion, of 1/(devices per replica group) of it (some smaller exact part when the HLO text
-    does not state the group).
+    does not state the group), possibly behind the converts that XLA:CPU adds because it runs
+    bfloat16 collectives in float32.
     """
-    defined = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+)\s+([\w\-]+)\(")
-    ops, users = {}, {}
-    for line in lines:
-        m = defined.match(line)
-        if m:
-            ops[m.group(1)] = (m.group(2), m.group(3), line)
-            for operand in set(_operands(line)):
-                users.setdefault(operand, []).append(m.group(1))
+    ops, users = _index(lines)
     found = {}
     for name, (shape, opcode, line) in ops.items():
         if opcode != "all-reduce":
@@ -532,8 +579,7 @@ def scattered_all_reduces(lines: Sequence[str], computations: Mapping[str, list[
             def keep(k: int, n: int = n, group: int | None = group) -> bool:
                 return k * group == n if group else 0 < k < n and n % k == 0
 
-            uses = users.get(part, [])
-            if uses and all(_keeps_part(u, part, ops, computations, keep) for u in uses):
+            if _uses_keep_part(part, ops, users, computations, keep):
                 scattered.add(i)
         if scattered:
             found[name] = scattered

@@ -145,6 +145,22 @@ FUSED_RS_HLO = """HloModule m
 dynamic_slice_sizes={2,3}
 }
 
+%fused_convert (param_0.4: f32[8,3]) -> bf16[8,3] {
+  %param_0.4 = f32[8,3]{1,0} parameter(0)
+  ROOT %convert.5 = bf16[8,3]{1,0} convert(%param_0.4)
+}
+
+%fused_convert_slice (param_0.5: f32[2,2,3], param_1.6: bf16[8,3], param_2.7: s32[]) -> f32[2,2,3] {
+  %param_0.5 = f32[2,2,3]{2,1,0} parameter(0)
+  %param_1.6 = bf16[8,3]{1,0} parameter(1)
+  %param_2.7 = s32[] parameter(2)
+  %convert.8 = f32[8,3]{1,0} convert(%param_1.6)
+  %dynamic-slice.9 = f32[2,3]{1,0} dynamic-slice(%convert.8, %param_2.7, %c), \
+dynamic_slice_sizes={2,3}
+  %bitcast.10 = f32[1,2,3]{2,1,0} bitcast(%dynamic-slice.9)
+  ROOT %dus.11 = f32[2,2,3]{2,1,0} dynamic-update-slice(%param_0.5, %bitcast.10, %param_2.7, %c, %c)
+}
+
 %fused_whole (param_0.3: f32[1,8,8]) -> f32[1,1,8,8] {
   %param_0.3 = f32[1,8,8]{2,1,0} parameter(0)
   ROOT %bitcast.9 = f32[1,1,8,8]{3,2,1,0} bitcast(%param_0.3)
@@ -161,24 +177,29 @@ replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
   %f.3 = f32[2,3]{1,0} fusion(%gte.1, %i), kind=kLoop, calls=%fused_slice
   %ar.3 = f32[8,3]{1,0} all-reduce(%w), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%add
   %f.4 = f32[2,3]{1,0} fusion(%ar.3, %i), kind=kLoop, calls=%fused_slice
+  %ar.5 = f32[8,3]{1,0} all-reduce(%v), channel_id=4, replica_groups=[2,4]<=[8], to_apply=%add
+  %cv.6 = bf16[8,3]{1,0} fusion(%ar.5), kind=kLoop, calls=%fused_convert
+  %f.7 = f32[2,2,3]{2,1,0} fusion(%acc, %cv.6, %i), kind=kLoop, calls=%fused_convert_slice
 }
 """
 
 
 def test_reduce_scatter_found_through_fusions_and_combined_all_reduces():
     computations, entry = plan.split_computations(FUSED_RS_HLO)
-    # ar.3's groups are 2 devices but each keeps 1/4: not a reduce-scatter.
+    # ar.3's groups are 2 devices but each keeps 1/4: not a reduce-scatter. ar.5 is read
+    # through the bfloat16 converts XLA:CPU adds around its float32 collectives.
     assert plan.scattered_all_reduces(computations[entry], computations) == {
         "ar.1": {0},
         "ar.2": {1},
+        "ar.5": {0},
     }
     assert plan.collective_bytes(FUSED_RS_HLO) == {
-        "reduce-scatter": 2 * 8 * 3 * 4,
+        "reduce-scatter": 3 * 8 * 3 * 4,
         "all-reduce": 8 * 8 * 4 + 8 * 3 * 4,
     }
     counts, _ = plan.count_collectives(FUSED_RS_HLO)
     # ar.2 moves more bytes unscattered (256 vs 96): it counts as an all-reduce.
-    assert (counts["reduce-scatter"], counts["all-reduce"]) == (1, 2)
+    assert (counts["reduce-scatter"], counts["all-reduce"]) == (2, 2)
 
 
 def test_a_mesh_that_does_not_fit_exits_before_compiling():
