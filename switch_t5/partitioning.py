@@ -356,6 +356,24 @@ def fit_fsdp(
     return PartitionSpec(*spec)
 
 
+def fsdp_whole_params(logical_specs, shardings, shapes) -> int:
+    """Parameters of the FSDP weights that stay whole over the batch axes: no dim of theirs
+    divides into the batch shards (`fit_fsdp`), e.g. Switch-C's attention on 2048 devices."""
+    total = 0
+    for logical, sharding, leaf in zip(
+        jax.tree.leaves(logical_specs, is_leaf=_is_spec),
+        jax.tree.leaves(shardings),
+        jax.tree.leaves(shapes),
+    ):
+        if WEIGHT_EMBED not in logical:
+            continue
+        sizes = dict(sharding.mesh.shape)
+        used = {a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))}
+        if not any(sizes[a] > 1 for a in used & set(FSDP_AXES)):
+            total += math.prod(leaf.shape)
+    return total
+
+
 def _axes_size(entry, sizes: Mapping) -> int:
     names = entry if isinstance(entry, tuple) else (entry,)
     return math.prod(sizes[n] for n in names)

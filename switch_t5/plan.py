@@ -186,6 +186,8 @@ class StepPlan:
         "reduce-scatter" counts XLA:CPU's all-reduce + dynamic-slice pairs (it emits no
         reduce-scatter), which are then left out of "all-reduce".
       setup_seconds, lower_seconds, xla_compile_seconds: the split of the wall time.
+      fsdp_whole_params: FSDP weights' parameters that stay whole over the batch axes (no dim
+        divides into the batch shards; `partitioning.fsdp_whole_params`).
     """
 
     mesh: dict[str, int]
@@ -207,6 +209,7 @@ class StepPlan:
     setup_seconds: float = 0.0
     lower_seconds: float = 0.0
     xla_compile_seconds: float = 0.0
+    fsdp_whole_params: int = 0
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -758,6 +761,9 @@ def compile_train_step(config: SwitchConfig, mesh_sizes: Mapping[str, int], spec
         compile_seconds=round(seconds, 1),
         gradient_bytes=_sharded_bytes(setup.abstract_state.params),
         fsdp=run.config.fsdp,
+        fsdp_whole_params=partitioning.fsdp_whole_params(
+            setup.logical_specs, setup.shardings.params, setup.abstract_state.params
+        ),
         collective_bytes=collective_bytes(hlo_text),
         setup_seconds=round(t1 - t0, 1),
         lower_seconds=round(t2 - t1, 1),
@@ -957,7 +963,13 @@ def format_step_plan(
         f"{_gib(step.argument_bytes - step.param_bytes - step.optimizer_bytes)}",
         f"fsdp: {'on' if step.fsdp else 'off'}  (non-expert weights, gradients and optimizer "
         f"state {'sharded over data x expert' if step.fsdp else 'replicated over data x expert'}"
-        f"; {partitioning_non_expert(config)} non-expert params)",
+        f"; {partitioning_non_expert(config)} non-expert params"
+        + (
+            f"; {_human(step.fsdp_whole_params)} of them stay whole: no dim of their weights "
+            "divides into the batch shards)"
+            if step.fsdp and step.fsdp_whole_params
+            else ")"
+        ),
         "collective_bytes_per_step: "
         + (", ".join(f"{k} {_gib(v)} GiB" for k, v in sorted(step.collective_bytes.items())) or "-")
         + (

@@ -213,3 +213,18 @@ def test_fsdp_turns_itself_on_for_large_models_or_large_meshes():
     assert not partitioning.fsdp_enabled(CFG, on_256)  # tiny models never
     large = dataclasses.replace(base, d_model=2048, num_heads=32)
     assert partitioning.non_expert_params(large) >= 0.5e9 and partitioning.fsdp_enabled(large)
+
+
+def test_fsdp_counts_the_weights_that_stay_whole(mesh_222):
+    """d_model 5 divides into no batch axis: only the routers (4 experts) split; the planner
+    reports the rest as whole."""
+    cfg = dataclasses.replace(CFG, d_model=5, fsdp=True)
+    st = tiny_train_step(cfg, mesh_222, _batch())[0].setup
+    whole = partitioning.fsdp_whole_params(
+        st.logical_specs, st.shardings.params, st.abstract_state.params
+    )
+    # embedding 128 x 5, untied logits 5 x 128, 12 attention kernels of 5 x 6 per stack pair
+    # layer (4 encoder x 4 + 4 decoder x 8 kernels), 4 dense MLPs (wi 5 x 16, wo 16 x 5).
+    assert whole == 640 + 640 + (16 + 32) * 30 + 4 * 160
+    router = st.abstract_state.params["encoder"]["layers"]["subblock_1"]["mlp"]["router"]
+    assert router["w"]["kernel"].sharding.spec == PartitionSpec(None, None, ("data", "expert"))
