@@ -228,7 +228,7 @@ class SwitchConfig:
     scan_layers: bool = False
     remat_policy: RematPolicy = "none"
     # FSDP: shard the non-expert weights (and so their gradients and optimizer state) over the
-    # batch axes too (`partitioning.WEIGHT_EMBED`). None = on when the non-expert params >= 0.5B.
+    # batch axes too (`partitioning.WEIGHT_EMBED`). None = automatic (`partitioning.fsdp_enabled`).
     fsdp: bool | None = None
 
     def __post_init__(self):

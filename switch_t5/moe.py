@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from switch_t5 import errors, layers, moe_metrics
+from switch_t5 import errors, layers, moe_metrics, partitioning
 from switch_t5 import grouped_matmul as gmm_lib
 from switch_t5 import routing as routing_lib
 from switch_t5.config import SwitchConfig
@@ -1005,6 +1005,7 @@ class MoeLayer(nn.Module):
             jitter_noise=cfg.router_jitter_noise,
             init_stddev=cfg.router_init_stddev,
             param_dtype=jnp.dtype(cfg.param_dtype),
+            embed_axis=partitioning.weight_embed_axis(cfg),
             name="router",
         )
         experts = Experts(cfg, name="expert")

@@ -20,8 +20,9 @@ from switch_t5 import errors
 
 MESH_AXES = ("data", "expert", "model")
 
-# d_model of a non-expert weight under FSDP (see the last rule).
+# d_model of a non-expert weight under FSDP (see the last rule), and the axes it is split over.
 WEIGHT_EMBED = "weight_embed"
+FSDP_AXES = ("data", "expert")
 
 # Logical name -> mesh axis (or axes). The batch is split over data AND expert: the expert axis
 # holds different tokens too, and experts exchange them with an all-to-all (arXiv 2101.03961
@@ -43,15 +44,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("unmodeled", None),  # small axes never worth sharding (router logits' expert dim, ...)
     ("layers", None),  # the stacked axis of scanned layers
     # FSDP / ZeRO-3: d_model of the non-expert weights only (attention, dense MLPs, embeddings,
-    # logits), split over the batch axes; GSPMD all-gathers each layer's slice before use and
-    # reduce-scatters its gradient. A name of its own: "embed" also names activations, expert
-    # kernels and the all-to-all buffers, which must stay whole on d_model.
-    (WEIGHT_EMBED, ("data", "expert")),
+    # logits, routers), split over the batch axes; GSPMD all-gathers each layer's slice before
+    # use and reduce-scatters its gradient. A name of its own: "embed" also names activations,
+    # expert kernels and the all-to-all buffers, which must stay whole on d_model. Where the
+    # batch shards do not divide d_model, `fit_fsdp` places them on another dim (or fewer).
+    (WEIGHT_EMBED, FSDP_AXES),
 )
 
 
-# FSDP turns itself on from this many non-expert parameters (`SwitchConfig.fsdp=None`).
+# FSDP turns itself on (`SwitchConfig.fsdp=None`) from this many non-expert parameters, or on
+# meshes of at least FSDP_AUTO_MIN_SHARDS batch shards (data x expert) from
+# FSDP_AUTO_LARGE_MESH_MIN_PARAMS: there each device's share of the experts is small and the
+# replicated weights, their gradients and optimizer state are a large part of its memory.
 FSDP_AUTO_MIN_PARAMS = 500_000_000
+FSDP_AUTO_MIN_SHARDS = 256
+FSDP_AUTO_LARGE_MESH_MIN_PARAMS = 100_000_000
 
 
 def non_expert_params(config) -> int:
@@ -72,11 +79,23 @@ def non_expert_params(config) -> int:
     return n
 
 
-def fsdp_enabled(config) -> bool:
-    """`config.fsdp`, or (None) whether the non-expert params reach FSDP_AUTO_MIN_PARAMS."""
+def fsdp_enabled(config, mesh_sizes: Mapping[str, int] | None = None) -> bool:
+    """`config.fsdp`, or (None) whether the non-expert params reach FSDP_AUTO_MIN_PARAMS, or
+    FSDP_AUTO_LARGE_MESH_MIN_PARAMS on a mesh of FSDP_AUTO_MIN_SHARDS batch shards or more."""
     if config.fsdp is not None:
         return bool(config.fsdp)
-    return non_expert_params(config) >= FSDP_AUTO_MIN_PARAMS
+    n = non_expert_params(config)
+    shards = math.prod(mesh_sizes[a] for a in FSDP_AXES) if mesh_sizes else 1
+    if shards >= FSDP_AUTO_MIN_SHARDS:
+        return n >= FSDP_AUTO_LARGE_MESH_MIN_PARAMS
+    return n >= FSDP_AUTO_MIN_PARAMS
+
+
+def resolve_fsdp(config, mesh: Mesh):
+    """`config` with `fsdp` decided for `mesh` (the model picks its param names from it)."""
+    if config.fsdp is not None:
+        return config
+    return dataclasses.replace(config, fsdp=fsdp_enabled(config, dict(mesh.shape)))
 
 
 def weight_embed_axis(config) -> str:
@@ -298,14 +317,100 @@ def make_mesh(
     return mesh_of(device_array)
 
 
-def logical_to_sharding(logical_spec, mesh: Mesh):
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_spec, mesh, LOGICAL_AXIS_RULES)
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def fit_fsdp(
+    logical: PartitionSpec, mesh_spec: PartitionSpec, shape: Sequence[int], sizes: Mapping
+) -> PartitionSpec:
+    """The mesh spec of one weight with its FSDP axes placed where they divide its shape.
+
+    jax shards only evenly: Switch-C's d_model 2080 cannot be split over 2048 batch shards.
+    In order: the WEIGHT_EMBED dim over data x expert; else another dim that no mesh axis splits
+    yet, the stacked layers axis excepted (the router's 2048 experts); else the WEIGHT_EMBED dim
+    over the larger single batch axis that divides it; else that dim whole (this weight is then
+    replicated over the batch axes).
+    """
+    if WEIGHT_EMBED not in logical:
+        return mesh_spec
+    spec = list(mesh_spec) + [None] * (len(shape) - len(mesh_spec))
+    i = list(logical).index(WEIGHT_EMBED)
+    spec[i] = None
+    shards = math.prod(sizes[a] for a in FSDP_AXES)
+    # Never the stacked layers axis: the scan would then gather every layer at once.
+    free = [
+        j
+        for j in range(len(shape))
+        if j != i
+        and logical[j] != "layers"
+        and (spec[j] is None or _axes_size(spec[j], sizes) == 1)
+    ]
+    order = [i, *sorted(free, key=lambda j: -shape[j])]
+    for j in order:
+        if shape[j] % shards == 0:
+            spec[j] = FSDP_AXES
+            return PartitionSpec(*spec)
+    for axis in sorted(FSDP_AXES, key=lambda a: -sizes[a]):
+        if sizes[axis] > 1 and shape[i] % sizes[axis] == 0:
+            spec[i] = axis
+            break
+    return PartitionSpec(*spec)
+
+
+def fsdp_whole_params(logical_specs, shardings, shapes) -> int:
+    """Parameters of the FSDP weights that stay whole over the batch axes: no dim of theirs
+    divides into the batch shards (`fit_fsdp`), e.g. Switch-C's attention on 2048 devices."""
+    total = 0
+    for logical, sharding, leaf in zip(
+        jax.tree.leaves(logical_specs, is_leaf=_is_spec),
+        jax.tree.leaves(shardings),
+        jax.tree.leaves(shapes),
+    ):
+        if WEIGHT_EMBED not in logical:
+            continue
+        sizes = dict(sharding.mesh.shape)
+        used = {a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))}
+        if not any(sizes[a] > 1 for a in used & set(FSDP_AXES)):
+            total += math.prod(leaf.shape)
+    return total
+
+
+def _axes_size(entry, sizes: Mapping) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(sizes[n] for n in names)
+
+
+def logical_to_sharding(logical_spec, mesh: Mesh, shapes=None):
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`.
+
+    Args:
+      logical_spec: logical PartitionSpecs (`nn.get_partition_spec` of boxed params).
+      mesh: the (data, expert, model) mesh.
+      shapes: the same tree of arrays or ShapeDtypeStructs; with it, FSDP weights are laid out
+        where their shapes allow (`fit_fsdp`). Without it, WEIGHT_EMBED maps as the rules say.
+    """
+    if shapes is None:
+        return nn.logical_to_mesh_sharding(logical_spec, mesh, LOGICAL_AXIS_RULES)
+    sizes = dict(mesh.shape)
+
+    def one(logical, leaf):
+        mesh_spec = nn.logical_to_mesh_axes(logical, LOGICAL_AXIS_RULES)
+        return NamedSharding(mesh, fit_fsdp(logical, mesh_spec, leaf.shape, sizes))
+
+    return jax.tree.map(one, logical_spec, shapes, is_leaf=_is_spec)
 
 
 def params_shardings(abstract_variables, mesh: Mesh):
     """NamedShardings of a (boxed) variables tree from `jax.eval_shape(model.init, ...)`."""
-    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh)
+    # The boxed values' shapes, without `nn.unbox`'s sharding constraints (which fail on
+    # ShapeDtypeStructs under an active mesh).
+    shapes = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        abstract_variables,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, shapes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

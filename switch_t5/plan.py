@@ -32,6 +32,7 @@ Library functions return plain data (`ModelPlan`, `StepPlan`); `main` only forma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,6 +200,8 @@ class StepPlan:
       setup_seconds, lower_seconds, xla_compile_seconds: the split of the wall time.
       teacher_param_bytes: distillation's frozen teacher on one device (an input of the step,
         counted in argument_bytes and the total); 0 without a teacher.
+      fsdp_whole_params: FSDP weights' parameters that stay whole over the batch axes (no dim
+        divides into the batch shards; `partitioning.fsdp_whole_params`).
     """
 
     mesh: dict[str, int]
@@ -221,6 +224,7 @@ class StepPlan:
     lower_seconds: float = 0.0
     xla_compile_seconds: float = 0.0
     teacher_param_bytes: int = 0
+    fsdp_whole_params: int = 0
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -282,11 +286,16 @@ def estimate_state_bytes(
 ) -> int:
     """A quick per-device estimate of params + optimizer state, used to rank meshes.
 
-    Experts split over expert x model, everything else over model (embed stays whole); Adafactor
-    keeps ~1/d_model of a matrix, AdamW two float32 moments.
+    Experts split over expert x model, everything else over model (embed stays whole), and with
+    FSDP over data x expert too (as if every weight split evenly); Adafactor keeps ~1/d_model of a
+    matrix, AdamW two float32 moments.
     """
+    from switch_t5 import partitioning
+
     itemsize = np.dtype(config.param_dtype).itemsize
     dense = model_plan.total_params - model_plan.expert_params
+    if partitioning.fsdp_enabled(config, mesh):
+        dense /= mesh["data"] * mesh["expert"]
     per_device = dense / mesh["model"] + model_plan.expert_params / (mesh["expert"] * mesh["model"])
     state = per_device * (8 if optimizer == "adamw" else 4 / min(config.d_model, config.d_ff) * 2)
     return int(per_device * itemsize + state)
@@ -359,12 +368,17 @@ def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
     """Collectives executed per step by a compiled (SPMD-partitioned) HLO module.
 
     Ops in a while body (the scanned layers, microbatch accumulation) count once per iteration
-    (XLA's `known_trip_count`); async pairs count once (`-start`).
+    (XLA's `known_trip_count`); async pairs count once (`-start`). XLA:CPU emits no
+    reduce-scatter: its all-reduce + slice pairs count as one (`scattered_all_reduces`).
 
     Returns:
       ({op kind: count}, sorted element types of the all-to-alls).
     """
-    op_re = re.compile(r"=\s*(\(?[a-z0-9]+)\[.*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    op_re = re.compile(
+        r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(?[a-z0-9]+)\[.*?\s("
+        + "|".join(COLLECTIVES)
+        + r")(-start)?\("
+    )
     computations, entry = split_computations(hlo_text)
     dtypes: set[str] = set()
     memo: dict[str, dict[str, int]] = {}
@@ -375,12 +389,18 @@ def count_collectives(hlo_text: str) -> tuple[dict[str, int], list[str]]:
         totals = dict.fromkeys(COLLECTIVES, 0)
         if depth > 64 or name not in computations:
             return totals
+        scattered = scattered_all_reduces(computations[name], computations)
         for line in computations[name]:
             op = op_re.search(line)
             if op:
-                totals[op.group(2)] += 1
-                if op.group(2) == "all-to-all":
-                    dtypes.add(op.group(1).lstrip("("))
+                kind = op.group(3)
+                if op.group(1) in scattered:
+                    # A combined all-reduce counts as the kind that moves most of its bytes.
+                    split = _split_bytes(line.split("=", 1)[1], scattered[op.group(1)])
+                    kind = "reduce-scatter" if split[0] >= split[1] else kind
+                totals[kind] += 1
+                if kind == "all-to-all":
+                    dtypes.add(op.group(2).lstrip("("))
             trips = 1
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             if trip:
@@ -439,10 +459,163 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def _group_size(line: str) -> int | None:
+    """Devices per replica group of a collective's HLO line (None: not stated)."""
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if iota:
+        return int(iota.group(2))
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if listed:
+        return len(listed.group(1).split(","))
+    named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if named:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", named.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", named.group(2)))
+    return None
+
+
+def _elements(shape_text: str) -> int:
+    dims = re.match(r"\(?[a-z0-9]+\[([\d,]*)\]", shape_text)
+    return int(np.prod([int(d) for d in dims.group(1).split(",") if d])) if dims else 0
+
+
+def _operands(line: str) -> list[str]:
+    """Operand names of an HLO instruction line, in order."""
+    args = line.split("(", 1)[1] if "(" in line else ""
+    return re.findall(r"%([\w.\-]+)", args.split("), ")[0])
+
+
+def _keeps_part(
+    user: str, operand: str, ops: Mapping, computations: Mapping, keep: Callable[[int], bool]
+) -> bool:
+    """Whether `user` only takes a dynamic-slice of `operand` (directly, or inside its fusion,
+    behind converts) whose element count `keep` accepts."""
+    shape, opcode, line = ops[user]
+    if opcode == "dynamic-slice":
+        return _operands(line)[:1] == [operand] and keep(_elements(shape))
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    if opcode != "fusion" or not callee:
+        return False
+    fused, fused_users = _index(computations.get(callee.group(1), []))
+    params = {
+        int(m.group(1)): name
+        for name, (_, op, text) in fused.items()
+        if op == "parameter" and (m := re.search(r"parameter\((\d+)\)", text))
+    }
+    names = [params.get(i) for i, o in enumerate(_operands(line)) if o == operand]
+    return bool(names) and all(
+        n and _uses_keep_part(n, fused, fused_users, computations, keep, inside=True) for n in names
+    )
+
+
+_PASS_THROUGH = frozenset({"parameter", "convert", "bitcast", "copy"})
+
+
+def _passes_through(user: str, operand: str, ops: Mapping, computations: Mapping) -> bool:
+    """Whether `user` only re-types or re-lays `operand` (a convert, bitcast or copy, or a
+    fusion of those): the dtype converts XLA:CPU puts around its float32 collectives."""
+    _, opcode, line = ops[user]
+    if opcode in ("convert", "bitcast", "copy"):
+        return True
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    if opcode != "fusion" or _operands(line) != [operand] or not callee:
+        return False
+    body = "\n".join(computations.get(callee.group(1), []))
+    return set(re.findall(r"= \S+ ([a-z\-]+)\(", body)) <= _PASS_THROUGH
+
+
+def _uses_keep_part(
+    name: str,
+    ops: Mapping,
+    users: Mapping,
+    computations: Mapping,
+    keep,
+    depth: int = 0,
+    inside: bool = False,
+) -> bool:
+    """Whether every use of `name` keeps one device's part of it (`_keeps_part`), looking
+    through converts and bitcasts (`inside` a fusion: through its converts, bitcasts and
+    copies to a dynamic-slice)."""
+    uses = users.get(name, [])
+    if not uses or depth > 6:
+        return False
+    for user in uses:
+        _, opcode, line = ops[user]
+        if inside and opcode == "dynamic-slice":
+            if _operands(line)[:1] != [name] or not keep(_elements(ops[user][0])):
+                return False
+        elif (inside and opcode in ("convert", "bitcast", "copy")) or (
+            not inside and _passes_through(user, name, ops, computations)
+        ):
+            if not _uses_keep_part(user, ops, users, computations, keep, depth + 1, inside):
+                return False
+        elif inside or not _keeps_part(user, name, ops, computations, keep):
+            return False
+    return True
+
+
+def _index(lines: Sequence[str]) -> tuple[dict, dict]:
+    """({name: (shape, opcode, line)}, {name: [users]}) of one computation's instructions."""
+    defined = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^()]*\)|\S+)\s+([\w\-]+)\(")
+    ops, users = {}, {}
+    for line in lines:
+        m = defined.match(line)
+        if m:
+            ops[m.group(1)] = (m.group(2), m.group(3), line)
+            for operand in set(_operands(line)):
+                users.setdefault(operand, []).append(m.group(1))
+    return ops, users
+
+
+def scattered_all_reduces(lines: Sequence[str], computations: Mapping[str, list[str]]) -> dict:
+    """The all-reduces of one computation that act as reduce-scatters: {name: indexes of the
+    scattered results} (index 0 for a single result, tuple indexes for combined all-reduces).
+
+    XLA:CPU never emits reduce-scatter: a gradient reduced onto sharded weights (FSDP) becomes
+    an all-reduce whose every use keeps one device's part: a dynamic-slice, directly or inside
+    a fusion, of 1/(devices per replica group) of it (some smaller exact part when the HLO text
+    does not state the group), possibly behind the converts that XLA:CPU adds because it runs
+    bfloat16 collectives in float32.
+    """
+    ops, users = _index(lines)
+    found = {}
+    for name, (shape, opcode, line) in ops.items():
+        if opcode != "all-reduce":
+            continue
+        group = _group_size(line)
+        parts = {0: name}
+        if shape.startswith("("):
+            parts = {}
+            for u in users.get(name, []):
+                index = re.search(r"index=(\d+)", ops[u][2])
+                if ops[u][1] == "get-tuple-element" and index:
+                    parts[int(index.group(1))] = u
+        scattered = set()
+        for i, part in parts.items():
+            n = _elements(ops[part][0]) if part != name else _elements(shape)
+
+            def keep(k: int, n: int = n, group: int | None = group) -> bool:
+                return k * group == n if group else 0 < k < n and n % k == 0
+
+            if _uses_keep_part(part, ops, users, computations, keep):
+                scattered.add(i)
+        if scattered:
+            found[name] = scattered
+    return found
+
+
+def _split_bytes(shape_text: str, indexes: set) -> tuple[int, int]:
+    """(bytes of the results at `indexes`, bytes of the others) of a (tuple) result shape."""
+    shapes = re.findall(r"[a-z]+\d*\[[\d,]*\]", shape_text.split(" all-reduce(")[0])
+    sizes = [_shape_bytes(x) for x in shapes]
+    chosen = sum(n for i, n in enumerate(sizes) if i in indexes)
+    return chosen, sum(sizes) - chosen
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
     """Bytes the collectives of a compiled HLO module produce per step, per op kind (results of
-    ops in while bodies count once per iteration). An all-reduce whose result feeds a
-    dynamic-slice is counted as "reduce-scatter": XLA:CPU partitions a sharded gradient that way.
+    ops in while bodies count once per iteration). XLA:CPU's all-reduce + slice pairs
+    (`scattered_all_reduces`) count as "reduce-scatter", at the all-reduce's (unscattered) size.
     """
     op_re = re.compile(
         r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\("
@@ -457,17 +630,17 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         if depth > 64 or name not in computations:
             return totals
         lines = computations[name]
-        sliced = set()
-        for line in lines:
-            if " dynamic-slice(" in line:
-                sliced.update(re.findall(r"%([\w.\-]+)", line.split("dynamic-slice(", 1)[1]))
+        scattered = scattered_all_reduces(lines, computations)
         for line in lines:
             op = op_re.search(line)
             if op:
-                kind = op.group(3)
-                if kind == "all-reduce" and op.group(1) in sliced:
-                    kind = "reduce-scatter"
-                totals[kind] = totals.get(kind, 0) + _shape_bytes(op.group(2))
+                moved = {op.group(3): _shape_bytes(op.group(2))}
+                if op.group(1) in scattered:
+                    split = _split_bytes(op.group(2), scattered[op.group(1)])
+                    moved = {"reduce-scatter": split[0], "all-reduce": split[1]}
+                for kind, n in moved.items():
+                    if n:
+                        totals[kind] = totals.get(kind, 0) + n
             trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             trips = int(trip.group(1)) if trip else 1
             for callee in re.findall(r"(?:body|calls)=%?([\w.\-]+)", line):
@@ -492,6 +665,42 @@ def _sharded_bytes(tree: Any) -> int:
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def _rss_gb() -> float:
+    """This process's resident memory in GB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return kb / 1e6
+
+
+@contextlib.contextmanager
+def _progress(what: str, since: float, every: float = 60.0):
+    """Prints "plan: <what>, N s so far (RSS G GB)" every `every` seconds until the block ends:
+    a Switch-C compile for 2048 devices takes tens of minutes."""
+    import time
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            print(
+                f"plan: {what}, {time.perf_counter() - since:.0f} s so far "
+                f"(RSS {_rss_gb():.1f} GB)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def compile_train_step(
@@ -541,7 +750,8 @@ def compile_train_step(
         print(f"plan: lowering {t2 - t1:.1f} s; XLA compiling", file=sys.stderr, flush=True)
         # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
         # memory analysis, and the partitioned collectives do not depend on them).
-        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        with _progress("XLA compiling", t2):
+            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
     t3 = time.perf_counter()
     print(f"plan: compile {t3 - t2:.1f} s", file=sys.stderr, flush=True)
     seconds = t3 - t0
@@ -569,7 +779,10 @@ def compile_train_step(
         expert_kernel_all_gathers=count_expert_kernel_gathers(hlo_text, config, mesh_sizes),
         compile_seconds=round(seconds, 1),
         gradient_bytes=_sharded_bytes(setup.abstract_state.params),
-        fsdp=partitioning.fsdp_enabled(config),
+        fsdp=run.config.fsdp,
+        fsdp_whole_params=partitioning.fsdp_whole_params(
+            setup.logical_specs, setup.shardings.params, setup.abstract_state.params
+        ),
         collective_bytes=collective_bytes(hlo_text),
         setup_seconds=round(t1 - t0, 1),
         lower_seconds=round(t2 - t1, 1),
@@ -781,7 +994,13 @@ def format_step_plan(
         + (f", distillation teacher {_gib(teacher)}" if teacher else ""),
         f"fsdp: {'on' if step.fsdp else 'off'}  (non-expert weights, gradients and optimizer "
         f"state {'sharded over data x expert' if step.fsdp else 'replicated over data x expert'}"
-        f"; {partitioning_non_expert(config)} non-expert params)",
+        f"; {partitioning_non_expert(config)} non-expert params"
+        + (
+            f"; {_human(step.fsdp_whole_params)} of them stay whole: no dim of their weights "
+            "divides into the batch shards)"
+            if step.fsdp and step.fsdp_whole_params
+            else ")"
+        ),
         "collective_bytes_per_step: "
         + (", ".join(f"{k} {_gib(v)} GiB" for k, v in sorted(step.collective_bytes.items())) or "-")
         + (

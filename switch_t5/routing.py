@@ -847,21 +847,24 @@ register_router(EXPERTS_CHOOSE, expert_choice_router)
 class Router(nn.Module):
     """The router kernel: logits = (jittered) tokens @ w, computed in float32.
 
-    Params: `w/kernel` <param_dtype>[embed, experts], logical ("embed", "unmodeled") so every
-    device holds the whole (small) router; init normal(0, init_stddev) (arXiv 2101.03961 sec. 2.4
-    uses a 10x smaller init than T5 for stability).
+    Params: `w/kernel` <param_dtype>[embed, experts], logical (embed_axis, "unmodeled"): every
+    device holds the whole router unless FSDP names d_model otherwise; init
+    normal(0, init_stddev) (arXiv 2101.03961 sec. 2.4 uses a 10x smaller init than T5 for
+    stability).
 
     Attributes:
       num_experts: experts to score.
       jitter_noise: eps of the multiplicative uniform(1-eps, 1+eps) input noise.
       init_stddev: stddev of the kernel init.
       param_dtype: dtype of the kernel.
+      embed_axis: logical name of the kernel's d_model (`partitioning.weight_embed_axis`).
     """
 
     num_experts: int
     jitter_noise: float = 0.0
     init_stddev: float = 2e-2
     param_dtype: Any = jnp.float32
+    embed_axis: str = "embed"
 
     @nn.compact
     def __call__(self, token_inputs: jax.Array, *, apply_jitter: bool = False) -> jax.Array:
@@ -894,7 +897,7 @@ class Router(nn.Module):
             param_dtype=self.param_dtype,
             precision=jax.lax.Precision.HIGHEST,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(self.init_stddev), ("embed", "unmodeled")
+                nn.initializers.normal(self.init_stddev), (self.embed_axis, "unmodeled")
             ),
             name="w",
         )(x)

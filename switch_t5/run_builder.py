@@ -150,6 +150,7 @@ def build_run(
         from `distill.abstract_teacher` for planning).
     """
     losses.check_resolved()
+    config = partitioning.resolve_fsdp(config, mesh)
     setup = train_state.setup_train_state(
         lambda rng: network.init_variables(config, rng), make_optimizer, mesh, seed
     )

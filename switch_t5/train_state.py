@@ -132,8 +132,8 @@ def setup_train_state(
         raise ValueError(f"init_variables returned {list(abstract_vars)}; it must return 'params'")
     boxed_params = abstract_vars["params"]
     logical_specs = nn.get_partition_spec(boxed_params)
-    param_shardings = partitioning.logical_to_sharding(logical_specs, mesh)
     abstract_params = nn.unbox(boxed_params)
+    param_shardings = partitioning.logical_to_sharding(logical_specs, mesh, abstract_params)
     optimizer = make_optimizer(logical_specs)
     replicated = partitioning.replicated(mesh)
     shardings = TrainState(

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec
 from test_trainer import _batch
 from tiny import tiny_config, tiny_train_step
 
-from switch_t5 import checkpoints
+from switch_t5 import checkpoints, partitioning
+from switch_t5.interop import hf, streaming
 
 # Scanned layers (4 per stack, 2 scan steps of a dense+sparse pair), no dropout or jitter so that
 # the two layouts compute the same function; capacity large enough that nothing drops.
@@ -68,9 +69,9 @@ def test_fsdp_same_losses_fewer_bytes_expert_layout_unchanged(runs):
 
     state_off, state_on = runs[False][3], runs[True][3]
 
-    def non_expert(path):  # routers, norms and relative-position biases stay replicated
+    def non_expert(path):  # norms and relative-position biases stay replicated
         where = jax.tree_util.keystr(path)
-        return not any(k in where for k in ("expert", "router", "norm", "relpos"))
+        return "router" in where or not any(k in where for k in ("expert", "norm", "relpos"))
 
     for tree in ("params", "opt_state"):
         off = _device_bytes(getattr(state_off, tree), non_expert)
@@ -90,6 +91,8 @@ def test_fsdp_same_losses_fewer_bytes_expert_layout_unchanged(runs):
     assert wi.sharding.spec == PartitionSpec(None, "expert", None, "model")
     q = state_on.params["encoder"]["layers"]["subblock_0"]["attention"]["query"]["kernel"]
     assert q.sharding.spec == PartitionSpec(None, ("data", "expert"), "model")
+    router = state_on.params["encoder"]["layers"]["subblock_1"]["mlp"]["router"]["w"]["kernel"]
+    assert router.sharding.spec == PartitionSpec(None, ("data", "expert"), None)
 
 
 def _gather_shapes(hlo_computation: str) -> list[str]:
@@ -113,16 +116,115 @@ def test_fsdp_gathers_one_layer_at_a_time_inside_the_scan(runs):
     assert "f32[2,8,3]" not in everywhere, everywhere
 
 
-def test_checkpoint_moves_from_replicated_to_fsdp_layout(runs, tmp_path):
-    _, _, _, state_off, _ = runs[False]
-    st_on = runs[True][0]
-    ckpt = checkpoints.Checkpointer(str(tmp_path))
-    ckpt.save(5, state_off, {}, checkpoints.make_meta(dataclasses.replace(CFG, fsdp=False)))
+def _q_spec(state):
+    return state.params["encoder"]["layers"]["subblock_0"]["attention"]["query"][
+        "kernel"
+    ].sharding.spec
+
+
+def _save(path, state, config, fsdp):
+    ckpt = checkpoints.Checkpointer(str(path))
+    ckpt.save(5, state, {}, checkpoints.make_meta(dataclasses.replace(config, fsdp=fsdp)))
     ckpt.close()
+
+
+def _exported(model_dir, hf_dir) -> dict:
+    hf.orbax_to_hf(str(model_dir), str(hf_dir), tokenizer=False)
+    src = streaming.SafetensorsSource(str(hf_dir))
+    return {n: src.read(n, ()) for n in src.names()}
+
+
+@pytest.mark.parametrize("saved_fsdp", [False, True])
+def test_checkpoint_moves_between_layouts(runs, tmp_path, saved_fsdp):
+    state = runs[saved_fsdp][3]
+    _save(tmp_path, state, CFG, saved_fsdp)
     ckpt = checkpoints.Checkpointer(str(tmp_path))
-    meta = checkpoints.make_meta(dataclasses.replace(CFG, fsdp=True))  # fsdp may change on resume
-    restored = ckpt.restore(st_on.abstract_state, expected_meta=meta).state
+    meta = checkpoints.make_meta(dataclasses.replace(CFG, fsdp=not saved_fsdp))  # may change
+    restored = ckpt.restore(runs[not saved_fsdp][0].abstract_state, expected_meta=meta).state
     ckpt.close()
-    assert checkpoints.tree_equal(restored, state_off)
-    q = restored.params["encoder"]["layers"]["subblock_0"]["attention"]["query"]["kernel"]
-    assert q.sharding.spec == PartitionSpec(None, ("data", "expert"), "model")
+    assert checkpoints.tree_equal(restored, state)
+    fsdp_spec = PartitionSpec(None, ("data", "expert"), "model")
+    assert _q_spec(state) == (fsdp_spec if saved_fsdp else PartitionSpec(None, None, "model"))
+    assert _q_spec(restored) == (PartitionSpec(None, None, "model") if saved_fsdp else fsdp_spec)
+
+
+def test_hf_export_reads_either_layout_alike(mesh_222, tmp_path):
+    """HF export reads the arrays, not their layout (unscanned: what HF export takes)."""
+    cfg = dataclasses.replace(CFG, scan_layers=False)
+    exported = []
+    for fsdp in (False, True):
+        run, _ = tiny_train_step(dataclasses.replace(cfg, fsdp=fsdp), mesh_222, _batch())
+        state = run.setup.init_fn()
+        emb = state.params["token_embedder"]["embedding"]
+        assert emb.sharding.spec == PartitionSpec("model", ("data", "expert") if fsdp else None)
+        _save(tmp_path / str(fsdp), state, cfg, fsdp)
+        exported.append(_exported(tmp_path / str(fsdp), tmp_path / f"hf_{fsdp}"))
+    a, b = exported
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_fsdp_axes_go_where_the_shape_allows():
+    """jax shards evenly only: Switch-C's d_model 2080 does not split over 2048 batch shards."""
+    fit = partitioning.fit_fsdp
+    c_mesh = {"data": 1, "expert": 2048, "model": 1}
+    fsdp = ("data", "expert")
+    # Attention: neither 2080 nor 1920 divides 2048, the stacked layers axis is never used.
+    logical = PartitionSpec("layers", "weight_embed", "joined_kv")
+    spec = fit(logical, PartitionSpec(None, fsdp, "model"), (2048, 2080, 1920), c_mesh)
+    assert spec == PartitionSpec(None, None, "model")
+    # The router's experts dim takes the batch shards instead.
+    logical = PartitionSpec("layers", "weight_embed", "unmodeled")
+    spec = fit(logical, PartitionSpec(None, fsdp, None), (15, 2080, 2048), c_mesh)
+    assert spec == PartitionSpec(None, None, fsdp)
+    # Divisible: unchanged. Else the larger single batch axis that divides d_model.
+    logical = PartitionSpec("weight_embed", "mlp")
+    sizes = {"data": 2, "expert": 4, "model": 2}
+    assert fit(logical, PartitionSpec(fsdp, "model"), (16, 6), sizes) == PartitionSpec(
+        fsdp, "model"
+    )
+    assert fit(logical, PartitionSpec(fsdp, "model"), (12, 6), sizes) == PartitionSpec(
+        "expert", "model"
+    )
+    assert fit(logical, PartitionSpec(fsdp, "model"), (6, 6), sizes) == PartitionSpec(
+        "data", "model"
+    )
+
+
+def test_fsdp_state_builds_when_d_model_does_not_split_over_the_batch_shards(mesh_222):
+    cfg = dataclasses.replace(CFG, d_model=6, fsdp=True)  # 6 rows over 2 x 2 batch shards
+    run, _ = tiny_train_step(cfg, mesh_222, _batch())
+    q = run.setup.abstract_state.params["encoder"]["layers"]["subblock_0"]["attention"]
+    assert q["query"]["kernel"].sharding.spec == PartitionSpec(None, "data", "model")
+
+
+def test_fsdp_turns_itself_on_for_large_models_or_large_meshes():
+    base = tiny_config(  # Switch-Base sizes: 0.17B non-expert params
+        vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072,
+        num_encoder_layers=12, num_decoder_layers=12, num_experts=128,
+    )  # fmt: skip
+    assert 0.1e9 < partitioning.non_expert_params(base) < 0.5e9
+    on_128 = {"data": 1, "expert": 128, "model": 1}
+    on_256 = {"data": 2, "expert": 128, "model": 2}
+    assert not partitioning.fsdp_enabled(base) and not partitioning.fsdp_enabled(base, on_128)
+    assert partitioning.fsdp_enabled(base, on_256)
+    assert not partitioning.fsdp_enabled(dataclasses.replace(base, fsdp=False), on_256)
+    assert not partitioning.fsdp_enabled(CFG, on_256)  # tiny models never
+    large = dataclasses.replace(base, d_model=2048, num_heads=32)
+    assert partitioning.non_expert_params(large) >= 0.5e9 and partitioning.fsdp_enabled(large)
+
+
+def test_fsdp_counts_the_weights_that_stay_whole(mesh_222):
+    """d_model 5 divides into no batch axis: only the routers (4 experts) split; the planner
+    reports the rest as whole."""
+    cfg = dataclasses.replace(CFG, d_model=5, fsdp=True)
+    st = tiny_train_step(cfg, mesh_222, _batch())[0].setup
+    whole = partitioning.fsdp_whole_params(
+        st.logical_specs, st.shardings.params, st.abstract_state.params
+    )
+    # embedding 128 x 5, untied logits 5 x 128, 12 attention kernels of 5 x 6 per stack pair
+    # layer (4 encoder x 4 + 4 decoder x 8 kernels), 4 dense MLPs (wi 5 x 16, wo 16 x 5).
+    assert whole == 640 + 640 + (16 + 32) * 30 + 4 * 160
+    router = st.abstract_state.params["encoder"]["layers"]["subblock_1"]["mlp"]["router"]
+    assert router["w"]["kernel"].sharding.spec == PartitionSpec(None, None, ("data", "expert"))

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -129,6 +130,76 @@ def test_collective_bytes_count_all_reduce_plus_slice_as_reduce_scatter():
         "all-gather": 5 * 8 * 3 * 4,
         "all-reduce": 4 * 2,
     }
+    counts, _ = plan.count_collectives(RS_HLO)
+    assert (counts["reduce-scatter"], counts["all-reduce"]) == (5, 1)
+
+
+# The forms a scanned FSDP step compiles to (tests/test_fsdp.py's step, abridged): the slice
+# inside a fusion, combined all-reduces read through get-tuple-element, groups of 4 devices.
+FUSED_RS_HLO = """HloModule m
+
+%fused_slice (param_0.1: f32[8,3], param_1.2: s32[]) -> f32[2,3] {
+  %param_0.1 = f32[8,3]{1,0} parameter(0)
+  %param_1.2 = s32[] parameter(1)
+  ROOT %dynamic-slice.7 = f32[2,3]{1,0} dynamic-slice(%param_0.1, %param_1.2, %c), \
+dynamic_slice_sizes={2,3}
+}
+
+%fused_convert (param_0.4: f32[8,3]) -> bf16[8,3] {
+  %param_0.4 = f32[8,3]{1,0} parameter(0)
+  ROOT %convert.5 = bf16[8,3]{1,0} convert(%param_0.4)
+}
+
+%fused_convert_slice (param_0.5: f32[2,2,3], param_1.6: bf16[8,3], param_2.7: s32[]) -> f32[2,2,3] {
+  %param_0.5 = f32[2,2,3]{2,1,0} parameter(0)
+  %param_1.6 = bf16[8,3]{1,0} parameter(1)
+  %param_2.7 = s32[] parameter(2)
+  %convert.8 = f32[8,3]{1,0} convert(%param_1.6)
+  %dynamic-slice.9 = f32[2,3]{1,0} dynamic-slice(%convert.8, %param_2.7, %c), \
+dynamic_slice_sizes={2,3}
+  %bitcast.10 = f32[1,2,3]{2,1,0} bitcast(%dynamic-slice.9)
+  ROOT %dus.11 = f32[2,2,3]{2,1,0} dynamic-update-slice(%param_0.5, %bitcast.10, %param_2.7, %c, %c)
+}
+
+%fused_whole (param_0.3: f32[1,8,8]) -> f32[1,1,8,8] {
+  %param_0.3 = f32[1,8,8]{2,1,0} parameter(0)
+  ROOT %bitcast.9 = f32[1,1,8,8]{3,2,1,0} bitcast(%param_0.3)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %ar.1 = f32[8,3]{1,0} all-reduce(%x), channel_id=1, replica_groups=[2,4]<=[8], to_apply=%add
+  %f.1 = f32[2,3]{1,0} fusion(%ar.1, %i), kind=kLoop, calls=%fused_slice
+  %ar.2 = (f32[1,8,8]{2,1,0}, f32[8,3]{1,0}) all-reduce(%y, %z), channel_id=2, \
+replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %gte.0 = f32[1,8,8]{2,1,0} get-tuple-element(%ar.2), index=0
+  %gte.1 = f32[8,3]{1,0} get-tuple-element(%ar.2), index=1
+  %f.2 = f32[1,1,8,8]{3,2,1,0} fusion(%gte.0), kind=kLoop, calls=%fused_whole
+  %f.3 = f32[2,3]{1,0} fusion(%gte.1, %i), kind=kLoop, calls=%fused_slice
+  %ar.3 = f32[8,3]{1,0} all-reduce(%w), channel_id=3, replica_groups=[4,2]<=[8], to_apply=%add
+  %f.4 = f32[2,3]{1,0} fusion(%ar.3, %i), kind=kLoop, calls=%fused_slice
+  %ar.5 = f32[8,3]{1,0} all-reduce(%v), channel_id=4, replica_groups=[2,4]<=[8], to_apply=%add
+  %cv.6 = bf16[8,3]{1,0} fusion(%ar.5), kind=kLoop, calls=%fused_convert
+  %f.7 = f32[2,2,3]{2,1,0} fusion(%acc, %cv.6, %i), kind=kLoop, calls=%fused_convert_slice
+}
+"""
+
+
+def test_reduce_scatter_found_through_fusions_and_combined_all_reduces():
+    computations, entry = plan.split_computations(FUSED_RS_HLO)
+    # ar.3's groups are 2 devices but each keeps 1/4: not a reduce-scatter. ar.5 is read
+    # through the bfloat16 converts XLA:CPU adds around its float32 collectives.
+    assert plan.scattered_all_reduces(computations[entry], computations) == {
+        "ar.1": {0},
+        "ar.2": {1},
+        "ar.5": {0},
+    }
+    assert plan.collective_bytes(FUSED_RS_HLO) == {
+        "reduce-scatter": 3 * 8 * 3 * 4,
+        "all-reduce": 8 * 8 * 4 + 8 * 3 * 4,
+    }
+    counts, _ = plan.count_collectives(FUSED_RS_HLO)
+    # ar.2 moves more bytes unscattered (256 vs 96): it counts as an all-reduce.
+    assert (counts["reduce-scatter"], counts["all-reduce"]) == (2, 2)
 
 
 def test_a_mesh_that_does_not_fit_exits_before_compiling():
@@ -224,3 +295,80 @@ def test_bfloat16_optimizer_state_halves_its_bytes_and_tracks_float32():
     assert out["bfloat16"][0] == 4 + 2 * (4 * 128 + 4 * 136 + 1)
     # The first update reads zero moments, so it is the same; bfloat16 storage is only rounding.
     np.testing.assert_allclose(out["bfloat16"][1], out["float32"][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_planner_breakdown_with_fsdp_counts_reduce_scatters():
+    """The same tiny step with FSDP: the breakdown's fields, smaller params, reduce-scatters."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "switch_t5.plan",
+        "--gin_file=configs/models/tiny.gin",
+        *TINY_BINDINGS,
+        "--gin.switch_t5.SwitchConfig.fsdp=True",
+        "--mesh=data:2,expert:2,model:2",
+        "--batch=16",
+        "--inputs_length=16",
+        "--targets_length=8",
+        "--scan=on",
+    ]
+    env = {**os.environ, "PYTHONPATH": gin_utils.REPO_ROOT}
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=gin_utils.REPO_ROOT, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    assert out["fsdp"].startswith("on  (non-expert weights, gradients and optimizer state sharded")
+    # 4080 float32 values per device without FSDP (see the test above); the embedding, attention,
+    # dense MLP and router weights now split 4 ways more: 1024 + 1152 + 512 + 4 x 32 -> / 4.
+    assert int(out["per_device_param_bytes"]) == (4080 - (1024 + 1152 + 512 + 128) * 3 // 4) * 4
+    n = r"\d+\.\d\d"
+    assert re.fullmatch(
+        rf"params {n}, optimizer state {n}, gradients {n} \(in the temporaries\), "
+        rf"activations and other temporaries {n}, batch {n}",
+        out["per_device_breakdown_gib"],
+    ), out["per_device_breakdown_gib"]
+    assert "reduce-scatter" in out["collective_bytes_per_step"]
+    assert (
+        "(reduce-scatter = XLA:CPU's all-reduce + dynamic-slice)"
+        in (out["collective_bytes_per_step"])
+    )
+    counts = dict(
+        kv.rsplit(" ", 1) for kv in out["collectives_per_step"].split(" (")[0].split(", ")
+    )
+    assert int(counts["reduce-scatter"]) > 0 and int(counts["all-gather"]) > 0
+    assert out["compile_wall_seconds"].startswith("setup ")
+
+
+_LIVE_RANGE = """HloLiveRange (max 9):
+  Live ranges at 7 (peak):
+    param.1{}: 2048 bytes (cumulative: 2048 bytes)
+    square_fusion.3{}: 4096 bytes (cumulative: 6144 bytes)
+    tuple.4{1}: 1024 bytes (cumulative: 7168 bytes)
+  Stack trace breakdown for peak usage: 7 168 bytes
+"""
+_PEAK_HLO = """ENTRY %main (param.1: bf16[32,32]) -> f32[32,32] {
+  %param.1 = bf16[32,32]{1,0} parameter(0), metadata={op_name="state"}
+  %square_fusion.3 = f32[32,32]{1,0} fusion(%param.1), kind=kLoop, calls=%f, \
+metadata={op_name="jit(train_step)/square"}
+  %tuple.4 = (f32[2]{0}, f32[16,16]{1,0}) while(%t), condition=%c, body=%b, \
+metadata={op_name="jit(train_step)/transpose(jvp(EncoderDecoder))/EncoderDecoder.decode/decoder/while"}
+}
+"""
+
+
+def test_peak_buffers_groups_the_peak_by_the_op_that_made_each_buffer():
+    import importlib.util
+
+    path = os.path.join(gin_utils.REPO_ROOT, "scripts", "peak_buffers.py")
+    spec = importlib.util.spec_from_file_location("peak_buffers", path)
+    peak_buffers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak_buffers)
+    total, groups = peak_buffers.peak_groups(_LIVE_RANGE, _PEAK_HLO)
+    assert total == 7168
+    assert groups == [
+        ("square (fusion)", 4096, 1, [("f32[32,32]", 1)]),
+        ("entry parameters (train state, batch)", 2048, 1, [("bf16[32,32]", 1)]),
+        ("transpose(jvp(EncoderDecoder))/decoder/while (while)", 1024, 1, [("f32[16,16]", 1)]),
+    ]
