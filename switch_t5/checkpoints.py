@@ -219,6 +219,8 @@ RUNTIME_FIELDS = frozenset(
         "eval_capacity_factor",
         "min_expert_capacity",
         "group_size",
+        "decoder_group_size",
+        "max_group_size",
         "routing_groups",
         "expert_capacity",
         "dropout_rate",
