@@ -809,6 +809,22 @@ def group_size_line(config: SwitchConfig, grouped: SwitchConfig) -> str:
     )
 
 
+def _compile_on(flags, config: SwitchConfig, overrides, mesh, spec: StepSpec):
+    """(StepPlan, config with the group sizes it used): the step compiled on `mesh`, the routing
+    group sizes the config leaves unset chosen for that mesh (`resolve_groups`)."""
+    grouped = resolve_groups(config, mesh, spec)
+    groups = {k: getattr(grouped, k) for k in _GROUP_FIELDS if getattr(config, k) is None}
+    step = compile_in_subprocess(
+        flags.gin_files,
+        flags.gin_bindings,
+        {**overrides, **groups},
+        mesh,
+        spec,
+        flags.rest.compile_timeout,
+    )
+    return step, grouped
+
+
 def _compile_overrides(config: SwitchConfig, model_plan: ModelPlan, rest) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if rest.scan == "on":
@@ -880,16 +896,7 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
         {"inputs": spec.inputs_length, "targets": spec.targets_length},
     )
     for i, mesh in enumerate(candidates):
-        grouped = resolve_groups(config, mesh, spec)
-        groups = {k: getattr(grouped, k) for k in _GROUP_FIELDS if getattr(config, k) is None}
-        step = compile_in_subprocess(
-            flags.gin_files,
-            flags.gin_bindings,
-            {**overrides, **groups},
-            mesh,
-            spec,
-            rest.compile_timeout,
-        )
+        step, grouped = _compile_on(flags, config, overrides, mesh, spec)
         fits = usable is None or step.total_bytes <= usable
         if fits or i == len(candidates) - 1:
             break
