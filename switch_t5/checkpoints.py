@@ -220,6 +220,8 @@ RUNTIME_FIELDS = frozenset(
         "min_expert_capacity",
         "capacity_scales_with_k",
         "group_size",
+        "decoder_group_size",
+        "max_group_size",
         "routing_groups",
         "expert_capacity",
         "dropout_rate",

@@ -8,7 +8,8 @@ where defaults live (a Switch-Base-8-like model).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from switch_t5.errors import UserError
 
@@ -110,7 +111,15 @@ class SwitchConfig:
       eval_capacity_factor: expert capacity factor in evaluation and decoding.
       min_expert_capacity: floor of the expert capacity.
       group_size: tokens per routing group (routing never depends on the mesh) when
-        routing_groups is "tokens".
+        routing_groups is "tokens": of the encoder's sparse layers, and of the decoder's unless
+        decoder_group_size is set. None (the default): chosen once by the run that trains
+        (or plans) the model from its global batch and feature lengths
+        (`moe.resolve_group_sizes`, for each stack), recorded with its checkpoints and reused
+        from then on (resume, eval, fine-tuning, any mesh); a model applied before that groups
+        by max_group_size.
+      decoder_group_size: tokens per routing group of the decoder's sparse layers; None =
+        group_size (set when group_size is resolved: the decoder's tokens are fewer).
+      max_group_size: the largest group the automatic choice (group_size=None) picks.
       routing_groups: "tokens" (groups of `group_size` tokens, capacity from the group's token
         count) or "sequence" (each sequence one group; its capacity comes from the
         capacity factor and the sequence's own real tokens, so padding length and batch-mates
@@ -205,7 +214,9 @@ class SwitchConfig:
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
-    group_size: int = 8192
+    group_size: int | None = None
+    decoder_group_size: int | None = None
+    max_group_size: int = 8192
     routing_groups: RoutingGroups = "tokens"
     expert_capacity: int | None = None
     router_jitter_noise: float = 1e-2
@@ -252,8 +263,7 @@ class SwitchConfig:
             for name in ("router_type", "decoder_router_type"):
                 if getattr(self, name) == "switch" and self.num_selected_experts != 1:
                     problems.append(f"{name}='switch' routes to exactly 1 expert; use 'topk'")
-            if self.group_size <= 0:
-                problems.append(f"group_size={self.group_size} must be positive")
+            problems.extend(self._group_size_problems())
             if self.routing_groups not in ROUTING_GROUPS:
                 problems.append(
                     f"routing_groups={self.routing_groups!r}: use 'tokens' or 'sequence'"
@@ -307,6 +317,17 @@ class SwitchConfig:
             problems.append(self._no_sparse_layer_problem())
         if problems:
             raise InvalidConfigError("Invalid SwitchConfig: " + "; ".join(problems))
+
+    def _group_size_problems(self) -> list[str]:
+        problems = []
+        for name in ("group_size", "decoder_group_size", "max_group_size"):
+            value = getattr(self, name)
+            if value is None and name != "max_group_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                unset = "" if name == "max_group_size" else " or None (chosen by the run)"
+                problems.append(f"{name}={value!r} must be a positive integer{unset}")
+        return problems
 
     def _expert_choice_problems(self, moe) -> list[str]:
         """Where expert-choice routing cannot run: an expert compares all tokens of a group,
@@ -403,6 +424,37 @@ class SwitchConfig:
     def groups_per_sequence(self) -> bool:
         """Whether every sequence is its own routing group (see routing_groups, expert_capacity)."""
         return self.routing_groups == "sequence" or self.expert_capacity is not None
+
+    def stack_group_size(self, stack: Literal["encoder", "decoder"]) -> int:
+        """Tokens per routing group of a stack's sparse layers under "tokens" grouping (see
+        group_size; max_group_size while group_size is unresolved)."""
+        if stack == "decoder" and self.decoder_group_size is not None:
+            return self.decoder_group_size
+        return self.max_group_size if self.group_size is None else self.group_size
+
+    def group_size_field(self, stack: Literal["encoder", "decoder"]) -> str:
+        """The field that sets `stack_group_size(stack)` (what an error tells users to set)."""
+        if stack == "decoder" and self.decoder_group_size is not None:
+            return "decoder_group_size"
+        return "group_size"
+
+    def with_recorded_groups(self, saved: Mapping[str, Any]) -> SwitchConfig:
+        """This config with the group sizes a checkpoint recorded (`saved`: its meta's
+        model_config) where group_size is unset, so that a run resumed or evaluated from it
+        routes as it was trained whatever its batch or mesh. An explicit group_size wins."""
+        if self.group_size is not None or saved.get("group_size") is None:
+            return self
+        decoder = self.decoder_group_size
+        if decoder is None:
+            decoder = saved.get("decoder_group_size")
+        return dataclasses.replace(self, group_size=saved["group_size"], decoder_group_size=decoder)
+
+    def with_fields(self, **fields: Any) -> SwitchConfig:
+        """`dataclasses.replace`, where a group_size given without decoder_group_size sets both
+        stacks' size (as group_size always did), not the encoder's alone."""
+        if "group_size" in fields and "decoder_group_size" not in fields:
+            fields["decoder_group_size"] = None
+        return dataclasses.replace(self, **fields)
 
     def for_inference(self) -> SwitchConfig:
         """This config as inference runs it: each sequence its own routing group, so that an

@@ -253,7 +253,7 @@ def model_config_from_checkpoint(
             "dropout, ...) and scan_layers may be changed, unless InitialCheckpoint.strict=False "
             "or an assignment_map says how the params differ"
         )
-    return dataclasses.replace(config, **runtime) if runtime else config
+    return config.with_fields(**runtime) if runtime else config
 
 
 def _name(path: tuple) -> str:

@@ -4,14 +4,18 @@ Switch Transformer (arXiv 2101.03961) replaces the dense MLP of a T5 block with 
 MLP of the same size) and a router that sends each token to its top-1 expert (top-k for the
 "MoE" baseline). Each step below is a small pure function:
 
-1. `group_layout`: the [batch, length] tokens of the call are split into groups of
-   `config.group_size` tokens. The number of groups depends only on the global token count and
-   the configured size, never on the mesh, so a batch routes (and drops) identically on any mesh.
-   Rule: the group size is the largest divisor of the token count that is <= `group_size`
-   (batch * length is usually a power of two, so this is `group_size` itself). When the groups
+1. `group_layout`: the [batch, length] tokens of the call are split into groups of the
+   stack's group size (`config.stack_group_size`: `group_size`, or `decoder_group_size` in the
+   decoder). The number of groups depends only on the global token count and the configured
+   size, never on the mesh, so a batch routes (and drops) identically on any mesh.
+   Rule: the group size is the largest divisor of the token count that is <= the configured
+   size (batch * length is usually a power of two, so this is the size itself). When the groups
    cannot be laid evenly over the batch shards (mesh axes of the logical "group" axis), the call
-   fails and names the sizes to change; a single group (fewer tokens than `group_size`, e.g. one
-   decoding step of [batch, 1, d]) is allowed on any mesh. With per-sequence groups
+   fails and names the sizes to change; a single group (fewer tokens than the size, e.g. one
+   decoding step of [batch, 1, d]) is allowed on any mesh. A config that leaves `group_size`
+   unset gets sizes chosen once from the run's batch and lengths (`resolve_group_sizes`): group
+   counts that are multiples of 16, which split over 1, 2, 4, 8 or 16 batch shards. With
+   per-sequence groups
    (`config.routing_groups="sequence"`, inference, or transformers' `config.expert_capacity`)
    each batch row is a group (`call_groups`): they are the batch and shard as it does.
 2. route: the float32 router kernel (`routing.Router`) and the router function of
@@ -141,11 +145,63 @@ def group_layout(num_tokens: int, group_size: int) -> tuple[int, int]:
     return num_tokens // best, best
 
 
-def call_groups(config: SwitchConfig, batch: int, length: int) -> tuple[int, int]:
-    """(num_groups, tokens_per_group) of a [batch, length] call under the config's grouping."""
+def call_groups(
+    config: SwitchConfig, batch: int, length: int, stack: str = "encoder"
+) -> tuple[int, int]:
+    """(num_groups, tokens_per_group) of a [batch, length] call of one stack's sparse layers
+    under the config's grouping."""
     if config.groups_per_sequence:
         return batch, length
-    return group_layout(batch * length, config.group_size)
+    return group_layout(batch * length, config.stack_group_size(stack))
+
+
+# Group counts the automatic group size (SwitchConfig.group_size=None) makes a multiple of: they
+# split evenly over 1, 2, 4, 8 or 16 batch shards, so the run routes identically on those meshes.
+AUTO_GROUP_MULTIPLE = 16
+
+
+def auto_group_size(rows: int, length: int, max_group_size: int, shards: int = 1) -> int:
+    """Tokens per routing group for calls of [rows, length] tokens (a microbatch of one stack)
+    when the config leaves group_size unset: the largest size <= max_group_size that makes a
+    group count that is a multiple of lcm(16, shards); else `length` (one group per sequence,
+    which splits wherever the batch does)."""
+    tokens = rows * length
+    multiple = math.lcm(AUTO_GROUP_MULTIPLE, shards)
+    if tokens % multiple:
+        return length
+    # A group count that is a multiple of `multiple` <=> a size that divides tokens / multiple.
+    _, size = group_layout(tokens // multiple, max_group_size)
+    return size
+
+
+def resolve_group_sizes(
+    config: SwitchConfig, rows: int, lengths: Mapping[str, int], shards: int = 1
+) -> SwitchConfig:
+    """`config` with its unset group sizes chosen by `auto_group_size`, per stack.
+
+    Args:
+      config: the network config; an explicit group_size is kept as it is (the decoder then
+        uses it too, unless decoder_group_size is set), so is a dense model's None.
+      rows: sequences per microbatch (global: batch_size / num_microbatches).
+      lengths: {"inputs": encoder tokens, "targets": decoder tokens} per sequence.
+      shards: the batch shards (data x expert) of the mesh the run starts on; on meshes of up
+        to 16 shards (powers of two) the choice is the same.
+    """
+    if config.group_size is not None or not config.is_sparse:
+        return config
+    encoder = auto_group_size(rows, lengths["inputs"], config.max_group_size, shards)
+    decoder = config.decoder_group_size
+    if decoder is None:
+        decoder = auto_group_size(rows, lengths["targets"], config.max_group_size, shards)
+    return dataclasses.replace(config, group_size=encoder, decoder_group_size=decoder)
+
+
+def group_size_gin(config: SwitchConfig) -> str:
+    """The gin flags that fix a config's group sizes (e.g. what `plan` chose)."""
+    flags = [f"--gin.switch_t5.SwitchConfig.group_size={config.group_size}"]
+    if config.decoder_group_size is not None:
+        flags.append(f"--gin.switch_t5.SwitchConfig.decoder_group_size={config.decoder_group_size}")
+    return " ".join(flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,18 +264,20 @@ def _group_shards(name: str = "group") -> tuple[int, tuple[str, ...]]:
     return math.prod(mesh.shape[a] for a in axes), axes
 
 
-def _check_groups_fit_mesh(num_tokens: int, num_groups: int, group_size: int) -> None:
+def _check_groups_fit_mesh(
+    num_tokens: int, num_groups: int, group_size: int, field: str = "group_size"
+) -> None:
     shards, axes = _group_shards()
     if num_groups == 1 or num_groups % shards == 0:
         return
     hint = ""
     if num_tokens % shards == 0:
         _, fit = group_layout(num_tokens // shards, group_size)
-        hint = f" (e.g. group_size={fit})"
+        hint = f" (e.g. {field}={fit})"
     raise errors.UserError(
         f"MoE routing: {num_tokens} tokens in groups of {num_tokens // num_groups} make "
         f"{num_groups} groups, which cannot be split evenly over the {shards} shards of mesh "
-        f"axes {axes} that hold the logical 'group' axis. Set SwitchConfig.group_size so that "
+        f"axes {axes} that hold the logical 'group' axis. Set SwitchConfig.{field} so that "
         f"the group count is a multiple of {shards}{hint}, or use a batch whose token count "
         f"(batch * length) gives such a count. Routing never adapts groups to the mesh, so that "
         f"the same batch routes identically on every mesh."
@@ -715,13 +773,19 @@ class CapacityDispatch(Dispatch):
 
     def apply(self, cfg, x, valid, route, experts, *, is_encoder, enable_dropout):
         batch, length, d = x.shape
-        num_groups, group_tokens = call_groups(cfg, batch, length)
+        stack = "encoder" if is_encoder else "decoder"
+        num_groups, group_tokens = call_groups(cfg, batch, length, stack)
         if cfg.groups_per_sequence:
             # The groups are the batch rows: they shard as the batch does, evenly or not, and
             # no layout changes what a row computes.
             sharded = num_groups > 1 and num_groups % _group_shards()[0] == 0
         else:
-            _check_groups_fit_mesh(batch * length, num_groups, cfg.group_size)
+            _check_groups_fit_mesh(
+                batch * length,
+                num_groups,
+                cfg.stack_group_size(stack),
+                cfg.group_size_field(stack),
+            )
             sharded = num_groups > 1
         # A single group (decoding steps, small calls) spans the batch shards: its token layout is
         # left to the partitioner instead of being forced onto one device.

@@ -191,22 +191,28 @@ class MeshConfig:
 
 
 def routing_groups_problem(
-    stack: str, tokens: int, num_groups: int, group_size: int, shards: int
+    stack: str,
+    tokens: int,
+    num_groups: int,
+    group_size: int,
+    shards: int,
+    field: str = "group_size",
 ) -> str | None:
     """Why `num_groups` routing groups of `tokens` tokens cannot be split over `shards` batch
     shards (None when they can: one group, or a multiple of the shards). Routing never adapts
-    its groups to the mesh, so that a batch routes identically on every mesh."""
+    its groups to the mesh, so that a batch routes identically on every mesh. `field`: the
+    SwitchConfig field that sets the stack's group size."""
     if num_groups == 1 or num_groups % shards == 0:
         return None
     from switch_t5 import moe
 
     hint = ""
     if tokens % shards == 0:
-        hint = f" (e.g. group_size={moe.group_layout(tokens // shards, group_size)[1]})"
+        hint = f" (e.g. {field}={moe.group_layout(tokens // shards, group_size)[1]})"
     return (
         f"the {stack}'s {tokens} tokens per microbatch make {num_groups} routing groups of "
         f"{tokens // num_groups}, which cannot be split over the {shards} batch shards; set "
-        f"--gin.switch_t5.SwitchConfig.group_size so that the group count is a multiple of "
+        f"--gin.switch_t5.SwitchConfig.{field} so that the group count is a multiple of "
         f"{shards}{hint}"
     )
 
@@ -242,7 +248,8 @@ def mesh_problems(
     The ONE mesh-fit rule: the batch splits into microbatches, each microbatch's rows over the
     data x expert batch shards; the expert axis divides the experts (a dense model has none);
     the model axis divides heads, d_ff and the vocabulary; and, for the capacity dispatches,
-    each sparse stack's routing groups (`moe.call_groups`) split over the batch shards.
+    each sparse stack's routing groups (`moe.call_groups`) split over the batch shards (group
+    sizes left unset are first chosen for this mesh, `moe.resolve_group_sizes`).
 
     Args:
       config: the SwitchConfig.
@@ -270,11 +277,17 @@ def mesh_problems(
     problems += _axes_problems(config, data, expert, model)
     dropless = moe.resolve_dispatch(config.dispatch) in moe.DROPLESS_IMPLS
     if config.is_sparse and not dropless and not problems:
+        config = moe.resolve_group_sizes(config, rows, lengths, shards)
         for stack, length in (("encoder", lengths["inputs"]), ("decoder", lengths["targets"])):
             if config.sparse_layers(stack):
-                groups, _ = moe.call_groups(config, rows, length)
+                groups, _ = moe.call_groups(config, rows, length, stack)
                 problem = routing_groups_problem(
-                    stack, rows * length, groups, config.group_size, shards
+                    stack,
+                    rows * length,
+                    groups,
+                    config.stack_group_size(stack),
+                    shards,
+                    config.group_size_field(stack),
                 )
                 problems += [problem] if problem else []
     return problems

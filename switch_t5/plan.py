@@ -1024,6 +1024,57 @@ def format_step_plan(
     ]
 
 
+_GROUP_FIELDS = ("group_size", "decoder_group_size")
+
+
+def resolve_groups(config: SwitchConfig, mesh: Mapping[str, int], spec: StepSpec) -> SwitchConfig:
+    """The config with the routing group sizes a run of this batch on this mesh uses: unset
+    ones chosen as training chooses them (`moe.resolve_group_sizes`)."""
+    from switch_t5 import moe
+
+    lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
+    rows = max(spec.batch // spec.num_microbatches, 1)
+    return moe.resolve_group_sizes(config, rows, lengths, mesh["data"] * mesh["expert"])
+
+
+def group_size_line(config: SwitchConfig, grouped: SwitchConfig) -> str:
+    """The `routing_group_size:` report line: each sparse stack's tokens per routing group and,
+    when the planner chose them, the gin flags that fix them for training."""
+    if not config.is_sparse:
+        return "routing_group_size: - (dense model)"
+    if grouped.groups_per_sequence:
+        return "routing_group_size: one group per sequence (routing_groups='sequence')"
+    sizes = ", ".join(
+        f"{stack} {grouped.stack_group_size(stack)}"
+        for stack in ("encoder", "decoder")
+        if grouped.sparse_layers(stack)
+    )
+    if config.group_size is not None:
+        return f"routing_group_size: {sizes} tokens (set by group_size)"
+    from switch_t5 import moe
+
+    return (
+        f"routing_group_size: {sizes} tokens (chosen for this batch and mesh, as training "
+        f"chooses them; to use exactly these: {moe.group_size_gin(grouped)})"
+    )
+
+
+def _compile_on(flags, config: SwitchConfig, overrides, mesh, spec: StepSpec):
+    """(StepPlan, config with the group sizes it used): the step compiled on `mesh`, the routing
+    group sizes the config leaves unset chosen for that mesh (`resolve_groups`)."""
+    grouped = resolve_groups(config, mesh, spec)
+    groups = {k: getattr(grouped, k) for k in _GROUP_FIELDS if getattr(config, k) is None}
+    step = compile_in_subprocess(
+        flags.gin_files,
+        flags.gin_bindings,
+        {**overrides, **groups},
+        mesh,
+        spec,
+        flags.rest.compile_timeout,
+    )
+    return step, grouped
+
+
 def _compile_overrides(config: SwitchConfig, model_plan: ModelPlan, rest) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if rest.scan == "on":
@@ -1095,9 +1146,7 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
         {"inputs": spec.inputs_length, "targets": spec.targets_length},
     )
     for i, mesh in enumerate(candidates):
-        step = compile_in_subprocess(
-            flags.gin_files, flags.gin_bindings, overrides, mesh, spec, rest.compile_timeout
-        )
+        step, grouped = _compile_on(flags, config, overrides, mesh, spec)
         fits = usable is None or step.total_bytes <= usable
         if fits or i == len(candidates) - 1:
             break
@@ -1107,6 +1156,7 @@ def _plan_step(flags, config: SwitchConfig, model_plan: ModelPlan) -> None:
         )
     for line in format_step_plan(config, spec, step, flops, recommended):
         print(line)
+    print(group_size_line(config, grouped))
     if usable is not None:
         where = (
             f"{rest.hbm_gib:g} GiB x XLA's GPU preallocation {rest.gpu_mem_fraction:g}"

@@ -246,8 +246,8 @@ def load_model(
     from switch_t5.data import vocab as vocab_lib
     from switch_t5.interop import checkpoint_io
 
-    config = dataclasses.replace(
-        checkpoint_io.config_from_dict(dict(saved)), **{**(overrides or {}), "scan_layers": False}
+    config = checkpoint_io.config_from_dict(dict(saved)).with_fields(
+        **{**(overrides or {}), "scan_layers": False}
     )
     if vocabulary is not None:
         init_checkpoint.check_vocabulary(ref, vocab_lib.vocabulary_record(vocabulary))

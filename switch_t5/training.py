@@ -154,28 +154,55 @@ def prepare(
     return Prepared(config, lengths, record, meta, teacher)
 
 
-def make_mesh(
-    settings: RunSettings, config: SwitchConfig, lengths, teacher: SwitchConfig | None = None
-) -> jax.sharding.Mesh:
-    """The job's mesh (several slices/nodes: expert and model axes inside each), checked by the
-    one mesh-fit rule (`partitioning.mesh_problems`) against the model and the batch, and
-    against the distillation teacher, which runs on the same mesh (a dense student keeps the
-    expert axis at 1: the teacher's expert weights are then not split over it)."""
+def make_mesh(settings: RunSettings, prepared: Prepared) -> tuple[jax.sharding.Mesh, Prepared]:
+    """The job's mesh (several slices/nodes: expert and model axes inside each) and the run's
+    routing group sizes (`resolve_groups`), checked by the one mesh-fit rule
+    (`partitioning.mesh_problems`) against the model and the batch, and against the
+    distillation teacher, which runs on the same mesh (a dense student keeps the expert axis at
+    1: the teacher's expert weights are then not split over it)."""
     t, m = settings.training, settings.mesh
-    models = [config] if teacher is None else [config, teacher]
-    mesh = multihost.make_mesh_for_job(m.data, m.expert, m.model, num_experts=config.num_experts)
+    num_experts = prepared.config.num_experts
+    mesh = multihost.make_mesh_for_job(m.data, m.expert, m.model, num_experts=num_experts)
+    prepared = resolve_groups(prepared, t, dict(mesh.shape))
+    models = [prepared.config] + ([prepared.teacher.config] if prepared.teacher else [])
     problems = [
         p
         for c in models
         for p in partitioning.mesh_problems(
-            c, dict(mesh.shape), t.batch_size, t.num_microbatches, lengths
+            c, dict(mesh.shape), t.batch_size, t.num_microbatches, prepared.lengths
         )
     ]
     if problems:
         raise partitioning.MeshConfigError(
             f"mesh {dict(mesh.shape)} does not fit this run: " + "; ".join(problems)
         )
-    return mesh
+    return mesh, prepared
+
+
+def recorded_model_config(model_dir: str) -> dict[str, Any]:
+    """The model config MODEL_DIR's newest complete checkpoint records ({} when none does)."""
+    try:
+        ref = init_checkpoint.find_checkpoint(model_dir)
+    except (init_checkpoint.InitialCheckpointError, OSError, ValueError):
+        return {}  # unreadable: the restore reports (or quarantines) it
+    return dict((ref.meta if ref is not None else {}).get("model_config") or {})
+
+
+def resolve_groups(prepared: Prepared, t: TrainingConfig, mesh_sizes) -> Prepared:
+    """The routing group sizes of the run, in its config and checkpoint meta: resuming, those
+    the checkpoint recorded (`SwitchConfig.with_recorded_groups`); else, when the config leaves
+    group_size unset, chosen from the global batch and lengths (`moe.resolve_group_sizes`), then
+    recorded, so that neither a resume nor another mesh changes how the run routes."""
+    from switch_t5 import moe
+
+    config = prepared.config.with_recorded_groups(recorded_model_config(t.model_dir))
+    shards = mesh_sizes["data"] * mesh_sizes["expert"]
+    rows = max(t.batch_size // t.num_microbatches, 1)
+    config = moe.resolve_group_sizes(config, rows, prepared.lengths, shards)
+    if config == prepared.config:
+        return prepared
+    meta = {**prepared.meta, "model_config": checkpoints.make_meta(config)["model_config"]}
+    return dataclasses.replace(prepared, config=config, meta=meta)
 
 
 def run_training(
@@ -211,8 +238,7 @@ def run_training(
     prepared = prepare(
         t, model_config, vocab_size_from_task, task_macros or {}, settings.distillation
     )
-    teacher_config = prepared.teacher.config if prepared.teacher else None
-    mesh = make_mesh(settings, prepared.config, prepared.lengths, teacher_config)
+    mesh, prepared = make_mesh(settings, prepared)
     is_main = jax.process_index() == 0
     lock = checkpoints.ModelDirLock(t.model_dir) if is_main else None
     if lock is not None:
