@@ -250,9 +250,8 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     from switch_t5.train_state import TrainState
 
     module = network.EncoderDecoder(config)
-    loss_config = trainer.LossConfig(
-        1e-4, config.load_balancing_loss_weight, config.router_z_loss_weight
-    )
+    # T5X's output z-loss; every router weight the model's (LossConfig.for_model).
+    loss_config = trainer.LossConfig(z_loss=1e-4).for_model(config)
     members = [(lr, seed) for lr in lrs for seed in range(seeds)]
     lr_arr = jnp.asarray([lr for lr, _ in members], jnp.float32)
     specs = nn.get_partition_spec(network.init_abstract(config)["params"])

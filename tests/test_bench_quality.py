@@ -207,3 +207,14 @@ def test_bias_row_trains_with_the_trainers_step_and_evaluates_with_its_biases():
     # Step 1 is the same update (the biases start at 0); eval after it routes with the biases
     # the trainer's step moved, so the losses part.
     assert not np.allclose(moved, fixed, rtol=0, atol=1e-6)
+
+
+def test_dense_population_trains_with_the_models_loss_weights():
+    # Before: the script's LossConfig left sequence_balance_loss_weight unset, and the dense
+    # model (whose MoE metrics are all zeros) failed with "LossConfig.sequence_balance_loss_weight
+    # unset; use loss_config.for_model".
+    from tiny import tiny_config
+
+    train, evals = _tiny_batches(2), _tiny_batches(1, seed=1)
+    res = bq._population(tiny_config(num_experts=0), (0.3,), 1, 1, train, evals, 2, 2, "dense")
+    assert np.all(np.isfinite(res["eval_loss"])) and res["steps"] == [2]
