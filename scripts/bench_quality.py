@@ -246,12 +246,12 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     from flax import linen as nn
 
     from switch_t5 import network, optim, partitioning, trainer
+    from switch_t5.train_state import BIAS_FIELD as BIAS_COLLECTION
     from switch_t5.train_state import TrainState
 
     module = network.EncoderDecoder(config)
-    loss_config = trainer.LossConfig(
-        1e-4, config.load_balancing_loss_weight, config.router_z_loss_weight
-    )
+    # T5X's output z-loss; every router weight the model's (LossConfig.for_model).
+    loss_config = trainer.LossConfig(z_loss=1e-4).for_model(config)
     members = [(lr, seed) for lr in lrs for seed in range(seeds)]
     lr_arr = jnp.asarray([lr for lr, _ in members], jnp.float32)
     specs = nn.get_partition_spec(network.init_abstract(config)["params"])
@@ -264,9 +264,13 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
     def init(seed):
         key = jax.random.key(seed)
         init_key, train_key = jax.random.split(key)
-        params = nn.unbox(network.init_variables(config, init_key)["params"])
+        variables = network.init_variables(config, init_key)
+        params = nn.unbox(variables["params"])
         opt_state = make_opt(1.0).tx.init(params)
-        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, train_key)
+        # The choice biases of auxiliary-loss-free balancing (None without them): the trainer's
+        # step moves them, and eval routes with them.
+        router_bias = nn.unbox(variables.get(BIAS_COLLECTION))
+        return TrainState(jnp.zeros([], jnp.int32), params, opt_state, train_key, router_bias)
 
     states = [init(1000 * seed + 17) for _, seed in members]
     state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -277,12 +281,12 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
             state, batch, module=module, optimizer=make_opt(base_lr), loss_config=loss_config
         )
 
-    def evaluate(params, batch):
-        return trainer.eval_step(params, batch, module=module, loss_config=loss_config)
+    def evaluate(params, batch, router_bias):
+        return trainer.eval_step(params, batch, router_bias, module=module, loss_config=loss_config)
 
     with partitioning.axis_rules():
         train_fn = jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=0)
-        eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, None)))
+        eval_fn = jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0)))
 
     def eval_loss(state):
         """Per member: held-out token cross-entropy, and the fraction of tokens dropped."""
@@ -290,7 +294,8 @@ def _population(config, lrs, seeds, warmup, train, evals, steps, eval_every, lab
         n = evals["encoder_input_tokens"].shape[0]
         for i in range(n):
             with partitioning.axis_rules():
-                out = eval_fn(state.params, {k: v[i] for k, v in evals.items()})
+                batch = {k: v[i] for k, v in evals.items()}
+                out = eval_fn(state.params, batch, state.router_bias)
             out = jax.device_get(out)
             ce, w = ce + out["cross_entropy_sum"], w + out["weight_sum"]
             dropped = dropped + np.asarray(out["fraction_dropped"]) / n

@@ -1,7 +1,8 @@
 """Pure functions of scripts/bench_quality.py: smoothing, steps-to-reach, the speedup, overrides,
 the routing-variant rows.
 
-No training and no TensorFlow: the script imports both only inside its functions.
+No TensorFlow (the script imports it only inside its functions); one test trains tiny populations
+for two steps (the bias row's state and eval).
 """
 
 from __future__ import annotations
@@ -167,3 +168,53 @@ def test_variant_row_reads_the_seeds_and_the_second_half_of_training():
     assert row["busiest_processed_decoder"] == pytest.approx(3.0)
     assert row["dropped_train"] == pytest.approx(0.2) and row["dropped_eval"] == pytest.approx(0.06)
     assert bq.variant_row(base, base, 0.3, 40)["speedup"] == pytest.approx(1.0)
+
+
+def _tiny_batches(n, batch=4, inputs=8, targets=4, seed=0):
+    """[n, batch, length] features of every model input, random tokens in one segment."""
+    from switch_t5.trainer import MODEL_FEATURES
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in MODEL_FEATURES:
+        length = inputs if key.startswith("encoder_") else targets
+        if key.endswith("segment_ids"):
+            v = np.ones((n, batch, length))
+        elif key.endswith("positions"):
+            v = np.broadcast_to(np.arange(length), (n, batch, length))
+        else:
+            v = rng.integers(2, 100, (n, batch, length))
+        out[key] = np.asarray(v, np.int32)
+    return out
+
+
+def test_bias_row_trains_with_the_trainers_step_and_evaluates_with_its_biases():
+    # Before: the population built its TrainState from "params" only and evaluated
+    # `eval_step(params, batch)`, so a model with router_bias_update_rate > 0 failed with
+    # "applied without its 'router_bias' variables".
+    from tiny import tiny_config
+
+    train, evals = _tiny_batches(2), _tiny_batches(1, seed=1)
+    args = ((0.3,), 1, 1, train, evals, 2, 1)
+
+    def eval_loss(rate):
+        fields = dict(load_balancing_loss_weight=0.0, group_size=8, router_jitter_noise=0.0)
+        config = tiny_config(router_bias_update_rate=rate, **fields)
+        return np.asarray(bq._population(config, *args, f"u={rate}")["eval_loss"])
+
+    moved, fixed = eval_loss(0.5), eval_loss(0.0)
+    assert np.all(np.isfinite(moved))
+    # Step 1 is the same update (the biases start at 0); eval after it routes with the biases
+    # the trainer's step moved, so the losses part.
+    assert not np.allclose(moved, fixed, rtol=0, atol=1e-6)
+
+
+def test_dense_population_trains_with_the_models_loss_weights():
+    # Before: the script's LossConfig left sequence_balance_loss_weight unset, and the dense
+    # model (whose MoE metrics are all zeros) failed with "LossConfig.sequence_balance_loss_weight
+    # unset; use loss_config.for_model".
+    from tiny import tiny_config
+
+    train, evals = _tiny_batches(2), _tiny_batches(1, seed=1)
+    res = bq._population(tiny_config(num_experts=0), (0.3,), 1, 1, train, evals, 2, 2, "dense")
+    assert np.all(np.isfinite(res["eval_loss"])) and res["steps"] == [2]
