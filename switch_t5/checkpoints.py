@@ -251,6 +251,14 @@ def _default_model_config() -> dict[str, Any]:
     return json.loads(json.dumps(fields))
 
 
+def with_default_fields(model_config: dict[str, Any], keys: Any = None) -> dict[str, Any]:
+    """A meta's recorded model_config with the default of each SwitchConfig field it lacks (of
+    `keys`, default all): a field the checkpoint's version of SwitchConfig did not have yet
+    takes its default."""
+    defaults = _default_model_config()
+    return {**{k: v for k, v in defaults.items() if keys is None or k in keys}, **model_config}
+
+
 def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Raises CheckpointMismatchError naming every architecture field that differs.
 
@@ -262,7 +270,7 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> No
     s_cfg, c_cfg = saved.get("model_config", {}), current.get("model_config", {})
     # A field the checkpoint's version of SwitchConfig did not have yet takes its default.
     if s_cfg:
-        s_cfg = {**{k: v for k, v in _default_model_config().items() if k in c_cfg}, **s_cfg}
+        s_cfg = with_default_fields(s_cfg, c_cfg)
     for key in sorted(set(s_cfg) | set(c_cfg)):
         if s_cfg.get(key) == c_cfg.get(key):
             continue

@@ -231,7 +231,7 @@ def model_config_from_checkpoint(
     from switch_t5 import checkpoints
     from switch_t5.interop import checkpoint_io
 
-    saved = ref.meta["model_config"]
+    saved = checkpoints.with_default_fields(ref.meta["model_config"])
     try:
         config = checkpoint_io.config_from_dict(dict(saved))
     except (TypeError, ValueError) as e:

@@ -15,6 +15,7 @@ convert the params and let training rebuild it (as fine-tuning does).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,6 +122,18 @@ def unscan_params(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, 
                 tree[f"layers_{b * period + j}"] = jax.tree.map(lambda x, b=b: x[b], sub)
         out[stack] = tree
     return out
+
+
+def scanned_name(name: str, config: SwitchConfig) -> tuple[str, tuple[int, ...]]:
+    """Where the unscanned param (or subtree) `name` lives in the scanned layout of `config`:
+    `stack/layers_{i}/rest` -> (`stack/layers/subblock_{i % period}/rest`, (i // period,)), the
+    leading (block) index into the stacked array; any other name -> (name, ())."""
+    m = re.fullmatch(r"(encoder|decoder)/layers_(\d+)(/.*)?", name)
+    if m is None:
+        return name, ()
+    stack, i, rest = m.group(1), int(m.group(2)), m.group(3) or ""
+    block, sub = divmod(i, config.scan_period(stack))
+    return f"{stack}/layers/subblock_{sub}{rest}", (block,)
 
 
 def match_layout(params: Mapping[str, Any], config: SwitchConfig) -> dict[str, Any]:

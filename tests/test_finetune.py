@@ -628,3 +628,22 @@ def test_model_config_from_checkpoint_overrides_runtime_fields_only():
     # A non-strict restore or an assignment map: the model is meant to differ.
     wider = init_checkpoint.model_config_from_checkpoint(ref, bindings, reshape=True)
     assert (wider.d_model, wider.num_experts) == (saved.d_model * 2, saved.num_experts + 1)
+
+
+@pytest.mark.parametrize(
+    "field,default,other",
+    [("router_score", "softmax", "sigmoid"), ("num_shared_experts", 0, 1)],
+)
+def test_field_missing_from_an_old_meta_takes_its_default(field, default, other):
+    """A checkpoint whose meta predates `field`: binding it to its default is no clash."""
+    from etils import epath
+
+    saved = tiny_config()
+    meta = checkpoints.make_meta(saved)
+    del meta["model_config"][field]
+    ref = init_checkpoint.CheckpointRef(epath.Path("/ckpt/checkpoints/7"), 7, meta)
+    config = init_checkpoint.model_config_from_checkpoint(ref, {field: default})
+    assert config == saved
+    with pytest.raises(init_checkpoint.ArchitectureMismatchError) as e:
+        init_checkpoint.model_config_from_checkpoint(ref, {field: other})
+    assert f"{field}={other!r} but the checkpoint has {field}={default!r}" in str(e.value)

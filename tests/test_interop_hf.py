@@ -7,6 +7,7 @@ least two experts. Capacity is set so that nothing is dropped on either side (HF
 sequence; ours: eval_capacity_factor = num_experts), where the two routings agree.
 """
 
+import dataclasses
 import json
 import os
 
@@ -450,3 +451,40 @@ def test_export_keeps_the_imported_expert_capacity(tmp_path):
     assert cfg["expert_capacity"] == DROP_CONFIG["expert_capacity"] == 2
     hf.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "b5"), tokenizer=False, expert_capacity=5)
     assert json.loads((tmp_path / "b5" / "config.json").read_text())["expert_capacity"] == 5
+
+
+def _save_checkpoint(model_dir, config, params):
+    tx = optim.make_optimizer("adafactor", lambda s: 0.01, None).tx
+    state = train_state.TrainState(
+        step=jnp.asarray(7, jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0),
+    )  # fmt: skip
+    ckpt = checkpoints.Checkpointer(str(model_dir), async_save=False)
+    ckpt.save(7, state, {}, checkpoints.make_meta(config))
+    ckpt.close()
+
+
+def test_scanned_checkpoint_exports_and_imports_as_its_unscanned_twin(
+    trained_style_checkpoint, tmp_path
+):
+    """Export of a `scan_layers=True` run failed with a bare KeyError on `layers_0` paths."""
+    from switch_t5 import scan_utils
+
+    model_dir, params = trained_style_checkpoint
+    scanned = dataclasses.replace(TINY, scan_layers=True)
+    _save_checkpoint(tmp_path / "scanned", scanned, scan_utils.scan_params(params, scanned))
+    hf.orbax_to_hf(model_dir, str(tmp_path / "hf"), tokenizer=False)
+    hf.orbax_to_hf(str(tmp_path / "scanned"), str(tmp_path / "hf_scan"), tokenizer=False)
+    a, b = _safetensors(tmp_path / "hf"), _safetensors(tmp_path / "hf_scan")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    # The other direction: an import asked for scanned layers writes them stacked.
+    hf.hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "back"), dtype="float32",
+                   eval_capacity_factor=4.0, scan_layers=True)  # fmt: skip
+    config, back = checkpoint_io.load_params(str(tmp_path / "back"))
+    assert config.scan_layers and scan_utils.is_scanned(back)
+    a, b = _flat(params), _flat(scan_utils.unscan_params(back, config))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k

@@ -74,3 +74,29 @@ def test_t5x_checkpoint_imports_with_transformers_parity(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no T5X checkpoint"):
         t5x.open_t5x(str(tmp_path))
+
+
+def test_t5x_import_into_scanned_layers_stacks_the_unscanned_import(tmp_path):
+    import jax
+
+    from switch_t5 import scan_utils
+    from switch_t5.config import SwitchConfig
+
+    config = SwitchConfig(
+        vocab_size=128, d_model=8, num_heads=2, head_dim=3, d_ff=16, num_encoder_layers=2,
+        num_decoder_layers=2, num_experts=4, moe_layer_interval=2, dtype="float32",
+        relative_attention_num_buckets=32,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    flat = {
+        t5x.to_t5x_name(name): rng.normal(size=leaf.shape).astype(np.float32)
+        for name, leaf in checkpoint_io.abstract_params(config)[0].items()
+    }
+    t5x.write_t5x_checkpoint(str(tmp_path / "t5x"), flat, step=10)
+    t5x.t5x_to_orbax(str(tmp_path / "t5x"), str(tmp_path / "a"), dtype="float32")
+    t5x.t5x_to_orbax(str(tmp_path / "t5x"), str(tmp_path / "b"), dtype="float32",
+                     scan_layers=True)  # fmt: skip
+    _, ref = checkpoint_io.load_params(str(tmp_path / "a"))
+    scanned_config, got = checkpoint_io.load_params(str(tmp_path / "b"))
+    assert scanned_config.scan_layers and scan_utils.is_scanned(got)
+    jax.tree.map(np.testing.assert_array_equal, scan_utils.unscan_params(got, scanned_config), ref)

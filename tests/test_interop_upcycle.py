@@ -64,3 +64,27 @@ def test_upcycle_refuses_other_sizes(dense_dir, tmp_path):
         upcycle.upcycle(
             path, str(tmp_path / "x"), dataclasses.replace(DENSE, num_experts=4, d_ff=32)
         )
+
+
+def test_upcycle_between_scanned_layouts_matches_unscanned(dense_dir, tmp_path):
+    """A scanned dense source and a scanned target give the unscanned result, stacked."""
+    from switch_t5 import scan_utils
+    from switch_t5.interop import upcycle
+
+    path, dense = dense_dir
+    dense_scanned = dataclasses.replace(DENSE, scan_layers=True)
+    src = str(tmp_path / "dense_scan")
+    ckpt = checkpoints.Checkpointer(src, async_save=False)
+    params = scan_utils.scan_params(dense, dense_scanned)
+    meta = checkpoints.make_meta(dense_scanned)
+    ckpt.save(100, {"params": params, "step": np.int32(100)}, {}, meta)
+    ckpt.close()
+    sparse = dataclasses.replace(DENSE, num_experts=4)
+    upcycle.upcycle(path, str(tmp_path / "ref"), sparse, seed=1)
+    scanned = dataclasses.replace(sparse, scan_layers=True)
+    upcycle.upcycle(src, str(tmp_path / "scan"), scanned, seed=1)
+    _, ref = checkpoint_io.load_params(str(tmp_path / "ref"))
+    config, got = checkpoint_io.load_params(str(tmp_path / "scan"))
+    assert config.scan_layers and scan_utils.is_scanned(got)
+    got = scan_utils.unscan_params(got, config)
+    jax.tree.map(np.testing.assert_array_equal, got, ref)

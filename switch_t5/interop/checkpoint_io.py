@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from switch_t5 import checkpoints, network, run_dir
+from switch_t5 import checkpoints, network, run_dir, scan_utils
 from switch_t5.config import SwitchConfig
 from switch_t5.errors import UserError
 from switch_t5.interop import destination, streaming
@@ -67,6 +67,57 @@ def abstract_params(config: SwitchConfig) -> tuple[dict[str, Any], Any]:
     specs = nn.get_partition_spec(boxed)
     flat = {"/".join(p): leaf for p, leaf in network._leaves_with_paths(boxed)}
     return flat, specs
+
+
+def unscanned(config: SwitchConfig) -> SwitchConfig:
+    """The unscanned twin of `config`: the per-layer layout every conversion plan is written in."""
+    return dataclasses.replace(config, scan_layers=False)
+
+
+def scanned_plan(
+    plan: streaming.Plan,
+    src_config: SwitchConfig | None = None,
+    dst_config: SwitchConfig | None = None,
+) -> streaming.Plan:
+    """`plan`, written for unscanned params (`layers_{i}`), moved to the scanned layout
+    (`scan_utils.scanned_name`) on the side(s) whose config has `scan_layers`: the source
+    names of a scanned `src_config`, the target names and tensors of a scanned `dst_config`."""
+    src_scan = src_config is not None and src_config.scan_layers
+    dst_scan = dst_config is not None and dst_config.scan_layers
+    if not (src_scan or dst_scan):
+        return plan
+    targets = plan.targets
+    if dst_scan:
+        flat, _ = abstract_params(dst_config)
+        targets = {
+            k: streaming.TargetSpec(tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()
+        }
+    pieces: list[streaming.Piece] = []
+    for piece in plan.pieces:
+        if src_scan and isinstance(piece, streaming.Copy):
+            src, lead = scan_utils.scanned_name(piece.src, src_config)
+            piece = dataclasses.replace(piece, src=src, src_lead=lead + piece.src_lead)
+        if dst_scan:
+            dst, lead = scan_utils.scanned_name(piece.dst, dst_config)
+            if isinstance(piece, streaming.Zeros):
+                box = tuple(slice(b, b + 1) for b in lead) + (piece.region or ())
+                piece = dataclasses.replace(piece, dst=dst, region=box if lead else piece.region)
+            else:
+                piece = dataclasses.replace(piece, dst=dst, dst_lead=lead + piece.dst_lead)
+        pieces.append(piece)
+    return streaming.Plan(targets, pieces)
+
+
+def check_sources(plan: streaming.Plan, source: streaming.Source, what: str) -> None:
+    """Raises UserError when `plan` reads tensors that `source` (described by `what`) lacks."""
+    names = set(source.names())
+    missing = sorted({p.src for p in plan.pieces if isinstance(p, streaming.Copy)} - names)
+    if missing:
+        raise UserError(
+            f"{what} lacks {missing[:3]}{' ...' if len(missing) > 3 else ''} that its recorded "
+            f"model config needs (it holds e.g. {sorted(names)[:3]}); the checkpoint's params do "
+            "not match the layout its meta records"
+        )
 
 
 def _path_name(path) -> str:

@@ -289,7 +289,15 @@ def check_shared_input_embeddings(source: streaming.Source, rows: int = 4096) ->
 
 
 def import_plan(config: SwitchConfig, source: streaming.Source, hf_vocab: int) -> streaming.Plan:
-    """The plan HF tensors -> our params (float32 by default)."""
+    """The plan HF tensors -> our params (float32 by default), in the layout of `config`
+    (scanned layers too: `checkpoint_io.scanned_plan`)."""
+    from switch_t5.interop import checkpoint_io
+
+    plan = _import_plan(checkpoint_io.unscanned(config), source, hf_vocab)
+    return checkpoint_io.scanned_plan(plan, dst_config=config)
+
+
+def _import_plan(config: SwitchConfig, source: streaming.Source, hf_vocab: int) -> streaming.Plan:
     check_shared_input_embeddings(source)
     targets = _our_targets(config)
     pieces: list[streaming.Piece] = []
@@ -448,7 +456,14 @@ def hf_config_from_ours(
 
 
 def export_plan(config: SwitchConfig, hf_vocab: int, dtype: str = "float32") -> streaming.Plan:
-    """The plan our params -> HF tensors."""
+    """The plan our params (in the layout of `config`, scanned layers too) -> HF tensors."""
+    from switch_t5.interop import checkpoint_io
+
+    plan = _export_plan(checkpoint_io.unscanned(config), hf_vocab, dtype)
+    return checkpoint_io.scanned_plan(plan, src_config=config)
+
+
+def _export_plan(config: SwitchConfig, hf_vocab: int, dtype: str) -> streaming.Plan:
     ours_targets = _our_targets(config)
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(streaming.ml_dtypes.bfloat16)
     targets: dict[str, streaming.TargetSpec] = {}
@@ -629,6 +644,7 @@ def orbax_to_hf(
     hf_cfg = hf_config_from_ours(config, vocab_size=hf_vocab, expert_capacity=expert_capacity)
     hf_cfg["dtype"] = dtype
     plan = export_plan(config, hf_vocab, dtype)
+    checkpoint_io.check_sources(plan, ckpt.params, f"{src} (step {ckpt.step})")
     with tempfile.TemporaryDirectory(prefix="switch_t5_tokenizer_") as tok_dir:
         # The tokenizer is built and checked before the destination is touched.
         if tokenizer:

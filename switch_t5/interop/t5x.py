@@ -186,7 +186,8 @@ def t5x_to_orbax(
 
     source = open_t5x(src, step)
     config = config_from_t5x(source, dtype=dtype, **overrides)
-    targets = hf._our_targets(config)
+    # T5X stores one subtree per layer: the plan is per layer, then moved to a scanned layout.
+    targets = hf._our_targets(checkpoint_io.unscanned(config))
     missing = sorted(set(targets) - set(source.names()))
     if missing:
         raise errors.UserError(
@@ -194,6 +195,7 @@ def t5x_to_orbax(
             "the inferred config needs"
         )
     plan = streaming.Plan(targets, [streaming.Copy(n, n) for n in sorted(targets)])
+    plan = checkpoint_io.scanned_plan(plan, dst_config=config)
     return checkpoint_io.write_checkpoint(
         dst,
         config,

@@ -64,7 +64,8 @@ def upcycle_plan(
             "upcycling starts every expert as a copy of the dense MLP; set num_shared_experts=0 "
             "and expert_d_ff=None (= d_ff)"
         )
-    targets = hf._our_targets(config)
+    # Written per layer (`layers_{i}`), then moved to the scanned layout of either side.
+    targets = hf._our_targets(checkpoint_io.unscanned(config))
     rng = np.random.default_rng(seed)
     pieces: list[streaming.Piece] = []
     for name in sorted(targets):
@@ -78,7 +79,8 @@ def upcycle_plan(
             pieces.append(streaming.Const(name, value))
         else:
             pieces.append(streaming.Copy(name, name))
-    return streaming.Plan(targets, pieces)
+    plan = streaming.Plan(targets, pieces)
+    return checkpoint_io.scanned_plan(plan, src_config=dense.config, dst_config=config)
 
 
 def upcycle(
@@ -97,6 +99,7 @@ def upcycle(
     """
     dense = checkpoint_io.open_checkpoint(src, step)
     plan = upcycle_plan(dense, config, seed)
+    checkpoint_io.check_sources(plan, dense.params, f"{src} (step {dense.step})")
     return checkpoint_io.write_checkpoint(
         dst,
         config,
