@@ -301,6 +301,10 @@ def test_converted_checkpoint_restores_as_training_state(
     [
         (dict(mlp_activations=("gelu", "linear")), "gated"),
         (dict(router_type="topk", num_selected_experts=2), r"top-2 routing \(router_type"),
+        (
+            dict(router_type="experts_choose", decoder_router_type="switch"),
+            r"expert-choice routing \(router_type='experts_choose'\)",
+        ),
         (dict(encoder_sparse_layers=(0,)), "sparse layer layout"),
         (dict(moe_layer_interval=3, num_encoder_layers=6), "sparse layer layout"),
     ],

@@ -387,9 +387,14 @@ def hf_config_from_ours(
             "SwitchTransformers routes every token to its top-1 expert"
         )
     if config.router_type != "switch" or config.num_selected_experts != 1:
+        what = (
+            f"top-{config.num_selected_experts} routing"
+            if config.router_type != "experts_choose"
+            else "expert-choice routing"
+        )
         raise UnsupportedFeatureError(
-            f"top-{config.num_selected_experts} routing (router_type={config.router_type!r}) "
-            "cannot be exported: HF SwitchTransformers routes every token to its top-1 expert"
+            f"{what} (router_type={config.router_type!r}) cannot be exported: HF "
+            "SwitchTransformers routes every token to its top-1 expert"
         )
     routing = []
     if config.router_bias_update_rate > 0:
