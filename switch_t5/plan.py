@@ -703,6 +703,27 @@ def _progress(what: str, since: float, every: float = 60.0):
         thread.join()
 
 
+def _lower_and_compile(run: Any, batch: Any, mesh: Any, t1: float):
+    """(compiled step, time lowering ended, time compiling ended) of `run`'s train step."""
+    import time
+
+    import jax
+
+    from switch_t5 import partitioning
+
+    with jax.set_mesh(mesh), partitioning.axis_rules():
+        lowered = run.train_step.jitted.lower(*run.abstract_step_inputs(batch))
+        t2 = time.perf_counter()
+        print(f"plan: lowering {t2 - t1:.1f} s; XLA compiling", file=sys.stderr, flush=True)
+        # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
+        # memory analysis, and the partitioned collectives do not depend on them).
+        with _progress("XLA compiling", t2):
+            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    t3 = time.perf_counter()
+    print(f"plan: compile {t3 - t2:.1f} s", file=sys.stderr, flush=True)
+    return compiled, t2, t3
+
+
 def compile_train_step(
     config: SwitchConfig, mesh_sizes: Mapping[str, int], spec: StepSpec, teacher: Any = None
 ):
@@ -741,19 +762,9 @@ def compile_train_step(
     setup = run.setup
     lengths = {"inputs": spec.inputs_length, "targets": spec.targets_length}
     batch = run.abstract_batch(spec.batch, lengths)
-    step = run.train_step
     t1 = time.perf_counter()
     print(f"plan: setup {t1 - t0:.1f} s; lowering", file=sys.stderr, flush=True)
-    with jax.set_mesh(mesh), partitioning.axis_rules():
-        lowered = step.jitted.lower(*run.abstract_step_inputs(batch))
-        t2 = time.perf_counter()
-        print(f"plan: lowering {t2 - t1:.1f} s; XLA compiling", file=sys.stderr, flush=True)
-        # The program never runs: skip LLVM's optimisations (buffer assignment, hence the
-        # memory analysis, and the partitioned collectives do not depend on them).
-        with _progress("XLA compiling", t2):
-            compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-    t3 = time.perf_counter()
-    print(f"plan: compile {t3 - t2:.1f} s", file=sys.stderr, flush=True)
+    compiled, t2, t3 = _lower_and_compile(run, batch, mesh, t1)
     seconds = t3 - t0
     memory = compiled.memory_analysis()
     hlo_text = compiled.as_text()

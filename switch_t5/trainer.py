@@ -273,6 +273,20 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _with_updated_router_bias(state: TrainState, aux: dict[str, Any], rate: float) -> TrainState:
+    """Auxiliary-loss-free balancing: the choice biases move outside the optimizer, by the load
+    of the global batch (summed over the microbatches); a state without biases is returned as
+    it is."""
+    if state.router_bias is None:
+        return state
+    new_bias = jax.tree.map(
+        lambda b, load: routing.update_choice_bias(b, load, rate),
+        state.router_bias,
+        aux[routing.LOAD_COLLECTION],
+    )
+    return state.replace(router_bias=new_bias)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -328,17 +342,9 @@ def train_step(
         for metric in moe_metrics.present(aux):
             aux[metric.name] = moe_metrics.reduce_steps(metric, aux[metric.name], num_microbatches)
 
-    new_state = state.apply_gradients(grads, optimizer.tx)
-    if state.router_bias is not None:
-        # Auxiliary-loss-free balancing: the biases move outside the optimizer, by the load of
-        # the global batch (summed over the microbatches).
-        rate = module.config.router_bias_update_rate
-        new_bias = jax.tree.map(
-            lambda b, load: routing.update_choice_bias(b, load, rate),
-            state.router_bias,
-            aux[routing.LOAD_COLLECTION],
-        )
-        new_state = new_state.replace(router_bias=new_bias)
+    new_state = _with_updated_router_bias(
+        state.apply_gradients(grads, optimizer.tx), aux, module.config.router_bias_update_rate
+    )
     params_finite = jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)])
     )

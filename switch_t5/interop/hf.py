@@ -354,17 +354,8 @@ def hf_layout(num_layers: int, sparse: tuple[int, ...], stack: str) -> tuple[int
     )
 
 
-def hf_config_from_ours(
-    config: SwitchConfig, *, vocab_size: int | None = None, expert_capacity: int = 64
-) -> dict[str, Any]:
-    """The HF config.json of `config`.
-
-    Raises:
-      UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
-        experts (switch_xxl's gated GELU), shared experts, experts narrower or wider than d_ff,
-        top-k routing, router choice biases or sigmoid scores, or sparse layouts other than
-        HF's `i % sparse_step == 1`.
-    """
+def _refuse_unexportable_experts(config: SwitchConfig) -> None:
+    """Raises UnsupportedFeatureError for experts HF's SwitchTransformers cannot hold."""
     if config.gated:
         raise UnsupportedFeatureError(
             f"gated feed-forward layers (mlp_activations={config.mlp_activations}, as in "
@@ -381,6 +372,10 @@ def hf_config_from_ours(
             f"expert_d_ff={config.expert_d_ff} (d_ff={config.d_ff}) cannot be exported: HF "
             "SwitchTransformers experts have the dense layers' width d_ff"
         )
+
+
+def _refuse_unexportable_routing(config: SwitchConfig) -> None:
+    """Raises UnsupportedFeatureError for routing HF's SwitchTransformers cannot do."""
     if config.decoder_router_type not in (None, "switch"):
         raise UnsupportedFeatureError(
             f"decoder_router_type={config.decoder_router_type!r} cannot be exported: HF "
@@ -409,6 +404,21 @@ def hf_config_from_ours(
             f"{' and '.join(routing)} cannot be exported: HF SwitchTransformers routes by the "
             "softmax of its router logits alone"
         )
+
+
+def hf_config_from_ours(
+    config: SwitchConfig, *, vocab_size: int | None = None, expert_capacity: int = 64
+) -> dict[str, Any]:
+    """The HF config.json of `config`.
+
+    Raises:
+      UnsupportedFeatureError: naming what HF's SwitchTransformers cannot represent: gated
+        experts (switch_xxl's gated GELU), shared experts, experts narrower or wider than d_ff,
+        top-k routing, router choice biases or sigmoid scores, or sparse layouts other than
+        HF's `i % sparse_step == 1`.
+    """
+    _refuse_unexportable_experts(config)
+    _refuse_unexportable_routing(config)
     act = {("relu",): "relu", ("gelu",): "gelu_new"}.get(tuple(config.mlp_activations))
     if act is None:
         raise UnsupportedFeatureError(
