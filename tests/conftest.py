@@ -19,8 +19,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import signal  # noqa: E402
+
 import jax  # noqa: E402  (XLA_FLAGS first)
 import pytest  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`bash .ci/run &`) inherits SIGINT
+# ignored, and so would every training subprocess: the Ctrl-C tests need Python's own handler
+# (the program itself rightly leaves an ignored SIGINT ignored, as under nohup).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _CACHE_DIR = os.environ.get(
     "SWITCH_T5_TEST_COMPILATION_CACHE",
