@@ -173,6 +173,16 @@ def _model_config(
     return gin_utils.make_model_config(), not bound
 
 
+def _macro_value(value):
+    """A binding's value through its macros (a macro of a macro included): `%NAME` is stored
+    as a reference to the macro's value."""
+    for _ in range(16):
+        if not isinstance(value, gin.config.ConfigurableReference):
+            break
+        value = value.scoped_configurable_fn()
+    return value
+
+
 def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
     """Raises GinConfigError naming a run macro left at %gin.REQUIRED."""
     for name in names:
@@ -181,11 +191,7 @@ def check_required_macros(names: Sequence[str] = REQUIRED_MACROS) -> None:
         except ValueError:
             continue
         # `NAME = %gin.REQUIRED` is stored as a reference to the REQUIRED constant.
-        for _ in range(16):
-            if not isinstance(value, gin.config.ConfigurableReference):
-                break
-            value = value.scoped_configurable_fn()
-        if value is gin.REQUIRED:
+        if _macro_value(value) is gin.REQUIRED:
             raise gin_utils.GinConfigError(
                 f"gin macro {name} is required but not set: pass --gin.{name}=... "
                 f"(or set `{name} = ...` in a gin file)"
@@ -258,11 +264,7 @@ def distillation_from_gin() -> distill.DistillationConfig:
     kwargs = {}
     for f in dataclasses.fields(distill.DistillationConfig):
         if f.name in bindings:
-            value = bindings[f.name]
-            for _ in range(16):  # a macro (or a macro of a macro) -> its value
-                if not isinstance(value, gin.config.ConfigurableReference):
-                    break
-                value = value.scoped_configurable_fn()
+            value = _macro_value(bindings[f.name])
             if value is gin.REQUIRED:
                 raise gin_utils.GinConfigError(
                     f"train.{f.name} is required but not set (e.g. "
