@@ -408,7 +408,7 @@ def init_student(setup: Any, student: SwitchConfig, teacher: Teacher) -> TrainSt
             rng=fresh.rng,
         )
 
-    mesh = next(s.mesh for s in jax.tree.leaves(setup.shardings) if hasattr(s, "mesh"))
+    mesh = partitioning.run_mesh(setup.shardings)
     with jax.set_mesh(mesh), partitioning.axis_rules():
         return jax.jit(build, out_shardings=setup.shardings, donate_argnums=0)(
             setup.init_fn(), teacher.params

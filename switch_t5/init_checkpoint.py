@@ -684,16 +684,9 @@ def initial_train_state(
             ),
         )
 
-    mesh = _mesh_of(setup)
+    mesh = partitioning.run_mesh(setup.shardings)
     with jax.set_mesh(mesh), partitioning.axis_rules():
         state = jax.jit(fresh_state, out_shardings=setup.shardings, donate_argnums=0)(params)
     # The read arrays were donated to the state.
     loaded.params = state.params
     return state, loaded
-
-
-def _mesh_of(setup: train_state.StateSetup):
-    for s in jax.tree.leaves(setup.shardings):
-        if hasattr(s, "mesh"):
-            return s.mesh
-    raise ValueError("the StateSetup carries no NamedSharding")

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from switch_t5 import errors
+from switch_t5 import errors, partitioning
 
 # Logical axis names whose entries are independent matrices for the optimizer (T5X FactorDim.BATCH).
 BATCH_LOGICAL_AXES: tuple[str, ...] = ("expert", "layers")
@@ -393,8 +393,9 @@ def adafactor_state_shardings(
     shardings = treedef.flatten_up_to(param_shardings)
     shapes = treedef.flatten_up_to(abstract_params)
     axes_list = [()] * len(shapes) if batch_axes is None else treedef.flatten_up_to(batch_axes)
-    mesh = shardings[0].mesh
-    replicated = NamedSharding(mesh, PartitionSpec())
+    # FSDP weights may live on a view of the run's mesh (`partitioning.fsdp_mesh`): each moment
+    # keeps its param's mesh.
+    replicated = NamedSharding(partitioning.run_mesh(shardings), PartitionSpec())
     rows, cols, fulls = [], [], []
     for sharding, p, axes in zip(shardings, shapes, axes_list):
         dims = factored_dims(p.shape, axes, factored, min_dim_size_to_factor)
@@ -404,6 +405,7 @@ def adafactor_state_shardings(
             fulls.append(sharding)
         else:
             d_row, d_col = dims
+            mesh = sharding.mesh
             rows.append(NamedSharding(mesh, _drop_axis(sharding.spec, len(p.shape), d_col)))
             cols.append(NamedSharding(mesh, _drop_axis(sharding.spec, len(p.shape), d_row)))
             fulls.append(replicated)
@@ -656,7 +658,7 @@ def optax_state_shardings(tx: optax.GradientTransformation) -> Callable[[Any, An
 
     def shardings(param_shardings, abstract_params):
         state = jax.eval_shape(tx.init, abstract_params)
-        mesh = jax.tree.leaves(param_shardings)[0].mesh
+        mesh = partitioning.run_mesh(param_shardings)
         return optax.tree_map_params(
             tx,
             lambda _, s: s,

@@ -7,6 +7,7 @@ and `nn.with_logical_constraint`); this table is the only place that maps them o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -343,24 +344,13 @@ def fit_fsdp(
     In order: the WEIGHT_EMBED dim over data x expert; else another dim that no mesh axis splits
     yet, the stacked layers axis excepted (the router's 2048 experts); else the WEIGHT_EMBED dim
     over the larger single batch axis that divides it; else that dim whole (this weight is then
-    replicated over the batch axes).
+    replicated over the batch axes). `fsdp_sharding` first tries two dims (`split_fsdp`).
     """
     if WEIGHT_EMBED not in logical:
         return mesh_spec
-    spec = list(mesh_spec) + [None] * (len(shape) - len(mesh_spec))
-    i = list(logical).index(WEIGHT_EMBED)
-    spec[i] = None
+    spec, i, free = _fsdp_candidates(logical, mesh_spec, shape, sizes)
     shards = math.prod(sizes[a] for a in FSDP_AXES)
-    # Never the stacked layers axis: the scan would then gather every layer at once.
-    free = [
-        j
-        for j in range(len(shape))
-        if j != i
-        and logical[j] != "layers"
-        and (spec[j] is None or _axes_size(spec[j], sizes) == 1)
-    ]
-    order = [i, *sorted(free, key=lambda j: -shape[j])]
-    for j in order:
+    for j in [i, *sorted(free, key=lambda j: -shape[j])]:
         if shape[j] % shards == 0:
             spec[j] = FSDP_AXES
             return PartitionSpec(*spec)
@@ -371,9 +361,99 @@ def fit_fsdp(
     return PartitionSpec(*spec)
 
 
+def _fsdp_candidates(
+    logical: PartitionSpec, mesh_spec: PartitionSpec, shape: Sequence[int], sizes: Mapping
+) -> tuple[list, int, list[int]]:
+    """(mesh spec as a list with the WEIGHT_EMBED dim cleared, that dim, the other dims no mesh
+    axis splits: never the stacked layers axis, or the scan would gather every layer at once)."""
+    spec = list(mesh_spec) + [None] * (len(shape) - len(mesh_spec))
+    i = list(logical).index(WEIGHT_EMBED)
+    spec[i] = None
+    free = [
+        j
+        for j in range(len(shape))
+        if j != i
+        and logical[j] != "layers"
+        and (spec[j] is None or _axes_size(spec[j], sizes) == 1)
+    ]
+    return spec, i, free
+
+
+# The batch shards (data x expert, in mesh order) viewed as two axes, for weights whose batch
+# shards fit only over two dims (`split_fsdp`).
+FSDP_SPLIT_AXES = ("fsdp_rows", "fsdp_cols")
+
+
+def split_fsdp(
+    logical: PartitionSpec, mesh_spec: PartitionSpec, shape: Sequence[int], sizes: Mapping
+) -> tuple[int, PartitionSpec] | None:
+    """Two dims that together take all data x expert batch shards, when no single dim does.
+
+    Switch-C on 2048 devices: attention `[15, 2080, 1920]` splits as 2080 / 32 x 1920 / 64, the
+    embeddings `[32128, 2080]` as 32128 / 64 x 2080 / 32. The batch shards are viewed as a
+    `(rows, cols)` grid (`fsdp_mesh`); the WEIGHT_EMBED dim is preferred, then the larger dims.
+
+    Returns:
+      (rows, spec over `fsdp_mesh(mesh, rows)`), or None (a single dim fits, no two dims do, or
+      the weight already uses a batch axis elsewhere).
+    """
+    if WEIGHT_EMBED not in logical:
+        return None
+    spec, i, free = _fsdp_candidates(logical, mesh_spec, shape, sizes)
+    shards = math.prod(sizes[a] for a in FSDP_AXES)
+    used = {a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))}
+    if shards == 1 or used & set(FSDP_AXES) or any(shape[j] % shards == 0 for j in [i, *free]):
+        return None
+    dims = [i, *sorted(free, key=lambda j: -shape[j])]
+    for n, j in enumerate(dims):
+        for k in dims[n + 1 :]:
+            for rows in sorted(_divisors(shards), reverse=True):
+                if shape[j] % rows == 0 and shape[k] % (shards // rows) == 0:
+                    spec[j], spec[k] = FSDP_SPLIT_AXES
+                    return rows, PartitionSpec(*spec)
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n) if n % d == 0]
+
+
+@functools.cache
+def fsdp_mesh(mesh: Mesh, rows: int) -> Mesh:
+    """`mesh` with its batch shards (data x expert) viewed as `rows` x (shards / rows): the same
+    devices in the same order, so arrays on it mix with arrays on `mesh` in one jitted step."""
+    if tuple(mesh.axis_names) != MESH_AXES:
+        raise ValueError(f"expected a {MESH_AXES} mesh, got axes {mesh.axis_names}")
+    data, expert, model = (mesh.shape[a] for a in MESH_AXES)
+    devices = mesh.devices.reshape(rows, data * expert // rows, model)
+    names = (*FSDP_SPLIT_AXES, "model")
+    return Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def fsdp_sharding(logical: PartitionSpec, mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """The NamedSharding of one param: the rules table's mesh axes, with an FSDP weight's batch
+    shards placed where its shape allows (`split_fsdp` over two dims, else `fit_fsdp`)."""
+    mesh_spec = nn.logical_to_mesh_axes(logical, LOGICAL_AXIS_RULES)
+    sizes = dict(mesh.shape)
+    split = split_fsdp(logical, mesh_spec, shape, sizes)
+    if split is not None:
+        rows, spec = split
+        return NamedSharding(fsdp_mesh(mesh, rows), spec)
+    return NamedSharding(mesh, fit_fsdp(logical, mesh_spec, shape, sizes))
+
+
+def run_mesh(shardings) -> Mesh:
+    """The (data, expert, model) mesh of a tree of NamedShardings (some FSDP weights live on a
+    view of it, `fsdp_mesh`)."""
+    for s in jax.tree.leaves(shardings):
+        if isinstance(s, NamedSharding) and tuple(s.mesh.axis_names) == MESH_AXES:
+            return s.mesh
+    raise ValueError(f"no NamedSharding on a {MESH_AXES} mesh in this tree")
+
+
 def fsdp_whole_params(logical_specs, shardings, shapes) -> int:
-    """Parameters of the FSDP weights that stay whole over the batch axes: no dim of theirs
-    divides into the batch shards (`fit_fsdp`), e.g. Switch-C's attention on 2048 devices."""
+    """Parameters of the FSDP weights that stay whole over the batch axes: no dim, or pair of
+    dims, of theirs divides into the batch shards (`fsdp_sharding`)."""
     total = 0
     for logical, sharding, leaf in zip(
         jax.tree.leaves(logical_specs, is_leaf=_is_spec),
@@ -384,7 +464,8 @@ def fsdp_whole_params(logical_specs, shardings, shapes) -> int:
             continue
         sizes = dict(sharding.mesh.shape)
         used = {a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))}
-        if not any(sizes[a] > 1 for a in used & set(FSDP_AXES)):
+        batch_axes = set(FSDP_AXES) | set(FSDP_SPLIT_AXES)
+        if not any(sizes[a] > 1 for a in used & batch_axes):
             total += math.prod(leaf.shape)
     return total
 
@@ -395,21 +476,20 @@ def _axes_size(entry, sizes: Mapping) -> int:
 
 
 def logical_to_sharding(logical_spec, mesh: Mesh, shapes=None):
-    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh`.
+    """Maps a pytree of logical PartitionSpecs to NamedShardings on `mesh` (some FSDP weights on
+    a view of it, `fsdp_mesh`).
 
     Args:
       logical_spec: logical PartitionSpecs (`nn.get_partition_spec` of boxed params).
       mesh: the (data, expert, model) mesh.
       shapes: the same tree of arrays or ShapeDtypeStructs; with it, FSDP weights are laid out
-        where their shapes allow (`fit_fsdp`). Without it, WEIGHT_EMBED maps as the rules say.
+        where their shapes allow (`fsdp_sharding`). Without it, WEIGHT_EMBED maps as the rules say.
     """
     if shapes is None:
         return nn.logical_to_mesh_sharding(logical_spec, mesh, LOGICAL_AXIS_RULES)
-    sizes = dict(mesh.shape)
 
     def one(logical, leaf):
-        mesh_spec = nn.logical_to_mesh_axes(logical, LOGICAL_AXIS_RULES)
-        return NamedSharding(mesh, fit_fsdp(logical, mesh_spec, leaf.shape, sizes))
+        return fsdp_sharding(logical, mesh, leaf.shape)
 
     return jax.tree.map(one, logical_spec, shapes, is_leaf=_is_spec)
 
