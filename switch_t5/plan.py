@@ -1007,8 +1007,8 @@ def format_step_plan(
         f"state {'sharded over data x expert' if step.fsdp else 'replicated over data x expert'}"
         f"; {partitioning_non_expert(config)} non-expert params"
         + (
-            f"; {_human(step.fsdp_whole_params)} of them stay whole: no dim of their weights "
-            "divides into the batch shards)"
+            f"; {_human(step.fsdp_whole_params)} of them stay whole: no dim, or pair of dims, "
+            "of their weights divides into the batch shards)"
             if step.fsdp and step.fsdp_whole_params
             else ")"
         ),

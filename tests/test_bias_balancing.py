@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_config, tiny_train_step
+from tiny import random_batch, tiny_config, tiny_train_step
 
 from switch_t5 import (
     checkpoints,
@@ -43,19 +43,6 @@ SKEWED = tiny_config(
 )
 BIASED = dataclasses.replace(SKEWED, router_bias_update_rate=U)
 LAYERS = ("decoder/layers_0/mlp/expert_bias", "encoder/layers_0/mlp/expert_bias")
-
-
-def _batch(seed=0, batch=8, inputs=16, targets=8, vocab=(2, 128)):
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(*vocab, (batch, inputs)).astype(np.int32)
-    tgt = rng.integers(*vocab, (batch, targets)).astype(np.int32)
-    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-    return {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones_like(tgt, np.float32),
-    }
 
 
 def _mesh(shape):
@@ -185,7 +172,7 @@ def _skew(params):
 
 
 def _train(config, mesh, steps):
-    run, batch = tiny_train_step(config, mesh, _batch())
+    run, batch = tiny_train_step(config, mesh, random_batch())
     state = run.setup.init_fn()
     state = state.replace(params=_skew(state.params))
     loads = []
@@ -217,14 +204,14 @@ def test_bias_evens_out_a_skewed_router_where_the_control_does_not(shape):
         assert value.shape == (4,) and np.abs(value).max() > 0
         assert np.all(np.abs(value) <= 50 * U + 1e-5)
     # The eval step routes with the biases.
-    _, batch = tiny_train_step(BIASED, mesh, _batch())
+    _, batch = tiny_train_step(BIASED, mesh, random_batch())
     out = run.eval_step(state.params, batch, state.router_bias)
     assert np.isfinite(float(out["cross_entropy_sum"]))
 
 
 def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_zero(tmp_path):
     mesh = _mesh((1, 1, 1))
-    run, batch = tiny_train_step(BIASED, mesh, _batch())
+    run, batch = tiny_train_step(BIASED, mesh, random_batch())
     state = run.setup.init_fn()
     for _ in range(3):
         state, _ = run.train_step(state, batch)
@@ -249,7 +236,7 @@ def test_resume_reproduces_the_bias_bitwise_and_old_checkpoints_load_with_bias_z
     _check_decoding_routes_with_the_checkpoints_biases(str(tmp_path / "run"), saved_bias)
 
     # A checkpoint without biases (balancing off) resumes with balancing on: biases start at 0.
-    plain_run, _ = tiny_train_step(SKEWED, mesh, _batch())
+    plain_run, _ = tiny_train_step(SKEWED, mesh, random_batch())
     plain = plain_run.setup.init_fn()
     old = checkpoints.Checkpointer(str(tmp_path / "old"), async_save=False)
     old.save(0, plain, {}, checkpoints.make_meta(SKEWED))
@@ -277,7 +264,7 @@ def _check_decoding_routes_with_the_checkpoints_biases(model_dir, saved_bias):
     decode = jax.jit(
         lambda p, b: decoding.decode_batch(model, p, b, max_decode_length=4).fraction_dropped
     )
-    tokens = {"encoder_input_tokens": _batch()["encoder_input_tokens"]}
+    tokens = {"encoder_input_tokens": random_batch()["encoder_input_tokens"]}
     onto_3 = jax.tree.map(
         lambda b: b + jnp.array([0.0, 0.0, 0.0, 1e3]), params[train_state.BIAS_FIELD]
     )

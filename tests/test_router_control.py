@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from tiny import TINY_FIELDS, tiny_config, tiny_train_step
+from tiny import TINY_FIELDS, random_batch, tiny_config, tiny_train_step
 
 from switch_t5 import checkpoints, network, optim, partitioning, train_state
 from switch_t5 import train as train_lib
@@ -36,19 +36,6 @@ ADAMW = dict(name="adamw", base_learning_rate=0.01)
 ADAFACTOR = dict(name="adafactor", base_learning_rate=0.01, min_dim_size_to_factor=4)
 
 
-def _batch(seed=0, batch=8, inputs=16, targets=8):
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(2, 128, (batch, inputs)).astype(np.int32)
-    tgt = rng.integers(2, 128, (batch, targets)).astype(np.int32)
-    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-    return {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones_like(tgt, np.float32),
-    }
-
-
 def _flat(params) -> dict[str, np.ndarray]:
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
     return {optim.param_path(p): np.asarray(x) for p, x in flat}
@@ -61,7 +48,7 @@ def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
 def _train_steps(mesh, config: optim.OptimizerConfig, steps: int = 5):
     """{path: param} before and after `steps` train steps of TINY with `config`."""
     run, batch = tiny_train_step(
-        TINY, mesh, _batch(), lambda specs: optim.make_optimizer(config, logical_specs=specs)
+        TINY, mesh, random_batch(), lambda specs: optim.make_optimizer(config, logical_specs=specs)
     )
     st, step = run.setup, run.train_step
     state = st.init_fn()

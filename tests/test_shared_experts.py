@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tiny import tiny_config, tiny_train_step
+from tiny import random_batch, tiny_config, tiny_train_step
 
 from switch_t5 import checkpoints, errors, moe, partitioning, plan
 from switch_t5.interop import hf, upcycle
@@ -158,15 +158,7 @@ def test_capacity_option_stops_the_drops_of_fine_grained_top_k():
 
 
 def _train_losses(config, mesh):
-    rng = np.random.default_rng(0)
-    enc = rng.integers(2, 128, (8, 12)).astype(np.int32)
-    tgt = rng.integers(2, 128, (8, 6)).astype(np.int32)
-    batch = {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": np.concatenate([np.zeros((8, 1), np.int32), tgt[:, :-1]], 1),
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones((8, 6), np.float32),
-    }
+    batch = random_batch(0, 8, 12, 6)
     run, batch = tiny_train_step(config, mesh, batch)
     state, losses = run.setup.init_fn(), []
     for _ in range(2):

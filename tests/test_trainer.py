@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tiny import tiny_config
+from tiny import random_batch, tiny_config
 
 from switch_t5 import network, optim, partitioning, train_state, trainer
 
@@ -27,19 +27,8 @@ TINY = tiny_config(
 
 
 def _batch(seed=0, batch=8, inputs=16, targets=8):
-    rng = np.random.default_rng(seed)
-    enc = rng.integers(2, 128, (batch, inputs)).astype(np.int32)
-    tgt = rng.integers(2, 128, (batch, targets)).astype(np.int32)
     # Different numbers of real target tokens per example (normalisation by the real tokens).
-    lengths = rng.integers(2, targets + 1, batch)
-    tgt = np.where(np.arange(targets)[None] < lengths[:, None], tgt, 0).astype(np.int32)
-    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-    return {
-        "encoder_input_tokens": enc,
-        "decoder_input_tokens": dec_in,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": (tgt > 0).astype(np.float32),
-    }
+    return random_batch(seed, batch, inputs, targets, ragged=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """What many tests share: the tiny network config `tiny_config(**overrides)`, the real train
-step of a tiny batch (`tiny_train_step`), and a toy train state with the real model's logical
-param names (`toy_setup`) for the checkpoint tests.
+step of a tiny batch (`tiny_train_step`), a random batch of token ids (`random_batch`), and a
+toy train state with the real model's logical param names (`toy_setup`) for the checkpoint
+tests.
 
 Odd sizes (embed 8, head_dim 3, mlp 16, 4 experts) so that a swapped axis fails loudly, float32
 for exact comparisons. Each test module overrides what it exercises (layers, routing groups,
@@ -9,6 +10,7 @@ capacity) and says why next to its overrides.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -94,3 +96,21 @@ def toy_setup(mesh: Mesh, *, vocab: int = 128, dense: bool = True) -> train_stat
         mesh,
         seed=3,
     )
+
+
+def random_batch(seed=0, batch=8, inputs=16, targets=8, *, vocab=(2, 128), ragged=False):
+    """A train batch of uniform random token ids in [vocab[0], vocab[1]). `ragged`: each example
+    gets a random number (2 .. targets) of real target tokens, the rest padding."""
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(*vocab, (batch, inputs)).astype(np.int32)
+    tgt = rng.integers(*vocab, (batch, targets)).astype(np.int32)
+    if ragged:
+        lengths = rng.integers(2, targets + 1, batch)
+        tgt = np.where(np.arange(targets)[None] < lengths[:, None], tgt, 0).astype(np.int32)
+    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": (tgt > 0).astype(np.float32),
+    }
