@@ -372,9 +372,7 @@ def _fsdp_candidates(
     free = [
         j
         for j in range(len(shape))
-        if j != i
-        and logical[j] != "layers"
-        and (spec[j] is None or _axes_size(spec[j], sizes) == 1)
+        if j != i and logical[j] != "layers" and _axes_size(spec[j], sizes) == 1
     ]
     return spec, i, free
 
@@ -401,7 +399,7 @@ def split_fsdp(
         return None
     spec, i, free = _fsdp_candidates(logical, mesh_spec, shape, sizes)
     shards = math.prod(sizes[a] for a in FSDP_AXES)
-    used = {a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))}
+    used = _spec_axes(spec)
     if shards == 1 or used & set(FSDP_AXES) or any(shape[j] % shards == 0 for j in [i, *free]):
         return None
     dims = [i, *sorted(free, key=lambda j: -shape[j])]
@@ -463,16 +461,26 @@ def fsdp_whole_params(logical_specs, shardings, shapes) -> int:
         if WEIGHT_EMBED not in logical:
             continue
         sizes = dict(sharding.mesh.shape)
-        used = {a for e in sharding.spec if e for a in (e if isinstance(e, tuple) else (e,))}
-        batch_axes = set(FSDP_AXES) | set(FSDP_SPLIT_AXES)
-        if not any(sizes[a] > 1 for a in used & batch_axes):
+        batch_axes = _spec_axes(sharding.spec) & {*FSDP_AXES, *FSDP_SPLIT_AXES}
+        if not any(sizes[a] > 1 for a in batch_axes):
             total += math.prod(leaf.shape)
     return total
 
 
+def _entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    if entry is None:
+        return ()
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def _spec_axes(spec) -> set[str]:
+    """Every mesh axis a PartitionSpec (or list of entries) uses."""
+    return {a for entry in spec for a in _entry_axes(entry)}
+
+
 def _axes_size(entry, sizes: Mapping) -> int:
-    names = entry if isinstance(entry, tuple) else (entry,)
-    return math.prod(sizes[n] for n in names)
+    return math.prod(sizes[n] for n in _entry_axes(entry))
 
 
 def logical_to_sharding(logical_spec, mesh: Mesh, shapes=None):
