@@ -10,7 +10,7 @@ import gin
 import jax
 import numpy as np
 import pytest
-from tiny import TINY_FIELDS, tiny_config
+from tiny import EMBEDDED_FIELDS, EMBEDDED_RUN, tiny_config
 
 from switch_t5 import checkpoints, distill, init_checkpoint, optim, partitioning
 from switch_t5 import train as train_lib
@@ -215,16 +215,12 @@ def test_no_teacher_checkpoint_is_a_user_error(tmp_path):
 # switch_t5.train with a teacher: pretraining (span corruption) and fine-tuning (a user TSV).
 # ---------------------------------------------------------------------------------------------
 
-EMBEDDED = {**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 64}
+EMBEDDED = EMBEDDED_FIELDS
 RUN = {
-    "mixture_or_task_name": "embedded_span_corruption",
-    "task_feature_lengths": {"inputs": 32, "targets": 8},
-    "batch_size": 8,
+    **EMBEDDED_RUN,
     "eval_period": 3,
     "eval_steps": 1,
     "checkpoint_period": 3,
-    "log_every": 1,
-    "progress": "none",
     "make_plots": False,
     "num_samples": 0,
     "mesh_data": 4,

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from tiny import TINY_FIELDS, random_batch, tiny_config, tiny_train_step
+from tiny import EMBEDDED_FIELDS, EMBEDDED_RUN, random_batch, tiny_config, tiny_train_step
 
 from switch_t5 import checkpoints, network, optim, partitioning, train_state
 from switch_t5 import train as train_lib
@@ -245,17 +245,13 @@ def test_trainable_params_matching_nothing_is_refused_before_compiling():
 
 # The train() run: tests/test_train.py's model and run (same train-step program: the
 # persistent compilation cache serves both); the embedded corpus's vocabulary has 4096 ids.
-RUN_MODEL = {**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 64}
+RUN_MODEL = EMBEDDED_FIELDS
 RUN_ROUTERS = {p.replace("layers_0", "layers_1") for p in ROUTER_KERNELS}
 RUN = {
-    "mixture_or_task_name": "embedded_span_corruption",
-    "task_feature_lengths": {"inputs": 32, "targets": 8},
-    "batch_size": 8,
+    **EMBEDDED_RUN,
     "eval_period": 0,
     "checkpoint_period": 2,
-    "log_every": 1,
     "random_seed": 0,
-    "progress": "none",
     "make_plots": False,
     "mesh_data": 2,
     "mesh_expert": 2,

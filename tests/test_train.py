@@ -17,7 +17,7 @@ import gin
 import jax
 import numpy as np
 import pytest
-from tiny import TINY_FIELDS
+from tiny import EMBEDDED_FIELDS, EMBEDDED_RUN
 
 from switch_t5 import (
     checkpoints,
@@ -36,19 +36,8 @@ from switch_t5.config import SwitchConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The embedded corpus's vocabulary has 4096 ids; the rest is the house tiny model.
-TINY = {**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 64}
-RUN = {
-    "mixture_or_task_name": "embedded_span_corruption",
-    "task_feature_lengths": {"inputs": 32, "targets": 8},
-    "batch_size": 8,
-    "eval_period": 3,
-    "eval_steps": 2,
-    "checkpoint_period": 3,
-    "log_every": 1,
-    "random_seed": 0,
-    "progress": "none",
-}
+TINY = EMBEDDED_FIELDS
+RUN = {**EMBEDDED_RUN, "eval_period": 3, "eval_steps": 2, "checkpoint_period": 3, "random_seed": 0}
 
 
 def _train(model_dir, train_steps, mesh=(2, 2, 2), config_overrides=None, **kw):

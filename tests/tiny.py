@@ -29,6 +29,17 @@ TINY_FIELDS = dict(
     dtype="float32",
 )
 
+# `switch_t5.train` runs on the embedded corpus (`embedded_span_corruption`, whose vocabulary has
+# 4096 ids) with the tiny model: the model fields and the run settings the train tests share.
+EMBEDDED_FIELDS = {**TINY_FIELDS, "vocab_size": 4096, "moe_layer_interval": 2, "group_size": 64}
+EMBEDDED_RUN = {
+    "mixture_or_task_name": "embedded_span_corruption",
+    "task_feature_lengths": {"inputs": 32, "targets": 8},
+    "batch_size": 8,
+    "log_every": 1,
+    "progress": "none",
+}
+
 
 def tiny_config(**overrides) -> SwitchConfig:
     """`SwitchConfig(**TINY_FIELDS)` with `overrides` applied (any SwitchConfig field)."""
